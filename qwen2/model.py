@@ -84,8 +84,10 @@ def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> 
     return mask[:, None]
 
 
-def sdpa_attention(q, k, v, mask, is_causal: bool):
-    """q [B, H, T, D], k/v [B, KV, S, D] (grouped-query), mask [B, 1, T, S] bool or None."""
+def sdpa_attention(q, k, v, mask, is_causal: bool, q_pos=None, k_pos=None):
+    """q [B, H, T, D], k/v [B, KV, S, D] (grouped-query), mask [B, 1, T, S] bool or None.
+    q_pos [B, T] / k_pos [B, S] are the rotary positions (unused here; variants such as logn
+    attention need them)."""
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -106,7 +108,7 @@ class Attention(nn.Module):
         # Swappable attention kernel (long-context variants replace it per layer).
         self.attn_fn = sdpa_attention
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, is_causal: bool):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, is_causal: bool, q_pos, k_pos):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -114,7 +116,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        o = self.attn_fn(q, k, v, mask, is_causal)
+        o = self.attn_fn(q, k, v, mask, is_causal, q_pos, k_pos)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -179,8 +181,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, is_causal):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal)
+    def forward(self, x, cos, sin, mask, cache, is_causal, q_pos, k_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal, q_pos, k_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -250,7 +252,7 @@ class Qwen2(nn.Module):
 
         for layer in self.model.layers:
             lt = self.config.layer_types[layer.self_attn.layer_idx]
-            x = layer(x, cos, sin, masks[lt], cache, is_causal)
+            x = layer(x, cos, sin, masks[lt], cache, is_causal, position_ids, k_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x)).float()
