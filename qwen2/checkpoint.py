@@ -145,7 +145,8 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {list(t.shape)}, the config "
                                   f"expects {list(p.shape)}")
-        _set_param(model, name, t.to(device=device, dtype=dtype))
+        # A meta tensor is a placeholder for a module the caller replaces (quantized linears).
+        _set_param(model, name, t if t.is_meta else t.to(device=device, dtype=dtype))
         loaded.add(name)
     bar.close()
     expected = set(params) - ({"lm_head.weight"} if tied else set())
@@ -173,6 +174,9 @@ def load_hf(ckpt: Path, dtype="auto", device="cpu") -> Qwen2:
     config = ModelConfig.from_file(ckpt / "config.json")
     dt = parse_dtype(dtype, config)
     files = safetensors_files(ckpt)
+    if config.raw.get("quantization_config"):
+        from .quant import load_gptq
+        return load_gptq(config, iter_safetensors(files), dt, device, source=str(ckpt))
     return build_model(config, iter_safetensors(files), dt, device, source=str(ckpt),
                        total=count_safetensors(files))
 

@@ -1,0 +1,280 @@
+"""Weight-only int8 / int4 quantization: round-to-nearest, saved in the GPTQ layout, run with
+PyTorch's packed CPU kernels.
+
+Numerics (the GPTQ "sym" convention, so official GPTQ checkpoints take the same path):
+    w ~= (q - z) * s      q unsigned (0..255 or 0..15), z = 2**(bits-1), s = 2 * absmax / (2**bits - 1)
+int8 has one scale per output channel (group_size -1); int4 one per `group_size` inputs (32..128).
+
+Saved layout (one entry per linear, named like the HF weight it replaces):
+    <name>.qweight  int32 [in * bits / 32, out]   q packed along `in`, lowest bits first
+    <name>.qzeros   int32 [n_groups, out * bits / 32]   (z - 1) packed along `out` (classic AutoGPTQ)
+    <name>.scales   float16 [n_groups, out]
+    <name>.g_idx    int32 [in]                     group of each input (i // group_size)
+    <name>.bias     as in the float checkpoint
+config.json gets "quantization_config": {"quant_method": "gptq", "bits", "group_size", "sym": true,
+"desc_act": false, "lm_head": bool}. Embeddings and norms stay in the float dtype.
+
+At run time a `QuantLinear` keeps what the kernels want: int8 -> `int8 [out, in]` plus per-row
+scales for `aten._weight_int8pack_mm`; int4 -> the opaque `[out, in/2]` uint8 packing of
+`aten._convert_weight_to_int4pack_for_cpu` plus `[n_groups, out, 2]` scales/zeros for
+`aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, Qwen2Error
+
+INT4_GROUPS = (32, 64, 128, 256)
+# Above this many rows (prefill), an int8 matmul is faster as dequantize + bf16 GEMM.
+_DEQUANT_ROWS = 32
+
+
+def quantize_tensor(w: torch.Tensor, bits: int, group_size: int):
+    """Round-to-nearest symmetric quantization of w [out, in] -> (q uint8 [out, in], scales
+    float32 [n_groups, out]); group_size -1 = one group per output channel."""
+    out_f, in_f = w.shape
+    g = in_f if group_size in (-1, None) else group_size
+    if in_f % g:
+        raise Qwen2Error(f"in_features {in_f} is not a multiple of group size {g}")
+    maxq = 2 ** bits - 1
+    wg = w.float().reshape(out_f, in_f // g, g)
+    scale = (2 * wg.abs().amax(-1) / maxq).clamp(min=1e-8)  # [out, n_groups]
+    q = torch.clamp(torch.round(wg / scale[..., None]) + 2 ** (bits - 1), 0, maxq)
+    return q.reshape(out_f, in_f).to(torch.uint8), scale.T.contiguous()
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of quantize_tensor, float32 [out, in]."""
+    out_f, in_f = q.shape
+    n_groups = scales.shape[0]
+    wg = (q.float() - 2 ** (bits - 1)).reshape(out_f, n_groups, in_f // n_groups)
+    return (wg * scales.T.float()[..., None]).reshape(out_f, in_f)
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized linear: y = x @ dequant(W).T + b, via the packed CPU kernels."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits, self.group_size = bits, (-1 if bits == 8 else group_size)
+        if bits == 8:
+            if scales.shape[0] != 1:
+                raise Qwen2Error("int8 needs one scale per output channel (group_size -1)")
+            self.register_buffer("qweight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
+            self.register_buffer("scales", scales[0].to(dtype).contiguous())
+        elif bits == 4:
+            if group_size not in INT4_GROUPS or self.out_features % 16:
+                raise Qwen2Error(f"int4 needs group size in {INT4_GROUPS} and out_features % 16 == 0")
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32).contiguous(), 1))
+            # symmetric: the kernel's (q - 8) * scale + zero with zero = 0
+            self.register_buffer("scales", torch.stack([scales, torch.zeros_like(scales)], -1).to(dtype).contiguous())
+        else:
+            raise Qwen2Error(f"bits must be 8 or 4, not {bits}")
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int, dtype=None) -> "QuantLinear":
+        q, s = quantize_tensor(lin.weight.data, bits, -1 if bits == 8 else group_size)
+        return cls(q, s, bits, group_size, None if lin.bias is None else lin.bias.data, dtype or lin.weight.dtype)
+
+    @property
+    def dtype(self):
+        return self.scales.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(self.dtype)
+        if self.bits == 8:
+            if x.shape[0] > _DEQUANT_ROWS:  # prefill: a real GEMM beats the GEMV-style kernel
+                y = F.linear(x, self.qweight.to(self.dtype) * self.scales[:, None])
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+    @staticmethod
+    def cat(parts: list["QuantLinear"]) -> "QuantLinear | None":
+        """Fuse along the output dimension (qkv, gate/up), or None if the packing does not allow it:
+        the int4 packing is blocked by 64 output rows, so all parts but the last must be multiples."""
+        a = parts[0]
+        if any(p.bits != a.bits or p.group_size != a.group_size or p.dtype != a.dtype for p in parts):
+            return None
+        if a.bits == 4 and any(p.out_features % 64 for p in parts[:-1]):
+            return None
+        new = object.__new__(QuantLinear)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = a.in_features, sum(p.out_features for p in parts)
+        new.bits, new.group_size = a.bits, a.group_size
+        new.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+        new.register_buffer("scales", torch.cat([p.scales for p in parts], dim=0 if a.bits == 8 else 1))
+        biases = [p.bias for p in parts]
+        if all(b is None for b in biases):
+            new.bias = None
+        else:
+            new.bias = nn.Parameter(torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=a.dtype)
+                                               for b, p in zip(biases, parts)]), requires_grad=False)
+        return new
+
+
+def _targets(model, lm_head: bool):
+    """(parent module, attribute, linear) for every linear layer that gets quantized: all
+    projections in the decoder (not the MoE router or shared-expert gate), and the lm_head."""
+    for name, mod in list(model.named_modules()):
+        for attr, child in list(mod.named_children()):
+            full = f"{name}.{attr}" if name else attr
+            if not isinstance(child, nn.Linear):
+                continue
+            if full == "lm_head" and not lm_head:
+                continue
+            if full.endswith(("shared_expert_gate", ".gate")):
+                continue
+            yield full, mod, attr, child
+
+
+def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True, dtype=None):
+    """In place: replace linear layers with QuantLinear (int8 per-channel or int4 grouped). A tied
+    lm_head gets its own quantized copy; the embedding stays a float lookup table."""
+    if bits == 4 and group_size not in INT4_GROUPS:
+        raise Qwen2Error(f"int4 group size must be one of {INT4_GROUPS}")
+    dtype = dtype or model.dtype
+    for full, mod, attr, lin in _targets(model, lm_head):
+        setattr(mod, attr, QuantLinear.from_linear(lin, bits, group_size, dtype))
+    model.quant = {"bits": bits, "group_size": -1 if bits == 8 else group_size, "lm_head": lm_head}
+    return model
+
+
+# ------------------------------------------------------------------------- GPTQ layout on disk
+def _pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint values [R, C] -> int32 [R * bits / 32, C], lowest bits first along R."""
+    per = 32 // bits
+    v = v.to(torch.int64).reshape(-1, per, v.shape[-1])
+    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    packed = (v << shifts).sum(1)  # < 2**32, as int64
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+def _unpack_rows(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R', C] -> uint8 [R' * 32 / bits, C]."""
+    per = 32 // bits
+    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    v = (p.to(torch.int64)[:, None, :] & 0xFFFFFFFF) >> shifts
+    return (v & (2 ** bits - 1)).reshape(-1, p.shape[-1]).to(torch.uint8)
+
+
+def to_gptq(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """QuantLinear inputs (q [out, in], scales [n_groups, out]) -> the four GPTQ tensors."""
+    out_f, in_f = q.shape
+    g = in_f if group_size in (-1, None) else group_size
+    zeros = torch.full((scales.shape[0], out_f), 2 ** (bits - 1) - 1, dtype=torch.uint8)
+    return {"qweight": _pack_rows(q.T.contiguous(), bits),
+            "qzeros": _pack_rows(zeros.T.contiguous(), bits).T.contiguous(),
+            "scales": scales.to(torch.float16).contiguous(),
+            "g_idx": (torch.arange(in_f) // g).to(torch.int32)}
+
+
+def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str):
+    """The four GPTQ tensors -> (q uint8 [out, in], scales float32 [n_groups, out])."""
+    try:
+        q = _unpack_rows(t["qweight"], bits).T.contiguous()
+        zeros = _unpack_rows(t["qzeros"].T.contiguous(), bits).T.to(torch.int16) + 1
+        scales = t["scales"].float()
+    except KeyError as e:
+        raise CheckpointError(f"{name}: missing GPTQ tensor {e}") from None
+    out_f, in_f = q.shape
+    g = in_f if group_size in (-1, None) else group_size
+    if "g_idx" in t and not torch.equal(t["g_idx"].long(), torch.arange(in_f) // g):
+        raise CheckpointError(f"{name}: act-order GPTQ (desc_act, permuted g_idx) is not supported")
+    if not bool((zeros == 2 ** (bits - 1)).all()):
+        raise CheckpointError(f"{name}: asymmetric GPTQ zero points are not supported (sym must be true)")
+    return q, scales
+
+
+def save_quantized(model, out_dir, bits: int, group_size: int = 128, lm_head: bool = True):
+    """Quantize a float model (unfused, HF names) and write it in the GPTQ layout."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gs = -1 if bits == 8 else group_size
+    targets = {full: lin for full, _, _, lin in _targets(model, lm_head)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        mod = name.rpartition(".")[0]
+        if mod in targets:
+            if name.endswith(".weight"):
+                q, s = quantize_tensor(t, bits, gs)
+                tensors.update({f"{mod}.{k}": v for k, v in to_gptq(q, s, bits, gs).items()})
+            else:
+                tensors[name] = t.contiguous()
+        elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):
+            tensors[name] = t.contiguous()
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_hf_dict(str(model.dtype).removeprefix("torch."))
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": True,
+                                  "desc_act": False, "lm_head": lm_head, "checkpoint_format": "gptq"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint"):
+    """Build a model from a GPTQ-layout tensor stream: float tensors go through the usual
+    name/shape checks, each quantized linear becomes a QuantLinear once its tensors are in."""
+    from .checkpoint import build_model
+    qc = config.raw.get("quantization_config") or {}
+    if qc.get("quant_method") != "gptq":
+        raise CheckpointError(f"{source}: quantization method {qc.get('quant_method')!r} is not supported (gptq only)")
+    bits, gs = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    if bits not in (4, 8) or qc.get("desc_act") or not qc.get("sym", True):
+        raise CheckpointError(f"{source}: GPTQ bits={bits} sym={qc.get('sym')} desc_act={qc.get('desc_act')} "
+                              "is not supported (4 or 8 bits, sym, no act-order)")
+    lm_head = bool(qc.get("lm_head", False))
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    quantized: dict[str, tuple] = {}
+
+    def float_tensors():
+        for name, t in tensors:
+            mod, _, leaf = name.rpartition(".")
+            if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+                pending.setdefault(mod, {})[leaf] = t
+                if len(pending[mod]) == 4:
+                    quantized[mod] = from_gptq(pending.pop(mod), bits, gs, f"{source}: {mod}")
+                    yield f"{mod}.weight", torch.empty(quantized[mod][0].shape, device="meta")
+                continue
+            yield name, t
+
+    # Tied embeddings with a quantized head: load as untied (the head is its own tensor).
+    cfg = config
+    if lm_head and config.tie_word_embeddings:
+        import dataclasses
+        cfg = dataclasses.replace(config, tie_word_embeddings=False)
+    # Quantized linears arrive as meta placeholders, which build_model leaves unallocated.
+    model = build_model(cfg, float_tensors(), dtype, device, source=source)
+    if pending:
+        raise CheckpointError(f"{source}: incomplete GPTQ tensors for {', '.join(sorted(pending))[:200]}")
+    if set(quantized) and not lm_head:
+        quantized.pop("lm_head", None)
+    for full, mod, attr, lin in _targets(model, lm_head):
+        if full not in quantized:
+            raise CheckpointError(f"{source}: {full} is not quantized (expected GPTQ tensors)")
+        q, s = quantized.pop(full)
+        bias = None if lin.bias is None else lin.bias.data
+        setattr(mod, attr, QuantLinear(q, s, bits, gs, bias, dtype))
+    model.config = config
+    model.quant = {"bits": bits, "group_size": gs, "lm_head": lm_head}
+    return model
