@@ -120,8 +120,12 @@ class DualChunkAttention(Attention):
     def from_attention(cls, attn: Attention, config, **dca) -> "DualChunkAttention":
         with torch.device("meta"):  # the projections are shared, not re-allocated
             new = cls(config, attn.layer_idx)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(new, name, getattr(attn, name))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"):  # qkv_proj: after Qwen2.fuse()
+            if hasattr(new, name):
+                delattr(new, name)
+            if getattr(attn, name, None) is not None:
+                setattr(new, name, getattr(attn, name))
+        new.qkv_proj = getattr(attn, "qkv_proj", None)
         return new.setup(config, **dca)
 
     def length_scale(self, k_pos: torch.Tensor) -> torch.Tensor | None:
@@ -132,9 +136,14 @@ class DualChunkAttention(Attention):
 
     def forward(self, x, cos, sin, mask, cache, is_causal, q_pos, k_pos):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(
+                [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
 
         def rot(y, positions):
             return apply_rope(y, *rope_cos_sin(self.dca_inv_freq, positions, 1.0, y.dtype))
