@@ -154,6 +154,8 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingPar
         mask[i, t - len(p):] = 1
     padded = bool((mask == 0).any())
     gens = [make_generator(sp.seed, dev) for sp in params]
+    # Embedding rows past the tokenizer's vocabulary are padding: never sample them.
+    n_valid = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
 
     t0 = time.perf_counter()
     logits = model(ids.to(dev), attention_mask=mask.to(dev) if padded else None, cache=cache, logits_to_keep=1)[:, -1]
@@ -162,6 +164,8 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     steps = 0
     while active:
         sub = [params[i] for i in active]
+        if n_valid is not None and n_valid < logits.shape[-1]:
+            logits[:, n_valid:] = float("-inf")
         lg = process_logits(logits[active], sub, [rows[i].ids for i in active], [prompts[i] for i in active])
         toks, lp = sample(lg, sub, [gens[i] for i in active])
         toks_l = toks.tolist()

@@ -1,0 +1,165 @@
+"""The Python API: `qwen2.load()` -> an `LLM` that generates, streams and chats.
+
+    llm = qwen2.load("Qwen/Qwen2-0.5B-Instruct")             # dir, .gguf file or hub id
+    llm.generate("The capital of France is", max_new_tokens=8).text
+    for piece in llm.stream("Once upon a time"): print(piece, end="")
+    llm.chat([{"role": "user", "content": "Hi!"}]).text        # OpenAI-style messages
+    response, history = llm.chat(None, "你好", history=None)   # Qwen-1.8B-Chat style (seed 004)
+
+Sampling defaults come from the checkpoint's generation_config.json (greedy when there is none,
+as in transformers); every SamplingParams field can be overridden per call by keyword.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import Qwen2Error
+from .generate import Completion, Delta, generate, stream_generate
+from .sampling import SamplingParams
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+class TextStream:
+    """Iterator of text deltas; `.completion` holds the full result once the stream is done."""
+
+    def __init__(self, deltas: Iterator[Delta]):
+        self._deltas = deltas
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for d in self._deltas:
+            if d.completion is not None:
+                self.completion = d.completion
+            if d.text:
+                yield d.text
+
+    def close(self):
+        """Stop generating (frees the cache); safe to call at any time."""
+        self._deltas.close()
+
+
+class LLM:
+    """A model, its tokenizer and its default sampling parameters."""
+
+    def __init__(self, model, tokenizer, defaults: SamplingParams | None = None, eos_token_ids=None,
+                 source: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.defaults = defaults or SamplingParams(temperature=0)
+        ids = eos_token_ids if eos_token_ids is not None else tokenizer.stop_token_ids
+        self.eos_token_ids = list(dict.fromkeys(int(i) for i in ids))
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.source = source
+
+    def __repr__(self):
+        c = self.model.config
+        return (f"LLM({self.source or c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"dtype={str(self.model.dtype).removeprefix('torch.')}, device={self.model.device})")
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def params(self, sampling_params: SamplingParams | None = None, **overrides) -> SamplingParams:
+        return (sampling_params or self.defaults).replace(**overrides)
+
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise Qwen2Error(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
+
+    def _deltas(self, ids: list[list[int]], params) -> Iterator[Delta]:
+        return stream_generate(self.model, ids, params, self.tokenizer, self.eos_token_ids, self.pad_token_id)
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | None = None, **overrides):
+        """Complete a prompt (str or token ids) -> Completion, or a list of them -> list[Completion].
+        Prompts of a list run as one batch; each stops on its own."""
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0
+                                              and all(isinstance(t, int) for t in prompts))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            return []
+        params = self.params(sampling_params, **overrides)
+        out = generate(self.model, [self._ids(p) for p in batch], params, self.tokenizer, self.eos_token_ids,
+                       self.pad_token_id)
+        return out[0] if single else out
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None, **overrides) -> TextStream:
+        """Iterator of text deltas for one prompt (str or token ids)."""
+        return TextStream(self._deltas([self._ids(prompt)], self.params(sampling_params, **overrides)))
+
+    # ---- chat --------------------------------------------------------------------------------
+    def chat(self, messages, query: str | None = None, history=None, system: str | None = None, *,
+             stream: bool = False, tools=None, sampling_params: SamplingParams | None = None, **overrides):
+        """Two call styles:
+
+        - `llm.chat(messages, **sampling)`: OpenAI-style [{"role": ..., "content": ...}] rendered
+          by the checkpoint's chat template -> Completion (the reply is `.text`); with
+          `stream=True`, a TextStream of deltas.
+        - `response, history = llm.chat(tokenizer_or_None, query, history=None, system=...)`, as
+          Qwen-1.8B-Chat's `model.chat` (seed 004): history is a list of (query, response) pairs.
+        """
+        if isinstance(query, str) and (messages is None or hasattr(messages, "encode")):
+            return self._chat_first_generation(messages, query, history, system, sampling_params, **overrides)
+        if query is not None or history is not None:
+            raise Qwen2Error("chat takes either messages, or (tokenizer_or_None, query, history=..., system=...)")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, (list, tuple)):
+            raise Qwen2Error(f"chat messages must be a list of {{'role', 'content'}} dicts, not {type(messages).__name__}")
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+        ids = self.tokenizer.encode_chat(list(messages), add_generation_prompt=True, tools=tools)
+        params = self.params(sampling_params, **overrides)
+        if stream:
+            return TextStream(self._deltas([ids], params))
+        return generate(self.model, [ids], params, self.tokenizer, self.eos_token_ids, self.pad_token_id)[0]
+
+    def _first_generation_ids(self, tokenizer, query, history, system) -> list[int]:
+        tok = tokenizer or self.tokenizer
+        system = DEFAULT_SYSTEM if system is None else system
+        if getattr(tok, "first_generation", False):
+            from .chat_template import make_context
+            return make_context(tok, query, history, system)[1]
+        messages = [{"role": "system", "content": system}]
+        for q, r in history or []:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        messages.append({"role": "user", "content": query})
+        return tok.encode_chat(messages, add_generation_prompt=True)
+
+    def _chat_first_generation(self, tokenizer, query, history, system, sampling_params, **overrides):
+        ids = self._first_generation_ids(tokenizer, query, history, system)
+        reply = generate(self.model, [ids], self.params(sampling_params, **overrides), self.tokenizer,
+                         self.eos_token_ids, self.pad_token_id)[0].text
+        history = copy.deepcopy(list(history or []))
+        history.append((query, reply))
+        return reply, history
+
+    def chat_stream(self, tokenizer, query: str, history=None, system: str | None = None,
+                    sampling_params: SamplingParams | None = None, **overrides) -> Iterator[str]:
+        """Qwen-1.8B-Chat's `chat_stream`: yields the response so far, growing with each token."""
+        ids = self._first_generation_ids(tokenizer, query, history, system)
+        text = ""
+        for piece in TextStream(self._deltas([ids], self.params(sampling_params, **overrides))):
+            text += piece
+            yield text
+
+
+def load(path_or_id=None, dtype="auto", device="cpu") -> LLM:
+    """Load model + tokenizer + generation defaults from a checkpoint dir, a .gguf file or a hub
+    id (None: the embedded demo model, when installed)."""
+    from .checkpoint import load_model, resolve
+    from .tokenizer import load_tokenizer
+    if path_or_id is None:
+        from .commands._common import NO_MODEL_HELP
+        from .demo import demo_model_path
+        path_or_id = demo_model_path()
+        if path_or_id is None:
+            raise Qwen2Error(NO_MODEL_HELP)
+    path = resolve(path_or_id)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype=dtype, device=device)
+    defaults = SamplingParams.from_generation_config(path if path.is_dir() else None)
+    return LLM(model, tokenizer, defaults, source=str(path_or_id))
