@@ -308,3 +308,47 @@ def load_gguf_model(path, dtype="auto", device="cpu"):
     config.torch_dtype = str(dt).removeprefix("torch.")
     return build_model(config, _hf_tensors(reader, f, config, dt), dt, device, source=str(f),
                        total=_tensor_count(reader, config))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def load_gguf_tokenizer(path):
+    """The byte-level BPE tokenizer described by `tokenizer.ggml.*` and `tokenizer.chat_template`.
+
+    Control tokens (`<|im_end|>`, ...) become special added tokens, user-defined ones (Qwen2.5's
+    `<tool_call>`) plain added tokens, as in transformers; unused `[PAD...]` rows are left out.
+    The split regex is Qwen2's whatever `tokenizer.ggml.pre` says (qwen2, deepseek-r1-qwen, ...:
+    the same regex), and text is NFC-normalized like Qwen2's own tokenizer.json (the GGUF file
+    does not record the normalizer; transformers' and llama.cpp's GGUF paths skip it).
+    """
+    from .tokenizer import Tokenizer
+    reader, f = open_gguf(path)
+    architecture(reader, f)
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise CheckpointError(f"{f}: tokenizer.ggml.model is {model!r}; Qwen2 uses byte-level BPE ('gpt2')")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise CheckpointError(f"{f}: no tokenizer in the metadata (tokenizer.ggml.tokens/merges missing)")
+    types = _field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{f}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    vocab, added = {}, []
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        if ty == _CONTROL or ty == _USER_DEFINED:
+            added.append({"id": i, "content": tok, "special": ty == _CONTROL})
+        elif ty != _UNUSED:
+            vocab[tok] = i
+
+    def name(key):
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) and types[i] != _UNUSED else None
+
+    return Tokenizer.from_vocab_merges(
+        vocab, merges, added, chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token=name("bos_token_id"), eos_token=name("eos_token_id"), pad_token=name("padding_token_id"),
+        normalize_nfc=True)
