@@ -158,7 +158,7 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], output_id
     the penalties only: temperature and truncation cannot change their argmax."""
     b, v = logits.shape
     dev = logits.device
-    logits = logits.float().clone()
+    logits = logits.float()  # every step below is out of place: the caller's tensor is untouched
     prompt_ids = prompt_ids or [[] for _ in range(b)]
 
     rep = [p.repetition_penalty for p in params]
@@ -176,38 +176,63 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], output_id
         counts = torch.zeros(b, v + 1, dtype=logits.dtype, device=dev)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
         counts = counts[:, :v]
-        logits -= torch.tensor(freq, dtype=logits.dtype, device=dev)[:, None] * counts
-        logits -= torch.tensor(pres, dtype=logits.dtype, device=dev)[:, None] * (counts > 0)
+        logits = (logits - torch.tensor(freq, dtype=logits.dtype, device=dev)[:, None] * counts
+                  - torch.tensor(pres, dtype=logits.dtype, device=dev)[:, None] * (counts > 0))
 
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                         dtype=logits.dtype, device=dev)[:, None]
-    logits = logits / temps
+    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    if any(t != 1.0 for t in temps):
+        logits = logits / torch.tensor(temps, dtype=logits.dtype, device=dev)[:, None]
 
     sampled = [not p.greedy for p in params]
-    truncate = [s and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for s, p in zip(sampled, params)]
-    if not any(truncate):
-        return logits
-    # Work on the k best candidates only (one topk instead of a vocab-wide sort when every row
-    # has a top_k, as the Qwen2-Instruct defaults do).
-    ks = [p.top_k if (t and p.top_k > 0) else (v if t else 1) for t, p in zip(truncate, params)]
-    kmax = min(max(ks), v)
-    vals, idx = logits.topk(kmax, dim=-1)  # sorted, descending
-    rank = torch.arange(kmax, device=dev)[None]
+    if any(s and (p.top_k > 0 or p.top_p < 1) for s, p in zip(sampled, params)):
+        logits = _top_k_top_p(logits, params, sampled)
+    if any(s and p.min_p > 0 for s, p in zip(sampled, params)):
+        # transformers' MinP keeps p >= min_p * p_max after top-k/top-p; the ratio does not depend
+        # on the normalization, so it is a threshold on the logits: z >= z_max + log(min_p).
+        lmp = torch.tensor([math.log(p.min_p) if s and p.min_p > 0 else float("-inf")
+                            for s, p in zip(sampled, params)], dtype=logits.dtype, device=dev)[:, None]
+        logits = logits.masked_fill(logits < logits.max(dim=-1, keepdim=True).values + lmp, float("-inf"))
+    return logits
+
+
+NUCLEUS_WINDOW = 1024  # top-p looks at this many best tokens first; a full sort only if they fall short
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], sampled: list[bool]) -> torch.Tensor:
+    """transformers' TopK then TopP, on the best candidates only: one small topk per step instead
+    of a vocabulary-wide sort (top-p without top-k widens to a full sort only when the window's
+    mass falls short of top_p)."""
+    b, v = logits.shape
+    dev = logits.device
+    ks = [p.top_k if s and p.top_k > 0 else v for s, p in zip(sampled, params)]
+    top_p = [p.top_p if s else 1.0 for s, p in zip(sampled, params)]
+    nucleus_only = [k == v and tp < 1 for k, tp in zip(ks, top_p)]
+    window = max([k for k in ks if k < v] + ([NUCLEUS_WINDOW] if any(nucleus_only) else []))
+    window = min(window, v)
+    vals, idx = logits.topk(window, dim=-1)  # sorted, descending
+    full_lse = None
+    if window < v and any(nucleus_only):
+        # The window's share of the full distribution must reach top_p, or the nucleus may reach past it.
+        full_lse = torch.logsumexp(logits, -1, keepdim=True)
+        mass = (torch.logsumexp(vals, -1, keepdim=True) - full_lse).exp()[:, 0].tolist()
+        if any(n and m < tp for n, m, tp in zip(nucleus_only, mass, top_p)):
+            window = v
+            vals, idx = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(window, device=dev)[None]
     keep = rank < torch.tensor(ks, device=dev)[:, None]
     vals = vals.masked_fill(~keep, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev)[:, None]
-    if (top_p < 1).any():
-        probs = torch.softmax(vals, dim=-1)
+    tp = torch.tensor(top_p, dtype=logits.dtype, device=dev)[:, None]
+    if (tp < 1).any():
+        # Probabilities over the top-k candidates, or over the whole vocabulary for rows without top-k.
+        lse = torch.logsumexp(vals, -1, keepdim=True)
+        if full_lse is not None and window < v:
+            lse = torch.where(torch.tensor(nucleus_only, device=dev)[:, None], full_lse, lse)
+        probs = (vals - lse).exp()
         before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
-        keep &= (before < top_p) | (rank == 0)
-        vals = vals.masked_fill(~keep, float("-inf"))
-    min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=dev)[:, None]
-    if (min_p > 0).any():
-        probs = torch.softmax(vals, dim=-1)
-        keep &= (probs >= min_p * probs[:, :1]) | (rank == 0)
-        vals = vals.masked_fill(~keep, float("-inf"))
+        vals = vals.masked_fill((before >= tp) & (rank > 0), float("-inf"))
     out = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals)
-    rows = torch.tensor(truncate, device=dev)[:, None]
+    # Rows that truncate nothing (greedy, or no top-k/top-p) keep their logits.
+    rows = torch.tensor([k < v or p < 1 for k, p in zip(ks, top_p)], device=dev)[:, None]
     return torch.where(rows, out, logits)
 
 
@@ -244,7 +269,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             if p.greedy:
                 picked.append(tokens[i:i + 1])
             else:
-                picked.append(torch.multinomial(probs[i], 1, generator=generators[i]))
+                # Truncated rows draw among their few candidates (a full-vocabulary draw is slow).
+                cand = torch.isfinite(logits[i]).nonzero()[:, 0]
+                if len(cand) < logits.shape[1]:
+                    j = torch.multinomial(probs[i, cand], 1, generator=generators[i])
+                    picked.append(cand[j])
+                else:
+                    picked.append(torch.multinomial(probs[i], 1, generator=generators[i]))
         tokens = torch.cat(picked)
     lp = None
     if any(p.logprobs or p.top_logprobs for p in params):

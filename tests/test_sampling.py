@@ -48,9 +48,10 @@ def test_presence_frequency_penalties_openai_semantics():
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(temperature=1.0, top_k=5), dict(temperature=1.3, top_p=0.6),
                                 dict(temperature=0.5, min_p=0.1), dict(temperature=0.7, top_k=20, top_p=0.8, min_p=0.02)])
-def test_warpers_match_transformers(kw):
+@pytest.mark.parametrize("vocab,scale", [(200, 2.0), (5000, 3.0), (5000, 0.3)])  # nucleus inside / past the window
+def test_warpers_match_transformers(kw, vocab, scale):
     torch.manual_seed(1)
-    logits = torch.randn(2, 200) * 2
+    logits = torch.randn(2, vocab) * scale
     params = [SamplingParams(**kw), SamplingParams(temperature=0)]  # a greedy row rides along untouched
     got = process_logits(logits, params, [[], []], [[], []])
     ref = logits[:1].clone()
