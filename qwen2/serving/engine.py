@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..errors import Qwen2Error
+from ..generate import TokenLogprob, _Row
 from ..sampling import SamplingParams, make_generator, process_logits, sample
 from .metrics import Histogram
 from .kv_cache import KVPool, PackedStep, SeqSlice, install_packed_attention
@@ -41,13 +42,6 @@ class EngineOverloaded(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down and takes no new requests."""
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]        # (token id, logprob), most likely first
 
 
 @dataclass
@@ -71,16 +65,18 @@ class Request:
     params: SamplingParams
     sink: Callable[[RequestOutput], None]
     arrival: float = field(default_factory=time.monotonic)
-    output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0               # tokens whose keys/values are in the cache
     blocks: list[int] = field(default_factory=list)
     first_token_time: float | None = None
     finished: bool = False
-    # detokenization / stop strings
-    decoder: object = None
-    text: str = ""
-    emitted: int = 0                    # chars of `text` already handed out
+    # Detokenization, stop ids/strings, held-back text and the length limit: the offline
+    # generation loop's per-row state, so that server and offline text agree by construction.
+    row: _Row | None = None
     generator: torch.Generator | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.row.ids
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +93,7 @@ class Engine:
                  block_size: int = 16, max_batched_tokens: int = 1024, max_waiting: int = 1024):
         self.model = model
         self.tokenizer = tokenizer
+        self.n_valid = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
         self.eos_token_ids = set(int(t) for t in eos_token_ids)
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_batched_tokens = max_batched_tokens
@@ -104,9 +101,10 @@ class Engine:
         limit = int(cfg.max_position_embeddings)
         per_block = KVPool.bytes_per_block(cfg, block_size, model.dtype)
         if kv_cache_memory is None:
-            # Default: 2 GiB, but always room for one full-length request.
-            want = min(max_model_len or limit, limit)
-            kv_cache_memory = max(2 << 30, -(-want // block_size) * per_block)
+            # Default: 2 GiB, never more than a full batch of full-length requests needs, never
+            # less than one full-length request.
+            want = -(-min(max_model_len or limit, limit) // block_size) * per_block
+            kv_cache_memory = max(min(2 << 30, want * max_batch), want)
         num_blocks = int(kv_cache_memory) // per_block
         if num_blocks < 1:
             raise Qwen2Error(f"--kv-cache-memory {kv_cache_memory} bytes is less than one KV block "
@@ -129,6 +127,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)   # (time, tokens) per step
         self.stats = SimpleNamespace(prompt_tokens=0, generation_tokens=0, steps=0, preemptions=0,
                                      finished={}, ttft=Histogram(), busy_seconds=0.0)
 
@@ -145,6 +144,10 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.pool.allocator.num_free
 
+    def recent_tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        return sum(n for t, n in list(self._recent) if now - t <= window) / window
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     sink: Callable[[RequestOutput], None]) -> Request:
         if self._stopping:
@@ -156,11 +159,10 @@ class Engine:
                              f"{self.max_model_len} (including at least one generated token)")
         if self.num_waiting >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting} requests are already waiting")
-        req = Request(request_id, list(prompt_ids), params, sink)
-        if params.seed is not None:
-            req.generator = make_generator(params.seed, self.model.device)
-        if self.tokenizer is not None:
-            req.decoder = self.tokenizer.stream_decoder()
+        limit = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
+        req = Request(request_id, list(prompt_ids), params, sink,
+                      row=_Row(list(prompt_ids), params, limit, self.tokenizer, self.eos_token_ids),
+                      generator=make_generator(params.seed, self.model.device))
         self._inbox.put(req)
         self._wake.set()
         return req
@@ -214,6 +216,7 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or not self._inbox.empty())
 
+    @torch.inference_mode()
     def step(self) -> bool:
         """One scheduling step + one forward. Returns False when there was nothing to do."""
         self._drain()
@@ -224,9 +227,8 @@ class Engine:
         packed = PackedStep(self.pool, [s for _, s in plan], self.model.device)
         self._holder.step = packed
         try:
-            with torch.inference_mode():
-                logits = self.model(packed.input_ids, position_ids=packed.position_ids, cache=packed,
-                                    logits_to_keep=max(packed.num_logits, 1))[0]
+            logits = self.model(packed.input_ids, position_ids=packed.position_ids, cache=packed,
+                                logits_to_keep=max(packed.num_logits, 1))[0]
         finally:
             self._holder.step = None
         sampling = []
@@ -236,6 +238,7 @@ class Engine:
                 sampling.append(req)
         if sampling:
             self._sample(sampling, logits[:len(sampling)])
+            self._recent.append((time.monotonic(), len(sampling)))
         self.stats.steps += 1
         self.stats.busy_seconds += time.perf_counter() - t0
         return True
@@ -288,6 +291,10 @@ class Engine:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor):
         params = [r.params for r in reqs]
+        # Embedding rows past the tokenizer's vocabulary are padding: never sample them (as the
+        # offline loop does).
+        if self.n_valid is not None and self.n_valid < logits.shape[-1]:
+            logits[:, self.n_valid:] = float("-inf")
         logits = process_logits(logits, params, [r.output_ids for r in reqs], [r.prompt_ids for r in reqs])
         tokens, lp = sample(logits, params, [r.generator for r in reqs])
         now = time.monotonic()
@@ -297,44 +304,24 @@ class Engine:
                 self.stats.prompt_tokens += len(req.prompt_ids)
                 self.stats.ttft.observe(now - req.arrival)
             self.stats.generation_tokens += 1
-            req.output_ids.append(tok)
-            out = RequestOutput(req.id, token_ids=[tok])
-            if lp is not None and (req.params.logprobs or req.params.top_logprobs):
+            tlp = None
+            if req.row.logprobs is not None:
                 k = req.params.top_logprobs
-                out.logprobs.append(TokenLogprob(tok, float(lp.token[i]), list(zip(
-                    lp.top_ids[i, :k].tolist(), lp.top_values[i, :k].tolist()))))
-            self._advance(req, tok, out)
-
-    def _advance(self, req: Request, tok: int, out: RequestOutput):
-        """Detokenize one token, check stop conditions, deliver the output."""
-        p = req.params
-        reason = None
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-        if tok in stop_ids:
-            reason = "stop"
-        elif req.decoder is not None:
-            req.text += req.decoder.feed(tok)
-            if p.stop:
-                # Search only where a stop string could newly end.
-                longest = max(len(s) for s in p.stop)
-                lo = max(0, req.emitted - longest)
-                hits = [i for i in (req.text.find(s, lo) for s in p.stop) if i >= 0]
-                if hits:
-                    req.text = req.text[:min(hits)]
-                    reason = "stop"
-        if reason is None and (len(req.output_ids) >= p.max_new_tokens or req.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is None:
-            # Hold back a possible prefix of a stop string.
-            hold = max((len(s) for s in p.stop), default=1) - 1
-            end = max(req.emitted, len(req.text) - hold)
-            out.text, req.emitted = req.text[req.emitted:end], end
-            out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
-            self._deliver(req, out)
-        else:
-            if req.decoder is not None and reason != "stop":
-                req.text += req.decoder.flush()
-            self._finish(req, reason, out)
+                top = [(a, v) for a, v in zip(lp.top_ids[i, :k].tolist(), lp.top_values[i, :k].tolist())
+                       if v != float("-inf")]
+                tlp = TokenLogprob(tok, float(lp.token[i]), top)
+            try:
+                text = req.row.add(tok, tlp)
+            except Exception as e:  # one request's failure must not end the others
+                log.exception("request %s: detokenization failed", req.id)
+                self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
+                continue
+            out = RequestOutput(req.id, text=text, token_ids=[tok], logprobs=[tlp] if tlp else [])
+            if req.row.finish:
+                self._finish(req, req.row.finish, out)
+            else:
+                out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+                self._deliver(req, out)
 
     def _finish(self, req: Request, reason: str, out: RequestOutput | None = None, error: str | None = None):
         if req.finished:
@@ -347,8 +334,6 @@ class Engine:
         self.pool.allocator.release(req.blocks)
         req.blocks = []
         out = out or RequestOutput(req.id)
-        out.text += req.text[req.emitted:]
-        req.emitted = len(req.text)
         out.finished, out.finish_reason, out.error = True, reason, error
         out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
