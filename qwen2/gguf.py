@@ -312,14 +312,15 @@ def load_gguf_model(path, dtype="auto", device="cpu"):
 
 # ----------------------------------------------------------------------------- tokenizer
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 
 def load_gguf_tokenizer(path):
     """The byte-level BPE tokenizer described by `tokenizer.ggml.*` and `tokenizer.chat_template`.
 
     Control tokens (`<|im_end|>`, ...) become special added tokens, user-defined ones (Qwen2.5's
-    `<tool_call>`) plain added tokens, as in transformers; unused `[PAD...]` rows are left out.
+    `<tool_call>`) plain added tokens, as in transformers; the unused `[PAD...]` rows stay in the
+    vocabulary (no merge reaches them) so that every id the model can emit decodes.
     The split regex is Qwen2's whatever `tokenizer.ggml.pre` says (qwen2, deepseek-r1-qwen, ...:
     the same regex), and text is NFC-normalized like Qwen2's own tokenizer.json (the GGUF file
     does not record the normalizer; transformers' and llama.cpp's GGUF paths skip it).
@@ -341,12 +342,12 @@ def load_gguf_tokenizer(path):
     for i, (tok, ty) in enumerate(zip(tokens, types)):
         if ty == _CONTROL or ty == _USER_DEFINED:
             added.append({"id": i, "content": tok, "special": ty == _CONTROL})
-        elif ty != _UNUSED:
+        else:
             vocab[tok] = i
 
     def name(key):
         i = _field(reader, f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) and types[i] != _UNUSED else None
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     return Tokenizer.from_vocab_merges(
         vocab, merges, added, chat_template=_field(reader, "tokenizer.chat_template"),
