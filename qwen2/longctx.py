@@ -185,6 +185,16 @@ def apply_config(model):
     return model
 
 
+def enable_yarn(model, factor: float, original_max_position_embeddings: int | None = None):
+    """Static YaRN on a loaded model, as if config.json had `rope_scaling` {"type": "yarn", ...}
+    (the Qwen2-7B/72B-Instruct recipe for 128K: factor 4 over the original 32768)."""
+    from .rope import Rotary
+    orig = original_max_position_embeddings or model.config.max_position_embeddings
+    model.config.rope_scaling = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": orig}
+    model.rotary = Rotary(model.config).to(model.device)
+    return model
+
+
 # ---------------------------------------------------------------------------------- chunked prefill
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None,
