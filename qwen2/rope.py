@@ -154,7 +154,7 @@ class DynamicNTKRotary(Rotary):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype, cache=None):
         alpha = getattr(cache, "ntk_alpha", None) if cache is not None else None
-        if alpha is None:
+        if alpha is None or len(alpha) != positions.shape[0]:
             alpha = self.alphas((positions >= 0).sum(dim=1))
             if cache is not None:
                 cache.ntk_alpha = alpha
