@@ -29,9 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt, *extra):
+def start_server(ckpt, *extra, log_dir=None):
+    """`qwen2 serve` in a subprocess on a free 127.0.0.1 port; returns (process, base url)."""
     port = free_port()
-    log = open(Path(ckpt) / f"server-{port}.log", "w")
+    log_path = Path(log_dir or ckpt) / f"server-{port}.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(ckpt), "--dtype", "float32", "--port", str(port),
          "--served-model-name", "tiny", *extra],
@@ -39,7 +41,7 @@ def start_server(ckpt, *extra):
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(Path(ckpt) / f'server-{port}.log').read_text()}")
+            raise RuntimeError(f"server exited: {log_path.read_text()}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url

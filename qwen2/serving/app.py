@@ -138,6 +138,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
         params = _params(state, req, len(prompt), max_tokens, req.logprobs, req.top_logprobs or 0)
         job = _Job(state, "chatcmpl", [prompt], req.n, params)
         job.forced_prefix = forced
+        job.tool_names = {t.function.name for t in req.tools or []}
         await job.submit()
         if req.stream:
             return _sse(request, job, _chat_chunks(state, job, req, use_tools))
@@ -299,6 +300,7 @@ class _Job:
         self.ids = [f"{self.id}-{i}" for i in range(len(prompts) * n)]
         self.done: set[int] = set()
         self.forced_prefix = ""
+        self.tool_names: set[str] = set()
 
     def prompt_of(self, index: int) -> list[int]:
         return self.prompts[index // self.n]
@@ -429,7 +431,7 @@ def _chat_response(state: ServerState, job: _Job, outs, use_tools: bool) -> dict
         message = {"role": "assistant", "content": text}
         reason = _finish_reason(last.finish_reason)
         if use_tools:
-            content, calls = parse_tool_calls(job.forced_prefix + text)
+            content, calls = parse_tool_calls(job.forced_prefix + text, job.tool_names)
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 reason = "tool_calls"
@@ -452,7 +454,7 @@ async def _chat_chunks(state: ServerState, job: _Job, req: ChatCompletionRequest
             c["usage"] = None
         return c
 
-    parsers = [StreamingToolParser() if use_tools else None for _ in job.ids]
+    parsers = [StreamingToolParser(job.tool_names) if use_tools else None for _ in job.ids]
     for p in parsers:
         if p is not None and job.forced_prefix:
             p.feed(job.forced_prefix)

@@ -3,6 +3,10 @@
 Both whole-text parsing (non-streaming replies) and an incremental parser for streams: plain text
 is passed through as soon as it cannot be the start of `<tool_call>`; a block is buffered until
 its closing tag and then comes out as one complete tool call (name and full arguments).
+
+Small Qwen2.5 checkpoints (the 0.5B demo model among them) often answer with the bare JSON object
+and no tags; a reply that is exactly one {"name": <a tool offered>, "arguments": ...} object is
+taken as a call too.
 """
 from __future__ import annotations
 
@@ -26,8 +30,17 @@ def _call(body: str) -> dict | None:
                          "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """(content outside the blocks, tool calls). Blocks that do not parse stay in the content."""
+def _bare_call(text: str, names) -> dict | None:
+    call = _call(text) if names and text.lstrip().startswith("{") else None
+    return call if call and call["function"]["name"] in names else None
+
+
+def parse_tool_calls(text: str, names=()) -> tuple[str, list[dict]]:
+    """(content outside the blocks, tool calls). Blocks that do not parse stay in the content.
+    `names`: the offered tools, for replies that are a bare JSON call."""
+    bare = _bare_call(text, names)
+    if bare:
+        return "", [bare]
     content, calls, pos = [], [], 0
     while True:
         i = text.find(OPEN, pos)
@@ -49,13 +62,21 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
 class StreamingToolParser:
     """feed(text) -> (content delta, [new tool calls]); finish() flushes what is left."""
 
-    def __init__(self):
+    def __init__(self, names=()):
         self.buf = ""
         self.inside = False
         self.count = 0
+        self.names = set(names)
+        self.started = False    # some non-space text has been seen
+        self.bare = False       # the reply opened with "{": hold it all, it may be a bare call
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         self.buf += text
+        if not self.started and self.buf.strip():
+            self.started = True
+            self.bare = bool(self.names) and self.buf.lstrip().startswith("{")
+        if self.bare or not self.started:
+            return "", []
         out, calls = [], []
         while True:
             if not self.inside:
@@ -83,6 +104,15 @@ class StreamingToolParser:
 
     def finish(self) -> tuple[str, list[dict]]:
         """End of stream: an unclosed block still counts if its JSON is complete."""
+        if self.bare:
+            self.bare = False
+            call = _bare_call(self.buf, self.names)
+            if call:
+                self.buf = ""
+                return "", self._index([call])
+            text, calls = self.feed("")
+            t2, c2 = self.finish()
+            return text + t2, calls + c2
         if self.inside:
             call = _call(self.buf)
             text, self.buf, self.inside = ("" if call else OPEN + self.buf), "", False
