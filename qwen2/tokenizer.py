@@ -173,6 +173,7 @@ class Tokenizer:
             if t.get("special", True):
                 self.special_tokens[content] = i
         self._special_ids = frozenset(self.special_tokens.values())
+        self._added_ids = frozenset(self.added_tokens.values())
         self._skip_bytes = [b"" if i in self._special_ids else b for i, b in enumerate(self._bytes)]
         plain_added = [t for t in self.added_tokens if t not in self.special_tokens]
         self._split_plain = _alternation(plain_added)
@@ -276,10 +277,6 @@ class Tokenizer:
     def id_to_bytes(self, i: int) -> bytes:
         return self._lookup(i)
 
-    @property
-    def _added_ids(self):
-        return set(self.added_tokens.values())
-
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.token_to_id(token)
 
@@ -308,7 +305,28 @@ class Tokenizer:
         split = self._split_all if allow_special else self._split_plain
         if split is None:
             return self._core.encode_batch([self._normalize(t) for t in texts])
-        return [self._encode(t, split) for t in texts]
+        # one core batch over every text piece of every input, then reassemble
+        plans, pieces = [], []
+        for t in texts:
+            plan = []
+            for k, piece in enumerate(split.split(t)):
+                if k % 2:
+                    plan.append((True, self.added_tokens[piece]))
+                elif piece:
+                    plan.append((False, len(pieces)))
+                    pieces.append(self._normalize(piece))
+            plans.append(plan)
+        encoded = self._core.encode_batch(pieces)
+        out = []
+        for plan in plans:
+            ids = []
+            for is_token, v in plan:
+                if is_token:
+                    ids.append(v)
+                else:
+                    ids += encoded[v]
+            out.append(ids)
+        return out
 
     def encode_plain(self, text: str) -> list[int]:
         """Ids of `text` with no added token matched at all (not even non-special ones)."""

@@ -219,6 +219,9 @@ def test_load_forms_and_errors(tmp_path):
         load_tokenizer(tmp_path / "bad.tiktoken")
     with pytest.raises(Qwen2Error, match="byte-level"):
         Tokenizer.from_vocab_merges({"a": 0, "中": 1}, [])
+    from qwen2.cli import main
+    assert main(["convert-tokenizer", str(tmp_path / "nope.tiktoken"), str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_from_vocab_merges_real_gguf_vocabulary():
