@@ -69,8 +69,16 @@ class LLM:
             return list(prompt)
         raise Qwen2Error(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
 
-    def _deltas(self, ids: list[list[int]], params) -> Iterator[Delta]:
-        return stream_generate(self.model, ids, params, self.tokenizer, self.eos_token_ids, self.pad_token_id)
+    def _deltas(self, ids: list[list[int]], params, eos=None) -> Iterator[Delta]:
+        return stream_generate(self.model, ids, params, self.tokenizer, eos or self.eos_token_ids, self.pad_token_id)
+
+    @property
+    def chat_stop_ids(self) -> list[int]:
+        """A reply ends at eos or at any ChatML marker, even where generation_config names only
+        <|endoftext|> (base models, Qwen-1.8B-Chat: its chat() stops on these too)."""
+        specials = getattr(self.tokenizer, "special_tokens", {})
+        marks = [specials[t] for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>") if t in specials]
+        return list(dict.fromkeys(self.eos_token_ids + marks))
 
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | None = None, **overrides):
@@ -114,8 +122,8 @@ class LLM:
         ids = self.tokenizer.encode_chat(list(messages), add_generation_prompt=True, tools=tools)
         params = self.params(sampling_params, **overrides)
         if stream:
-            return TextStream(self._deltas([ids], params))
-        return generate(self.model, [ids], params, self.tokenizer, self.eos_token_ids, self.pad_token_id)[0]
+            return TextStream(self._deltas([ids], params, self.chat_stop_ids))
+        return generate(self.model, [ids], params, self.tokenizer, self.chat_stop_ids, self.pad_token_id)[0]
 
     def _first_generation_ids(self, tokenizer, query, history, system) -> list[int]:
         tok = tokenizer or self.tokenizer
@@ -132,7 +140,7 @@ class LLM:
     def _chat_first_generation(self, tokenizer, query, history, system, sampling_params, **overrides):
         ids = self._first_generation_ids(tokenizer, query, history, system)
         reply = generate(self.model, [ids], self.params(sampling_params, **overrides), self.tokenizer,
-                         self.eos_token_ids, self.pad_token_id)[0].text
+                         self.chat_stop_ids, self.pad_token_id)[0].text
         history = copy.deepcopy(list(history or []))
         history.append((query, reply))
         return reply, history
@@ -142,7 +150,7 @@ class LLM:
         """Qwen-1.8B-Chat's `chat_stream`: yields the response so far, growing with each token."""
         ids = self._first_generation_ids(tokenizer, query, history, system)
         text = ""
-        for piece in TextStream(self._deltas([ids], self.params(sampling_params, **overrides))):
+        for piece in TextStream(self._deltas([ids], self.params(sampling_params, **overrides), self.chat_stop_ids)):
             text += piece
             yield text
 

@@ -59,7 +59,8 @@ class _Row:
     def __init__(self, prompt: list[int], params: SamplingParams, limit: int, tokenizer, eos_ids):
         self.prompt, self.params, self.limit = prompt, params, limit
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        # Output text leaves special tokens out (as transformers' skip_special_tokens and vLLM do).
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
         if params.stop and self.decoder is None:
             raise Qwen2Error("stop strings need a tokenizer")
         self.ids: list[int] = []

@@ -109,7 +109,7 @@ class AsciiTokenizer:
         a = chr(32 + i % 95)
         return (a + chr(32 + (i * 7) % 95) if i >= 256 else a).encode()
 
-    def stream_decoder(self):
+    def stream_decoder(self, skip_special_tokens=False):
         tok = self
 
         class Dec:
