@@ -157,6 +157,9 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.reset_parameters(device)  # buffers were created on meta
+    if config.dual_chunk_attention_config:
+        from .longctx import apply_config
+        apply_config(model)
     return model.eval().requires_grad_(False)
 
 

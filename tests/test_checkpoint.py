@@ -283,3 +283,18 @@ def test_loading_bf16_peaks_near_the_weights_size(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["peak"] <= 1.25 * r["weights"], r
+
+
+def test_dual_chunk_attention_config_is_applied_at_load(tiny_ckpt, tmp_path):
+    from qwen2.longctx import DualChunkAttention
+    d = copy_ckpt(tiny_ckpt[1], tmp_path / "dca")
+    cfg = read_config(d)
+    cfg["dual_chunk_attention_config"] = {"chunk_size": 16, "local_size": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = qwen2.load_model(d, dtype="float32")
+    assert all(isinstance(l.self_attn, DualChunkAttention) for l in model.model.layers)
+    short, long = ids(8), torch.arange(40)[None] % TINY["vocab_size"]
+    plain = qwen2.load_model(tiny_ckpt[1], dtype="float32")
+    with torch.no_grad():  # within one chunk DCA is plain attention; beyond it, it is not
+        torch.testing.assert_close(model(short), plain(short), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model(long), plain(long), atol=1e-3)
