@@ -147,7 +147,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingPar
             for p, sp, n in zip(prompts, params, lens)]
     t = max(lens)
     dev = model.device
-    cache = model.new_cache(b, t + max(r.limit for r in rows))
+    cache = _new_cache(model, b, t + max(r.limit for r in rows))
     ids = torch.full((b, t), pad_id, dtype=torch.long)
     mask = torch.zeros((b, t), dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding: every row's last prompt token is at column t-1
@@ -194,6 +194,18 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingPar
         nxt = torch.full((b, 1), pad_id, dtype=torch.long)
         nxt[active, 0] = torch.tensor([rows[i].ids[-1] for i in active])
         logits = model(nxt.to(dev), cache=cache, logits_to_keep=1)[:, -1]
+
+
+def _new_cache(model, batch: int, length: int):
+    try:
+        return model.new_cache(batch, length)
+    except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
+        if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        c = model.config
+        need = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * batch * length * model.dtype.itemsize
+        raise Qwen2Error(f"out of memory for a KV cache of {batch} x {length} tokens ({need / 2**30:.1f} GiB); "
+                         "lower max_new_tokens or the batch size") from None
 
 
 def _timings(t0, t_first, now, steps, batch, completion_tokens, prompt_tokens, batch_prompt_tokens) -> dict:

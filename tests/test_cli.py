@@ -38,6 +38,11 @@ def test_generate_json_matches_api(ckpt, llm):
     assert out["token_ids"] == want.token_ids and out["text"] == want.text
     assert out["finish_reason"] == "length" and out["prompt_token_ids"] == want.prompt_token_ids
     assert out["timings"]["completion_tokens"] == 6
+    r = qwen2_cmd("generate", "-m", ckpt, "--dtype", "float32", "--prompt", "Hi", "--chat", "--system", "Be brief.",
+                  "--json", "--max-new-tokens", 5)
+    want = llm.chat([{"role": "user", "content": "Hi"}], system="Be brief.", max_new_tokens=5)
+    assert json.loads(r.stdout)["prompt_token_ids"] == want.prompt_token_ids
+    assert json.loads(r.stdout)["text"] == want.text
 
 
 def test_generate_streams_stdin_prompt_and_stops(ckpt, llm):

@@ -154,3 +154,6 @@ def test_bad_prompts_are_clear_errors(tiny_ckpt):
         generate(model, [[1, 9999]], SamplingParams())
     with pytest.raises(Qwen2Error, match="context"):
         generate(model, [[1] * 5000], SamplingParams())
+    model.config.max_position_embeddings = 10 ** 12  # a request whose KV cache cannot be allocated
+    with pytest.raises(Qwen2Error, match="out of memory"):
+        generate(model, [[1]], SamplingParams(max_new_tokens=10 ** 11))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..sampling import SamplingParams
 from . import _common
 from .generate import add_sampling_args, load_llm, sampling_overrides
 
@@ -23,8 +24,9 @@ def register(subparsers):
 
 
 def run(args) -> int:
-    llm = load_llm(args)
     sampling = sampling_overrides(args)
+    SamplingParams().replace(**sampling)  # bad values fail before the (slow) model load
+    llm = load_llm(args)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())

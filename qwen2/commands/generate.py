@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..errors import Qwen2Error
+from ..sampling import SamplingParams
 from . import _common
 
 # Flag -> SamplingParams field; the same names serve `generate`, `chat` and the Python API.
@@ -72,6 +73,7 @@ def run(args) -> int:
     kw = sampling_overrides(args)
     if args.top_logprobs:
         kw.update(logprobs=True, top_logprobs=args.top_logprobs)
+    SamplingParams().replace(**kw)  # bad values fail before the (slow) model load
     llm = load_llm(args)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system is not None else [])
