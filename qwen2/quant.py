@@ -131,7 +131,44 @@ class QuantLinear(nn.Module):
         return new
 
 
-def _targets(model, lm_head: bool):
+class PackedLinear(nn.Module):
+    """A float linear with its weight pre-packed for oneDNN (the layout its bf16 kernels want,
+    done once at load instead of on every call). Same results as F.linear; on AVX512 CPUs about
+    twice the speed for bf16 matrix-vector products, which is what decoding is made of."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight.detach()
+        self.dtype = w.dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        self.bias = None if lin.bias is None else lin.bias.detach().contiguous()
+
+    @staticmethod
+    def supported(dtype) -> bool:
+        return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, packed {str(self.dtype).removeprefix('torch.')}"
+
+
+def pack_linears(model, lm_head: bool = True):
+    """In place: every float nn.Linear in the model becomes a PackedLinear (bf16 on AVX512 only;
+    elsewhere the model is returned unchanged). A tied lm_head gets its own packed copy, while the
+    embedding keeps the original table for lookups."""
+    if not PackedLinear.supported(model.dtype):
+        return model
+    for full, mod, attr, lin in list(_targets(model, lm_head, routers=True)):
+        if type(lin) is nn.Linear:
+            setattr(mod, attr, PackedLinear(lin))
+    return model
+
+
+def _targets(model, lm_head: bool, routers: bool = False):
     """(parent module, attribute, linear) for every linear layer that gets quantized: all
     projections in the decoder (not the MoE router or shared-expert gate), and the lm_head."""
     for name, mod in list(model.named_modules()):
@@ -141,7 +178,7 @@ def _targets(model, lm_head: bool):
                 continue
             if full == "lm_head" and not lm_head:
                 continue
-            if full.endswith(("shared_expert_gate", ".gate")):
+            if full.endswith(("shared_expert_gate", ".gate")) and not routers:
                 continue
             yield full, mod, attr, child
 

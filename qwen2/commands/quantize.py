@@ -1,0 +1,54 @@
+"""`qwen2 quantize`: weight-only int8 (per channel) or int4 (grouped) round-to-nearest
+quantization, saved in the GPTQ layout (see qwen2/quant.py and docs/performance.md). The result
+loads like any checkpoint: `qwen2.load_model(OUT_DIR)`, `--model OUT_DIR`."""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import Qwen2Error
+
+# Files besides the weights that make a checkpoint directory usable (tokenizer, generation).
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+               "added_tokens.json", "generation_config.json", "qwen.tiktoken", "chat_template.jinja")
+
+
+def register(sub):
+    p = sub.add_parser("quantize", help="int8/int4 weight-only quantization (GPTQ layout)", description=__doc__)
+    p.add_argument("input", help="checkpoint directory, .gguf file or hub id")
+    p.add_argument("output", help="output directory")
+    p.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (int8 is per channel)")
+    p.add_argument("--no-lm-head", action="store_true", help="keep the output projection in the float dtype")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the unquantized tensors (embedding, norms)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..checkpoint import load_model, resolve
+    from ..quant import INT4_GROUPS, save_quantized
+    if args.bits == 4 and args.group_size not in INT4_GROUPS:
+        raise Qwen2Error(f"--group-size must be one of {', '.join(map(str, INT4_GROUPS))} for int4")
+    src = resolve(args.input)
+    out = Path(args.output)
+    if out.resolve() == src.resolve():
+        raise Qwen2Error("output directory must differ from the input")
+    t = time.perf_counter()
+    model = load_model(src, dtype=args.dtype)
+    if getattr(model, "quant", None):
+        raise Qwen2Error(f"{args.input} is already quantized")
+    save_quantized(model, out, args.bits, args.group_size, lm_head=not args.no_lm_head)
+    copied = []
+    if src.is_dir():
+        for name in _SIDE_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, out / name)
+                copied.append(name)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    kind = "int8 per channel" if args.bits == 8 else f"int4 group {args.group_size}"
+    print(f"wrote {out} ({kind}, {size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if not copied:
+        print("note: no tokenizer files were copied (input has none); pass the tokenizer separately", file=sys.stderr)
+    return 0

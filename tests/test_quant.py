@@ -1,0 +1,110 @@
+"""int8/int4 weight-only quantization: math, GPTQ layout on disk, loading, fast-path parity."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import qwen2
+from qwen2.cli import main as cli
+from qwen2.quant import QuantLinear, dequantize, from_gptq, quantize_model, quantize_tensor, to_gptq
+
+
+@pytest.mark.parametrize("bits,group", [(8, -1), (4, 32), (4, 128)])
+def test_round_to_nearest_error_bound(bits, group):
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_tensor(w, bits, group)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 2 ** bits - 1
+    assert s.shape == ((1 if group == -1 else 256 // group), 96)
+    err = (dequantize(q, s, bits) - w).abs()
+    step = s.T.repeat_interleave(256 // s.shape[0], dim=1)
+    assert bool((err <= step / 2 + 1e-6).all())
+
+
+def test_gptq_packing_layout():
+    """qweight packs 32/bits values along `in`, lowest bits first; qzeros holds zero - 1."""
+    q = torch.randint(0, 16, (16, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    s = torch.rand(2, 16) + 0.1
+    t = to_gptq(q, s, 4, 32)
+    assert t["qweight"].shape == (8, 16) and t["qweight"].dtype == torch.int32
+    assert t["qzeros"].shape == (2, 2) and t["scales"].dtype == torch.float16
+    assert t["g_idx"].tolist() == [i // 32 for i in range(64)]
+    word = int(t["qweight"][1, 3]) & 0xFFFFFFFF
+    assert [(word >> (4 * k)) & 15 for k in range(8)] == q[3, 8:16].tolist()
+    assert (int(t["qzeros"][0, 0]) & 0xFFFFFFFF) == 0x77777777  # zero 8 stored as 7
+    q2, s2 = from_gptq(t, 4, 32, "x")
+    assert torch.equal(q2, q) and torch.equal(s2, s.half().float())
+    q8 = torch.randint(0, 256, (8, 16), dtype=torch.uint8)
+    t8 = to_gptq(q8, torch.rand(1, 8), 8, -1)
+    assert t8["qweight"].shape == (4, 8) and (int(t8["qzeros"][0, 0]) & 0xFFFFFFFF) == 0x7F7F7F7F
+    assert torch.equal(from_gptq(t8, 8, -1, "x")[0], q8)
+
+
+@pytest.mark.parametrize("bits,group", [(8, -1), (4, 32), (4, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (int8 dequant path)
+def test_quant_linear_matches_dequantized(bits, group, dtype, rows):
+    lin = torch.nn.Linear(128, 80, bias=True)
+    ql = QuantLinear.from_linear(lin, bits, group, dtype)
+    q, s = quantize_tensor(lin.weight.data, bits, group)
+    x = torch.randn(rows, 128)
+    ref = x.to(dtype).float() @ dequantize(q, s.to(dtype).float(), bits).T + lin.bias.to(dtype).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(ql(x.to(dtype)).float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_close_to_float_and_fuses(tiny_ckpt, bits):
+    ref_model = qwen2.load_model(tiny_ckpt[1], dtype="float32")
+    ids = torch.randint(0, ref_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = ref_model(ids)
+    qm = quantize_model(copy.deepcopy(ref_model), bits, 32)
+    out = qm(ids)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (0.02 if bits == 8 else 0.3), rel  # random weights: the worst case for int4
+    assert isinstance(qm.lm_head, QuantLinear) and type(qm.model.embed_tokens) is torch.nn.Embedding
+    fused = copy.deepcopy(qm).fuse()
+    assert isinstance(fused.model.layers[0].self_attn.qkv_proj, QuantLinear)
+    assert isinstance(fused.model.layers[0].mlp.gate_up_proj, QuantLinear)
+    torch.testing.assert_close(fused(ids), out, atol=1e-5, rtol=1e-5)
+    # Static-cache decode in the fused quantized model = its own full forward.
+    cache = fused.new_cache(2, 16)
+    steps = [fused(ids[:, :12], cache=cache, logits_to_keep=1)]
+    steps += [fused(ids[:, i:i + 1], cache=cache) for i in range(12, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), out[:, 11:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
+def test_quantize_cli_roundtrip(tiny_ckpt, tmp_path, bits, group):
+    out = tmp_path / f"q{bits}"
+    assert cli(["quantize", str(tiny_ckpt[1]), str(out), "--bits", str(bits), "--group-size", str(group)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] and not qc["desc_act"]
+    assert qc["group_size"] == (-1 if bits == 8 else group)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        qw = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
+        sc = f.get_tensor("model.layers.0.mlp.down_proj.scales")
+    inter, hidden = 128, 64
+    assert qw.dtype == torch.int32 and qw.shape == (inter * bits // 32, hidden)
+    assert sc.dtype == torch.float16 and sc.shape == ((1 if bits == 8 else inter // group), hidden)
+    assert "model.layers.0.self_attn.q_proj.bias" in names and "model.embed_tokens.weight" in names
+    assert "model.layers.0.self_attn.q_proj.weight" not in names and "lm_head.qweight" in names
+
+    loaded = qwen2.load_model(out, dtype="float32")
+    assert loaded.quant == {"bits": bits, "group_size": qc["group_size"], "lm_head": True}
+    direct = quantize_model(qwen2.load_model(tiny_ckpt[1], dtype="float32"), bits, group)
+    for m in direct.modules():  # the file stores scales in float16
+        if isinstance(m, QuantLinear):
+            m.scales.copy_(m.scales.half().float())
+    ids = torch.randint(0, 512, (1, 10))
+    # Exactly the numerics of quantizing in memory.
+    torch.testing.assert_close(loaded(ids), direct(ids), atol=0, rtol=0)
+    assert cli(["quantize", str(out), str(tmp_path / "again"), "--bits", "8"]) == 1  # already quantized
+
+
+def test_bad_group_size_is_a_clear_error(tiny_ckpt, tmp_path, capsys):
+    assert cli(["quantize", str(tiny_ckpt[1]), str(tmp_path / "x"), "--bits", "4", "--group-size", "48"]) == 1
+    assert "group-size" in capsys.readouterr().err
