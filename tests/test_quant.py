@@ -65,7 +65,8 @@ def test_quantized_model_close_to_float_and_fuses(tiny_ckpt, bits):
     assert rel < (0.02 if bits == 8 else 0.3), rel  # random weights: the worst case for int4
     assert isinstance(qm.lm_head, QuantLinear) and type(qm.model.embed_tokens) is torch.nn.Embedding
     fused = copy.deepcopy(qm).fuse()
-    assert isinstance(fused.model.layers[0].self_attn.qkv_proj, QuantLinear)
+    # int4's packing is blocked by 64 output rows: tiny k_proj (32 rows) cannot lead a fusion.
+    assert (fused.model.layers[0].self_attn.qkv_proj is not None) == (bits == 8)
     assert isinstance(fused.model.layers[0].mlp.gate_up_proj, QuantLinear)
     torch.testing.assert_close(fused(ids), out, atol=1e-5, rtol=1e-5)
     # Static-cache decode in the fused quantized model = its own full forward.
@@ -78,7 +79,8 @@ def test_quantized_model_close_to_float_and_fuses(tiny_ckpt, bits):
 @pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
 def test_quantize_cli_roundtrip(tiny_ckpt, tmp_path, bits, group):
     out = tmp_path / f"q{bits}"
-    assert cli(["quantize", str(tiny_ckpt[1]), str(out), "--bits", str(bits), "--group-size", str(group)]) == 0
+    assert cli(["quantize", str(tiny_ckpt[1]), str(out), "--bits", str(bits), "--group-size", str(group),
+                "--dtype", "float32"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] and not qc["desc_act"]
