@@ -213,7 +213,7 @@ def _dequantize(t, dtype: torch.dtype, f: Path) -> torch.Tensor:
     from gguf import GGMLQuantizationType as Q
     from gguf import dequantize
     data = t.data
-    if t.tensor_type in (Q.F32, Q.F16, Q.BF16) or data.ndim < 2 or data.shape[0] == 1:
+    if data.ndim < 2 or data.shape[0] == 1:
         chunks = [data]
     else:
         per_row = max(1, int(t.n_elements) // data.shape[0])
