@@ -12,7 +12,8 @@ Saved layout (one entry per linear, named like the HF weight it replaces):
     <name>.g_idx    int32 [in]                     group of each input (i // group_size)
     <name>.bias     as in the float checkpoint
 config.json gets "quantization_config": {"quant_method": "gptq", "bits", "group_size", "sym": true,
-"desc_act": false, "lm_head": bool}. Embeddings and norms stay in the float dtype.
+"desc_act": false, "lm_head": bool}. Embeddings and norms stay in the float dtype; so does the
+lm_head of int4 files (GPTQ has one `bits` per file), which loading quantizes to int8.
 
 At run time a `QuantLinear` keeps what the kernels want: int8 -> `int8 [out, in]` plus per-row
 scales for `aten._weight_int8pack_mm`; int4 -> the opaque `[out, in/2]` uint8 packing of
@@ -183,15 +184,23 @@ def _targets(model, lm_head: bool, routers: bool = False):
             yield full, mod, attr, child
 
 
-def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True, dtype=None):
+def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True, dtype=None,
+                   head_bits: int | None = None):
     """In place: replace linear layers with QuantLinear (int8 per-channel or int4 grouped). A tied
-    lm_head gets its own quantized copy; the embedding stays a float lookup table."""
+    lm_head gets its own quantized copy; the embedding stays a float lookup table.
+
+    head_bits (default: 8) is the lm_head's precision: int4 on the output projection costs far more
+    quality than anywhere else (+3-4% perplexity on the demo model, see docs/performance.md), and
+    llama.cpp keeps it at 6-8 bits in its 4-bit formats for the same reason."""
     if bits == 4 and group_size not in INT4_GROUPS:
         raise Qwen2Error(f"int4 group size must be one of {INT4_GROUPS}")
     dtype = dtype or model.dtype
+    head_bits = head_bits or 8
     for full, mod, attr, lin in _targets(model, lm_head):
-        setattr(mod, attr, QuantLinear.from_linear(lin, bits, group_size, dtype))
-    model.quant = {"bits": bits, "group_size": -1 if bits == 8 else group_size, "lm_head": lm_head}
+        b = head_bits if full == "lm_head" else bits
+        setattr(mod, attr, QuantLinear.from_linear(lin, b, group_size, dtype))
+    model.quant = {"bits": bits, "group_size": -1 if bits == 8 else group_size,
+                   "lm_head": head_bits if lm_head else None}
     return model
 
 
@@ -241,9 +250,13 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str)
     return q, scales
 
 
-def save_quantized(model, out_dir, bits: int, group_size: int = 128, lm_head: bool = True):
-    """Quantize a float model (unfused, HF names) and write it in the GPTQ layout."""
+def save_quantized(model, out_dir, bits: int, group_size: int = 128, lm_head: bool | None = None):
+    """Quantize a float model (unfused, HF names) and write it in the GPTQ layout. The lm_head is
+    stored int8 in int8 files and, by default, float in int4 files (GPTQ has one `bits` per file;
+    loading requantizes a float head to int8, see load_gptq)."""
     from safetensors.torch import save_file
+    if lm_head is None:
+        lm_head = bits == 8
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gs = -1 if bits == 8 else group_size
@@ -313,5 +326,7 @@ def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint"):
         bias = None if lin.bias is None else lin.bias.data
         setattr(mod, attr, QuantLinear(q, s, bits, gs, bias, dtype))
     model.config = config
-    model.quant = {"bits": bits, "group_size": gs, "lm_head": lm_head}
+    if not lm_head:  # float head in the file (GPTQ's default): int8 at run time, +0.03% perplexity
+        model.lm_head = QuantLinear.from_linear(model.lm_head, 8, -1, dtype)
+    model.quant = {"bits": bits, "group_size": gs, "lm_head": 8 if not lm_head else bits}
     return model

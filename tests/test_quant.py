@@ -64,6 +64,7 @@ def test_quantized_model_close_to_float_and_fuses(tiny_ckpt, bits):
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < (0.02 if bits == 8 else 0.3), rel  # random weights: the worst case for int4
     assert isinstance(qm.lm_head, QuantLinear) and type(qm.model.embed_tokens) is torch.nn.Embedding
+    assert qm.lm_head.bits == 8 and qm.model.layers[0].mlp.down_proj.bits == bits
     fused = copy.deepcopy(qm).fuse()
     # int4's packing is blocked by 64 output rows: tiny k_proj (32 rows) cannot lead a fusion.
     assert (fused.model.layers[0].self_attn.qkv_proj is not None) == (bits == 8)
@@ -93,13 +94,16 @@ def test_quantize_cli_roundtrip(tiny_ckpt, tmp_path, bits, group):
     assert qw.dtype == torch.int32 and qw.shape == (inter * bits // 32, hidden)
     assert sc.dtype == torch.float16 and sc.shape == ((1 if bits == 8 else inter // group), hidden)
     assert "model.layers.0.self_attn.q_proj.bias" in names and "model.embed_tokens.weight" in names
-    assert "model.layers.0.self_attn.q_proj.weight" not in names and "lm_head.qweight" in names
+    assert "model.layers.0.self_attn.q_proj.weight" not in names
+    # int8 files carry an int8 head; int4 files a float one (tied here: only the embedding is stored)
+    assert ("lm_head.qweight" in names) == (bits == 8) and "lm_head.weight" not in names
 
     loaded = qwen2.load_model(out, dtype="float32")
-    assert loaded.quant == {"bits": bits, "group_size": qc["group_size"], "lm_head": True}
+    assert loaded.quant == {"bits": bits, "group_size": qc["group_size"], "lm_head": 8}
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.bits == 8
     direct = quantize_model(qwen2.load_model(tiny_ckpt[1], dtype="float32"), bits, group)
-    for m in direct.modules():  # the file stores scales in float16
-        if isinstance(m, QuantLinear):
+    for name, m in direct.named_modules():  # the file stores scales in float16
+        if isinstance(m, QuantLinear) and not (bits == 4 and name == "lm_head"):
             m.scales.copy_(m.scales.half().float())
     ids = torch.randint(0, 512, (1, 10))
     # Exactly the numerics of quantizing in memory.

@@ -21,7 +21,8 @@ def register(sub):
     p.add_argument("output", help="output directory")
     p.add_argument("--bits", type=int, choices=(8, 4), required=True)
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (int8 is per channel)")
-    p.add_argument("--no-lm-head", action="store_true", help="keep the output projection in the float dtype")
+    p.add_argument("--no-lm-head", action="store_true",
+                   help="keep the output projection in the float dtype (always so for --bits 4; loading makes it int8)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the unquantized tensors (embedding, norms)")
     p.set_defaults(func=run)
 
@@ -39,7 +40,7 @@ def run(args) -> int:
     model = load_model(src, dtype=args.dtype)
     if getattr(model, "quant", None):
         raise Qwen2Error(f"{args.input} is already quantized")
-    save_quantized(model, out, args.bits, args.group_size, lm_head=not args.no_lm_head)
+    save_quantized(model, out, args.bits, args.group_size, lm_head=False if args.no_lm_head else None)
     copied = []
     if src.is_dir():
         for name in _SIDE_FILES:
