@@ -80,7 +80,7 @@ def prepare(work: Path, preset: str) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------------- engines
 class Qwen2Engine:
-    def __init__(self, path, mode="fast", bits=None, group_size=64, dtype=torch.bfloat16):
+    def __init__(self, path, mode="fast", bits=None, group_size=32, dtype=torch.bfloat16):
         import qwen2
         from qwen2.commands.bench import prepare as speedup
         t = time.perf_counter()
@@ -159,7 +159,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per round")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--group-size", type=int, default=64, help="our int4 group size")
+    ap.add_argument("--group-size", type=int, default=32, help="our int4 group size")
     ap.add_argument("--only", default=None, help="comma-separated engine names to run")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)

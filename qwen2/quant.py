@@ -189,9 +189,9 @@ def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True
     """In place: replace linear layers with QuantLinear (int8 per-channel or int4 grouped). A tied
     lm_head gets its own quantized copy; the embedding stays a float lookup table.
 
-    head_bits (default: 8) is the lm_head's precision: int4 on the output projection costs far more
-    quality than anywhere else (+3-4% perplexity on the demo model, see docs/performance.md), and
-    llama.cpp keeps it at 6-8 bits in its 4-bit formats for the same reason."""
+    head_bits (default: 8) is the lm_head's precision: int4 there costs more quality than anywhere
+    else (demo model, int4 group 32: +6.3% perplexity with an int4 head, +4.9% with int8; see
+    docs/performance.md), which is why llama.cpp keeps the output at 6-8 bits in its 4-bit formats."""
     if bits == 4 and group_size not in INT4_GROUPS:
         raise Qwen2Error(f"int4 group size must be one of {INT4_GROUPS}")
     dtype = dtype or model.dtype

@@ -23,7 +23,7 @@ def register(sub):
     p.add_argument("--preset", default=None, help="random weights of a released size, e.g. Qwen2-0.5B")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (compute dtype)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights at load (int8/int4)")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
     p.add_argument("--mode", default="fast", choices=("exact", "fast"),
                    help="exact: the reference path; fast: fused projections and pre-packed weights")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
@@ -118,7 +118,7 @@ def random_model(preset_name: str, dtype: torch.dtype, seed: int = 0, **override
     return model.eval().requires_grad_(False)
 
 
-def prepare(model, mode: str = "fast", bits: int | None = None, group_size: int = 64):
+def prepare(model, mode: str = "fast", bits: int | None = None, group_size: int = 32):
     """Apply the speed transforms: quantize (optional), then in fast mode fuse and pre-pack."""
     from ..quant import pack_linears, quantize_model
     if bits and getattr(model, "quant", None) is None:

@@ -20,7 +20,8 @@ def register(sub):
     p.add_argument("input", help="checkpoint directory, .gguf file or hub id")
     p.add_argument("output", help="output directory")
     p.add_argument("--bits", type=int, choices=(8, 4), required=True)
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (int8 is per channel)")
+    p.add_argument("--group-size", type=int, default=32,
+                   help="int4 group size: 32 (default, best quality), 64, 128 or 256 (int8 is per channel)")
     p.add_argument("--no-lm-head", action="store_true",
                    help="keep the output projection in the float dtype (always so for --bits 4; loading makes it int8)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the unquantized tensors (embedding, norms)")
