@@ -136,14 +136,7 @@ class DualChunkAttention(Attention):
 
     def forward(self, x, cos, sin, mask, cache, is_causal, q_pos, k_pos):
         b, t, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(
-                [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
 
         def rot(y, positions):
             return apply_rope(y, *rope_cos_sin(self.dca_inv_freq, positions, 1.0, y.dtype))

@@ -109,16 +109,21 @@ class Attention(nn.Module):
         self.attn_fn = sdpa_attention
         self.qkv_proj = None  # set by Qwen2.fuse(): one matmul instead of three
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, is_causal: bool, q_pos, k_pos):
+    def project_qkv(self, x):
+        """Un-rotated q [B, H, T, D] and k, v [B, KV, T, D] (fused or separate projections)."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(
                 [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        return (q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
+                v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2))
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, is_causal: bool, q_pos, k_pos):
+        b, t, _ = x.shape
+        q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

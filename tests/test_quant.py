@@ -11,15 +11,20 @@ from qwen2.cli import main as cli
 from qwen2.quant import QuantLinear, dequantize, from_gptq, quantize_model, quantize_tensor, to_gptq
 
 
-@pytest.mark.parametrize("bits,group", [(8, -1), (4, 32), (4, 128)])
-def test_round_to_nearest_error_bound(bits, group):
+@pytest.mark.parametrize("bits,group,sym", [(8, -1, True), (4, 32, True), (4, 128, True), (4, 32, False),
+                                            (4, 128, False)])
+def test_round_to_nearest_error_bound(bits, group, sym):
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
-    q, s = quantize_tensor(w, bits, group)
+    w[:3] += 2.0  # skewed rows, where asymmetric groups pay off
+    q, s, z = quantize_tensor(w, bits, group, sym=sym)
     assert q.dtype == torch.uint8 and int(q.max()) <= 2 ** bits - 1
-    assert s.shape == ((1 if group == -1 else 256 // group), 96)
-    err = (dequantize(q, s, bits) - w).abs()
+    assert s.shape == z.shape == ((1 if group == -1 else 256 // group), 96)
+    err = (dequantize(q, s, bits, z) - w).abs()
     step = s.T.repeat_interleave(256 // s.shape[0], dim=1)
     assert bool((err <= step / 2 + 1e-6).all())
+    if not sym:  # all 16 levels used: a finer step than symmetric on the skewed rows
+        s_sym = quantize_tensor(w, bits, group, sym=True)[1]
+        assert bool((s[:, :3] < 0.8 * s_sym[:, :3]).all())
 
 
 def test_gptq_packing_layout():
@@ -33,23 +38,28 @@ def test_gptq_packing_layout():
     word = int(t["qweight"][1, 3]) & 0xFFFFFFFF
     assert [(word >> (4 * k)) & 15 for k in range(8)] == q[3, 8:16].tolist()
     assert (int(t["qzeros"][0, 0]) & 0xFFFFFFFF) == 0x77777777  # zero 8 stored as 7
-    q2, s2 = from_gptq(t, 4, 32, "x")
-    assert torch.equal(q2, q) and torch.equal(s2, s.half().float())
+    q2, s2, z2 = from_gptq(t, 4, 32, "x")
+    assert torch.equal(q2, q) and torch.equal(s2, s.half().float()) and bool((z2 == 8).all())
+    z = torch.randint(1, 16, (2, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ta = to_gptq(q, s, 4, 32, z)  # asymmetric: stored as z - 1, eight zeros per int32 along `out`
+    word = int(ta["qzeros"][1, 1]) & 0xFFFFFFFF
+    assert [(word >> (4 * k)) & 15 for k in range(8)] == (z[1, 8:16].int() - 1).tolist()
+    assert torch.equal(from_gptq(ta, 4, 32, "x")[2], z)
     q8 = torch.randint(0, 256, (8, 16), dtype=torch.uint8)
     t8 = to_gptq(q8, torch.rand(1, 8), 8, -1)
     assert t8["qweight"].shape == (4, 8) and (int(t8["qzeros"][0, 0]) & 0xFFFFFFFF) == 0x7F7F7F7F
     assert torch.equal(from_gptq(t8, 8, -1, "x")[0], q8)
 
 
-@pytest.mark.parametrize("bits,group", [(8, -1), (4, 32), (4, 64)])
+@pytest.mark.parametrize("bits,group,sym", [(8, -1, True), (4, 32, True), (4, 64, True), (4, 32, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (int8 dequant path)
-def test_quant_linear_matches_dequantized(bits, group, dtype, rows):
+def test_quant_linear_matches_dequantized(bits, group, sym, dtype, rows):
     lin = torch.nn.Linear(128, 80, bias=True)
-    ql = QuantLinear.from_linear(lin, bits, group, dtype)
-    q, s = quantize_tensor(lin.weight.data, bits, group)
+    ql = QuantLinear.from_linear(lin, bits, group, dtype, sym=sym)
+    q, s, z = quantize_tensor(lin.weight.data, bits, group, sym=sym)
     x = torch.randn(rows, 128)
-    ref = x.to(dtype).float() @ dequantize(q, s.to(dtype).float(), bits).T + lin.bias.to(dtype).float()
+    ref = x.to(dtype).float() @ dequantize(q, s.to(dtype).float(), bits, z).T + lin.bias.to(dtype).float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(ql(x.to(dtype)).float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
@@ -77,14 +87,14 @@ def test_quantized_model_close_to_float_and_fuses(tiny_ckpt, bits):
     torch.testing.assert_close(torch.cat(steps, 1), out[:, 11:], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
-def test_quantize_cli_roundtrip(tiny_ckpt, tmp_path, bits, group):
+@pytest.mark.parametrize("bits,group,asym", [(8, 128, False), (4, 32, False), (4, 32, True)])
+def test_quantize_cli_roundtrip(tiny_ckpt, tmp_path, bits, group, asym):
     out = tmp_path / f"q{bits}"
     assert cli(["quantize", str(tiny_ckpt[1]), str(out), "--bits", str(bits), "--group-size", str(group),
-                "--dtype", "float32"]) == 0
+                "--dtype", "float32"] + (["--asym"] if asym else [])) == 0
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] and not qc["desc_act"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] == (not asym) and not qc["desc_act"]
     assert qc["group_size"] == (-1 if bits == 8 else group)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -99,12 +109,17 @@ def test_quantize_cli_roundtrip(tiny_ckpt, tmp_path, bits, group):
     assert ("lm_head.qweight" in names) == (bits == 8) and "lm_head.weight" not in names
 
     loaded = qwen2.load_model(out, dtype="float32")
-    assert loaded.quant == {"bits": bits, "group_size": qc["group_size"], "lm_head": 8}
+    assert loaded.quant == {"bits": bits, "group_size": qc["group_size"], "sym": not asym, "lm_head": 8}
     assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.bits == 8
-    direct = quantize_model(qwen2.load_model(tiny_ckpt[1], dtype="float32"), bits, group)
+    direct = quantize_model(qwen2.load_model(tiny_ckpt[1], dtype="float32"), bits, group, sym=not asym)
     for name, m in direct.named_modules():  # the file stores scales in float16
         if isinstance(m, QuantLinear) and not (bits == 4 and name == "lm_head"):
-            m.scales.copy_(m.scales.half().float())
+            if m.bits == 8:
+                m.scales.copy_(m.scales.half().float())
+            else:  # [.., 0] scale, [.., 1] the kernel's zero (8 - z) * scale, from the stored scale
+                z = torch.round(8 - m.scales[..., 1] / m.scales[..., 0])
+                m.scales[..., 0] = m.scales[..., 0].half().float()
+                m.scales[..., 1] = (8 - z) * m.scales[..., 0]
     ids = torch.randint(0, 512, (1, 10))
     # Exactly the numerics of quantizing in memory.
     torch.testing.assert_close(loaded(ids), direct(ids), atol=0, rtol=0)

@@ -24,6 +24,9 @@ def register(sub):
                    help="int4 group size: 32 (default, best quality), 64, 128 or 256 (int8 is per channel)")
     p.add_argument("--no-lm-head", action="store_true",
                    help="keep the output projection in the float dtype (always so for --bits 4; loading makes it int8)")
+    p.add_argument("--asym", action="store_true",
+                   help="int4: asymmetric groups with zero points (GPTQ sym=false): lower KL to the float "
+                        "model, but higher perplexity on the demo model")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the unquantized tensors (embedding, norms)")
     p.set_defaults(func=run)
 
@@ -41,7 +44,8 @@ def run(args) -> int:
     model = load_model(src, dtype=args.dtype)
     if getattr(model, "quant", None):
         raise Qwen2Error(f"{args.input} is already quantized")
-    save_quantized(model, out, args.bits, args.group_size, lm_head=False if args.no_lm_head else None)
+    save_quantized(model, out, args.bits, args.group_size, lm_head=False if args.no_lm_head else None,
+                   sym=not args.asym)
     copied = []
     if src.is_dir():
         for name in _SIDE_FILES:
@@ -49,7 +53,8 @@ def run(args) -> int:
                 shutil.copy2(src / name, out / name)
                 copied.append(name)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    kind = "int8 per channel" if args.bits == 8 else f"int4 group {args.group_size}"
+    kind = "int8 per channel" if args.bits == 8 else \
+        f"int4 group {args.group_size} {'asymmetric' if args.asym else 'symmetric'}"
     print(f"wrote {out} ({kind}, {size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     if not copied:
         print("note: no tokenizer files were copied (input has none); pass the tokenizer separately", file=sys.stderr)
