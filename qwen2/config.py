@@ -138,16 +138,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: not found (a Qwen2 checkpoint directory holds config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
 
     def to_hf_dict(self, dtype: str | None = None) -> dict[str, Any]:
         """The config.json to save: the checkpoint's own dict, updated with our values."""
@@ -173,6 +164,20 @@ class ModelConfig:
         if dt is not None:
             d["dtype" if "dtype" in d else "torch_dtype"] = dt
         return d
+
+
+def read_config_json(path: str | Path) -> dict:
+    """A checkpoint's config.json as a dict, with clear errors for a missing or broken file."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (a Qwen2 checkpoint directory holds config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return d
 
 
 def _qwen2(vocab, hidden, layers, heads, kv, inter, tied, **kw) -> dict:

@@ -7,14 +7,13 @@ elsewhere, MLP `c_proj(w1(x) * silu(w2(x)))` so w2 is the gate and w1 the up pro
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, read_config_json
 from .errors import CheckpointError
 
 # Qwen (first generation) ends a document with <|endoftext|>; chat turns end with <|im_end|>.
@@ -127,12 +126,7 @@ def load_qwen1(path, dtype="auto", device="cpu", long_context: bool = True):
     from .checkpoint import build_model, count_safetensors, iter_safetensors, parse_dtype, safetensors_files
     path = Path(path)
     cfg_path = path / "config.json"
-    try:
-        d = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    d = read_config_json(cfg_path)
     config, long_ctx = qwen1_config(d, source=str(cfg_path))
     dt = parse_dtype(dtype, config)
     files = safetensors_files(path)

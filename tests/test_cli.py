@@ -7,9 +7,7 @@ import time
 
 import pexpect
 import pytest
-from test_api import build_qwen_ckpt
 
-import qwen2
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
@@ -17,16 +15,6 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS
 def qwen2_cmd(*args, stdin=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "qwen2.cli", *map(str, args)], input=stdin, capture_output=True,
                           text=True, timeout=timeout, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_qwen_ckpt(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def llm(ckpt):
-    return qwen2.load(ckpt, dtype="float32")
 
 
 def test_generate_json_matches_api(ckpt, llm):

@@ -198,11 +198,7 @@ class Engine:
                 self._wake.wait(0.5)
 
     def _drain(self):
-        while True:
-            try:
-                self.waiting.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
+        self._drain_inbox_only()
         aborted = set()
         while True:
             try:
