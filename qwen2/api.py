@@ -155,9 +155,10 @@ class LLM:
             yield text
 
 
-def load(path_or_id=None, dtype="auto", device="cpu") -> LLM:
+def load(path_or_id=None, dtype="auto", device="cpu", compile: bool = False) -> LLM:
     """Load model + tokenizer + generation defaults from a checkpoint dir, a .gguf file or a hub
-    id (None: the embedded demo model, when installed)."""
+    id (None: the embedded demo model, when installed). compile=True: fused projections and the
+    torch.compile'd decode step (qwen2.compiled), the fastest way to decode on a CPU."""
     from .checkpoint import load_model, resolve
     from .tokenizer import load_tokenizer
     if path_or_id is None:
@@ -169,5 +170,8 @@ def load(path_or_id=None, dtype="auto", device="cpu") -> LLM:
     path = resolve(path_or_id)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device)
+    if compile:
+        from .compiled import compile_decode
+        compile_decode(model)
     defaults = SamplingParams.from_generation_config(path if path.is_dir() else None)
     return LLM(model, tokenizer, defaults, source=str(path_or_id))

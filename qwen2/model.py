@@ -88,8 +88,14 @@ def sdpa_attention(q, k, v, mask, is_causal: bool, q_pos=None, k_pos=None):
     """q [B, H, T, D], k/v [B, KV, S, D] (grouped-query), mask [B, 1, T, S] bool or None.
     q_pos [B, T] / k_pos [B, S] are the rotary positions (unused here; variants such as logn
     attention need them)."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
+    b, h, t, d = q.shape
+    if k.shape[1] != h and t == 1:
+        # One query per row: fold each group's query heads onto its KV head, so the cache is read
+        # in place instead of copied once per query head.
+        o = F.scaled_dot_product_attention(q.view(b, k.shape[1], h // k.shape[1], d), k, v, attn_mask=mask)
+        return o.view(b, h, 1, d)
+    if k.shape[1] != h:
+        rep = h // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
 
@@ -220,6 +226,7 @@ class Qwen2(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(config)
+        self.decode_step = None  # set by qwen2.compiled.compile_decode
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,6 +254,9 @@ class Qwen2(nn.Module):
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding); position_ids [B, T]
         (-1 = padding) override the mask-derived positions; logits_to_keep > 0 computes logits for
         the last N positions only."""
+        if (self.decode_step is not None and cache is not None and input_ids.shape[1] == 1
+                and attention_mask is None and position_ids is None and not torch.compiler.is_compiling()):
+            return self.decode_step(input_ids, cache)
         if position_ids is None:
             position_ids = self.positions_for(input_ids, attention_mask, cache)
         k_pos = cache.begin(position_ids) if cache is not None else position_ids
@@ -255,7 +265,9 @@ class Qwen2(nn.Module):
 
         # Plain causal prefill of unpadded rows needs no explicit mask (SDPA's fast path).
         t, s = position_ids.shape[1], k_pos.shape[1]
-        simple = (t == 1 or t == s) and bool((k_pos >= 0).all()) and bool((position_ids >= 0).all())
+        # (A fixed-shape cache always spans empty slots, and its step is traced: no host sync.)
+        simple = not getattr(cache, "fixed_shape", False) and (t == 1 or t == s) and \
+            bool((k_pos >= 0).all()) and bool((position_ids >= 0).all())
         masks: dict[str, torch.Tensor | None] = {}
         for lt in set(self.config.layer_types):
             window = self.config.sliding_window if lt == "sliding_attention" else None

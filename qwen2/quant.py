@@ -21,10 +21,17 @@ config.json gets "quantization_config": {"quant_method": "gptq", "bits", "group_
 "desc_act": false, "lm_head": bool}. Embeddings and norms stay in the float dtype; so does the
 lm_head of int4 files (GPTQ has one `bits` per file), which loading quantizes to int8.
 
-At run time a `QuantLinear` keeps what the kernels want: int8 -> `int8 [out, in]` plus per-row
-scales for `aten._weight_int8pack_mm`; int4 -> the opaque `[out, in/2]` uint8 packing of
-`aten._convert_weight_to_int4pack_for_cpu` plus `[n_groups, out, 2]` scales/zeros for
-`aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero.
+At run time a `QuantLinear` keeps plain layouts that every path can read:
+int8 -> `int8 [out, in]` plus per-row scales; int4 -> `uint8 [out, in/2]`, two values a byte in
+"halves" order (byte i of group g holds q[g*G + i] in its low nibble and q[g*G + G/2 + i] in its
+high one, so one byte load feeds two contiguous runs of x), scales `[out, n_groups]` and, for
+asymmetric files only, zeros `uint8 [out, n_groups]`. Three ways to run them:
+  * compiled decode (qwen2.compiled): one-row products written as dequantize-multiply-sum, which
+    Inductor turns into one fused, vectorized pass over the packed weight (the fastest decode);
+  * eager decode: `aten._weight_int8pack_mm` reads the int8 layout as it is; `pack_linears`
+    repacks int4 into `aten._convert_weight_to_int4pack_for_cpu`'s opaque tiles for
+    `aten._weight_int4pack_mm_for_cpu`;
+  * many rows (prefill): dequantize + one float GEMM.
 """
 from __future__ import annotations
 
@@ -92,16 +99,19 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
             self.register_buffer("scales", scales[0].to(dtype).contiguous())
         elif bits == 4:
-            if group_size not in INT4_GROUPS or self.out_features % 16:
-                raise Qwen2Error(f"int4 needs group size in {INT4_GROUPS} and out_features % 16 == 0")
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                q.to(torch.int32).contiguous(), 1))
-            # the kernel computes (q - 8) * scale + zero, so (q - z) * s needs zero = (8 - z) * s
-            z = torch.full_like(scales, 8) if zeros is None else zeros.float()
-            self.register_buffer("scales", torch.stack([scales, (8 - z) * scales], -1).to(dtype).contiguous())
+            if group_size not in INT4_GROUPS:
+                raise Qwen2Error(f"int4 needs group size in {INT4_GROUPS}")
+            self.register_buffer("qweight", pack_int4_halves(q, group_size))
+            self.register_buffer("scales", scales.T.to(dtype).contiguous())  # [out, n_groups]
+            # symmetric grids (z = 8 everywhere) store no zeros
+            sym = zeros is None or bool((zeros == 8).all())
+            self.register_buffer("zeros", None if sym else zeros.T.contiguous())
         else:
             raise Qwen2Error(f"bits must be 8 or 4, not {bits}")
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        # int4 only, after pack(): the aten kernel's tiles and (scale, zero) pairs
+        self.register_buffer("packed_weight", None)
+        self.register_buffer("packed_scales", None)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, bits: int, group_size: int, dtype=None, sym: bool = True) -> "QuantLinear":
@@ -112,38 +122,88 @@ class QuantLinear(nn.Module):
     def dtype(self):
         return self.scales.dtype
 
+    @property
+    def packed(self) -> bool:
+        return self.packed_weight is not None
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight [out, in] in the compute dtype."""
+        if self.bits == 8:
+            return self.qweight.to(self.dtype) * self.scales[:, None]
+        q = unpack_int4_halves(self.qweight, self.group_size).float()
+        n, k = q.shape
+        z = 8.0 if self.zeros is None else self.zeros.float()[..., None]
+        return ((q.view(n, -1, self.group_size) - z) * self.scales.float()[..., None]).view(n, k).to(self.dtype)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """One row, as dequantize-multiply-sum over the packed weight: under torch.compile this
+        becomes a single vectorized pass that streams the weight once (float32 accumulation)."""
+        xf = x.float().reshape(1, -1)
+        if self.bits == 8:
+            return (xf * self.qweight.float()).sum(-1) * self.scales.float()
+        n, g = self.out_features, self.in_features // self.group_size
+        w = self.qweight.view(n, g, self.group_size // 2).to(torch.int32)
+        xs = xf.view(1, g, 2, self.group_size // 2)
+        z = 8.0 if self.zeros is None else self.zeros.float()[..., None]
+        d = (((w & 15).float() - z) * xs[:, :, 0] + ((w >> 4).float() - z) * xs[:, :, 1]) * self.scales.float()[..., None]
+        return d.sum((-1, -2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(self.dtype)
-        if self.bits == 8:
-            if x.shape[0] > _DEQUANT_ROWS:  # prefill: a real GEMM beats the GEMV-style kernel
-                y = F.linear(x, self.qweight.to(self.dtype) * self.scales[:, None])
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        rows = x.shape[0]
+        if rows == 1 and torch.compiler.is_compiling():
+            y = self._gemv(x).to(self.dtype)
+        elif self.packed:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight, self.group_size, self.packed_scales)
+        elif rows > _DEQUANT_ROWS or self.bits == 4:
+            y = F.linear(x, self.dequantized())  # prefill: a real GEMM beats the GEMV-style kernels
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def pack(self) -> bool:
+        """int4: repack for aten._weight_int4pack_mm_for_cpu (eager decode) and drop the plain
+        layout (so compiled decode no longer applies). False where the kernel cannot take it."""
+        if self.bits != 4 or self.packed:
+            return self.packed
+        if self.out_features % 16:
+            return False
+        q = unpack_int4_halves(self.qweight, self.group_size).to(torch.int32)
+        # the kernel computes (q - 8) * scale + zero, so (q - z) * s needs zero = (8 - z) * s
+        z = 8.0 if self.zeros is None else self.zeros.float()
+        s = self.scales.float()
+        pairs = torch.stack([s, (8 - z) * s], -1).transpose(0, 1).to(self.dtype).contiguous()
+        self.packed_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        self.packed_scales = pairs
+        self.qweight = None
+        return True
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
     @staticmethod
     def cat(parts: list["QuantLinear"]) -> "QuantLinear | None":
-        """Fuse along the output dimension (qkv, gate/up), or None if the packing does not allow it:
-        the int4 packing is blocked by 64 output rows, so all parts but the last must be multiples."""
+        """Fuse along the output dimension (qkv, gate/up); None if the parts differ in format or
+        are already repacked for the eager int4 kernel."""
         a = parts[0]
-        if any(p.bits != a.bits or p.group_size != a.group_size or p.dtype != a.dtype for p in parts):
-            return None
-        if a.bits == 4 and any(p.out_features % 64 for p in parts[:-1]):
+        if any(p.bits != a.bits or p.group_size != a.group_size or p.dtype != a.dtype or p.packed
+               for p in parts):
             return None
         new = object.__new__(QuantLinear)
         nn.Module.__init__(new)
         new.in_features, new.out_features = a.in_features, sum(p.out_features for p in parts)
         new.bits, new.group_size = a.bits, a.group_size
+        new.register_buffer("packed_weight", None)
+        new.register_buffer("packed_scales", None)
         new.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
-        new.register_buffer("scales", torch.cat([p.scales for p in parts], dim=0 if a.bits == 8 else 1))
+        new.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        if a.bits == 4:
+            zs = [p.zeros for p in parts]
+            new.register_buffer("zeros", None if all(z is None for z in zs) else torch.cat(
+                [z if z is not None else torch.full_like(p.scales, 8, dtype=torch.uint8) for z, p in zip(zs, parts)]))
         biases = [p.bias for p in parts]
         if all(b is None for b in biases):
             new.bias = None
@@ -151,6 +211,19 @@ class QuantLinear(nn.Module):
             new.bias = nn.Parameter(torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=a.dtype)
                                                for b, p in zip(biases, parts)]), requires_grad=False)
         return new
+
+
+def pack_int4_halves(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """uint8 values 0..15 [out, in] -> uint8 [out, in/2] in the halves order (see module doc)."""
+    n, k = q.shape
+    h = q.to(torch.uint8).view(n, k // group_size, 2, group_size // 2)
+    return (h[:, :, 0] | (h[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4_halves(p: torch.Tensor, group_size: int) -> torch.Tensor:
+    n = p.shape[0]
+    h = p.view(n, -1, 1, group_size // 2)
+    return torch.cat([h & 15, h >> 4], dim=2).reshape(n, -1)
 
 
 class PackedLinear(nn.Module):
@@ -163,7 +236,8 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = lin.in_features, lin.out_features
         w = lin.weight.detach()
         self.dtype = w.dtype
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        # a buffer (not a plain attribute), so that it counts in model.buffers() like any weight
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
         self.bias = None if lin.bias is None else lin.bias.detach().contiguous()
 
     @staticmethod
@@ -179,9 +253,13 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model, lm_head: bool = True):
-    """In place: every float nn.Linear in the model becomes a PackedLinear (bf16 on AVX512 only;
-    elsewhere the model is returned unchanged). A tied lm_head gets its own packed copy, while the
+    """In place, for eager decoding: int4 QuantLinears take the aten kernel's tiles, and every float
+    nn.Linear becomes a PackedLinear (bf16 on AVX512 only; elsewhere float layers stay as they
+    are). A tied lm_head gets its own packed copy, while the
     embedding keeps the original table for lookups."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.pack()
     if not PackedLinear.supported(model.dtype):
         return model
     for full, mod, attr, lin in list(_targets(model, lm_head, routers=True)):

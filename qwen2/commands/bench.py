@@ -24,8 +24,9 @@ def register(sub):
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (compute dtype)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights at load (int8/int4)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
-    p.add_argument("--mode", default="fast", choices=("exact", "fast"),
-                   help="exact: the reference path; fast: fused projections and pre-packed weights")
+    p.add_argument("--mode", default="compiled", choices=("exact", "fast", "compiled"),
+                   help="exact: the reference path; fast: fused projections and pre-packed weights "
+                        "(eager); compiled: fused projections and the torch.compile'd decode step")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     p.add_argument("--tokens", type=int, default=128, help="tokens to decode")
     p.add_argument("--prefill", type=int, default=512, help="tokens for the prefill measurement (0: skip)")
@@ -119,12 +120,16 @@ def random_model(preset_name: str, dtype: torch.dtype, seed: int = 0, **override
 
 
 def prepare(model, mode: str = "fast", bits: int | None = None, group_size: int = 32):
-    """Apply the speed transforms: quantize (optional), then in fast mode fuse and pre-pack."""
+    """Apply the speed transforms: quantize (optional), then fuse and pre-pack (fast) or fuse and
+    compile the decode step (compiled)."""
+    from ..compiled import compile_decode
     from ..quant import pack_linears, quantize_model
     if bits and getattr(model, "quant", None) is None:
         quantize_model(model, bits, group_size)
     if mode == "fast":
         pack_linears(model.fuse())
+    elif mode == "compiled":
+        compile_decode(model)
     return model
 
 

@@ -1,0 +1,144 @@
+"""Compiled decode: the one-token step through torch.compile (Inductor's generated C++).
+
+    model = qwen2.load_model(path, dtype="bfloat16").fuse()
+    compile_decode(model)      # or qwen2.load(path, compile=True), `--compile` on the CLI
+    model(next_ids, cache=cache, logits_to_keep=1)   # decode steps now run compiled
+
+Why it pays on a CPU: batch-1 decoding streams every weight once per token, so its speed is the
+memory bandwidth, and eager PyTorch falls short of it in two ways: ~300 small dispatches per token,
+and matrix-vector products at ~60% of the bandwidth. Traced once, the step becomes one C++ function
+per shape; each projection is written as multiply-and-sum over the (dequantized) weight, which
+Inductor turns into a single vectorized pass that converts bf16 / int8 / int4 to float32 in
+registers and accumulates in float32, so the weight is read exactly once at streaming speed.
+
+Fixed shapes make it traceable: the step attends over a prefix of the static KV cache rounded up
+to a block of slots, with the positions mask hiding empty ones, and writes its keys at a slot
+given as a tensor, so one compiled graph serves every step and every cache length (the length is
+a dynamic dimension). Prefill, and any call that is not a plain one-token cached step, run eagerly.
+Compiling takes 30-60 s the first time on 2 cores (Inductor caches it on disk for later runs); if
+no C++ compiler is there, the first step says so on stderr and decoding stays eager.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import PackedLinear, QuantLinear
+
+# Attention spans the cache in blocks of this many slots (fewer distinct shapes to guard on).
+SLOT_BLOCK = 256
+# Inductor recomputes cheap pointwise producers inside their consumers. A GEMV consumer would then
+# redo the RMSNorm for every output row; realizing anything over a few ops keeps it to one pass.
+_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose one-row product, when traced, is multiply-and-sum (see module doc)."""
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+            y = (x.reshape(1, -1).float() * self.weight.float()).sum(-1)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _StepCache:
+    """The KV cache as the traced step sees it: fixed-shape views, writes at a slot tensor."""
+    fixed_shape = True
+
+    def __init__(self, k, v, positions, slot):
+        self.k, self.v, self.positions, self.slot = k, v, positions, slot
+
+    def begin(self, positions):
+        return self.positions  # already holds this step's positions (written before the call)
+
+    def update(self, layer, k, v):
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+
+def _step(model, ids, pos, slot, k, v, kpos):
+    return model(ids, position_ids=pos, cache=_StepCache(k, v, kpos, slot), logits_to_keep=1)
+
+
+class CompiledDecode:
+    """Callable installed as `model.decode_step`: (ids [B, 1], KVCache) -> logits [B, 1, vocab]."""
+
+    def __init__(self, model):
+        self.model = model
+        self.failed: str | None = None
+        self.calls = 0
+        # Dynamo keeps compiled graphs per code object, with a small limit: give each instance
+        # its own code object, so that several models in one process never share (or exhaust) it.
+        code = _step.__code__.replace(co_name=f"decode_step_{id(self):x}")
+        self.step_fn = types.FunctionType(code, _step.__globals__, code.co_name)
+        self._fn = torch.compile(self.step_fn, options=_INDUCTOR_OPTIONS)
+
+    def __call__(self, ids, cache):
+        n = cache.length
+        if n + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {n} + 1 tokens > {cache.max_len}")
+        span = min(cache.max_len, -(-(n + 1) // SLOT_BLOCK) * SLOT_BLOCK)
+        pos = cache.next_pos[:, None].clone()
+        k = [t[:, :, :span] for t in cache.k]
+        v = [t[:, :, :span] for t in cache.v]
+        cache.positions[:, n] = pos[:, 0]
+        kpos = cache.positions[:, :span].contiguous()  # a copy: the same strides at every span
+        for t in k + v:
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.maybe_mark_dynamic(kpos, 1)
+        try:
+            logits = self._fn(self.model, ids, pos, torch.tensor([n]), k, v, kpos)
+        except Exception as e:  # noqa: BLE001 - only the first call: compiling failed, not the model
+            if self.calls:
+                raise
+            print(f"qwen2: compiled decode unavailable ({type(e).__name__}: {str(e).strip()[:300]}); "
+                  "decoding eagerly", file=sys.stderr)
+            self.model.decode_step = None
+            cache.positions[:, n] = -1
+            return self.model(ids, cache=cache, logits_to_keep=1)
+        self.calls += 1
+        cache.length = n + 1
+        cache.next_pos = pos[:, 0] + 1
+        return logits
+
+
+def can_compile(model) -> str | None:
+    """Why this model cannot take the compiled step (None: it can)."""
+    from .model import SparseMoE, sdpa_attention
+    if any(isinstance(m, SparseMoE) for m in model.modules()):
+        return "MoE layers route tokens with data-dependent shapes"
+    if any(getattr(m, "attn_fn", sdpa_attention) is not sdpa_attention for m in model.modules()):
+        return "a custom attention kernel is installed (long-context mode)"
+    if type(model.rotary).__name__ != "Rotary":
+        return "position-dependent rotary scaling"
+    if any(isinstance(m, PackedLinear) or (isinstance(m, QuantLinear) and m.packed)
+           for m in model.modules()):
+        return "weights are pre-packed for the eager kernels (compile before pack_linears)"
+    return None
+
+
+def compile_decode(model):
+    """In place: fuse projections and install the compiled one-token step (see module doc).
+    Models the step cannot trace (MoE, custom attention kernels) are left eager, with a note on
+    stderr. Returns the model."""
+    why = can_compile(model)
+    if why:
+        print(f"qwen2: compiled decode not used: {why}; decoding eagerly", file=sys.stderr)
+        return model
+    model.fuse()
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is nn.Linear:
+                g = GemvLinear.__new__(GemvLinear)
+                g.__dict__.update(child.__dict__)  # same parameters, same names: no copy
+                setattr(mod, name, g)
+    model.decode_step = CompiledDecode(model)
+    return model
