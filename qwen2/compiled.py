@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import PackedLinear, QuantLinear
+from .quant import PackedLinear, QuantLinear, gemv_input
 
 # Attention spans the cache in blocks of this many slots (fewer distinct shapes to guard on).
 SLOT_BLOCK = 256
@@ -41,7 +41,7 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x):
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
-            y = (x.reshape(1, -1).float() * self.weight.float()).sum(-1)
+            y = (gemv_input(x) * self.weight.float()).sum(-1)
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -138,7 +138,7 @@ class QuantLinear(nn.Module):
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row, as dequantize-multiply-sum over the packed weight: under torch.compile this
         becomes a single vectorized pass that streams the weight once (float32 accumulation)."""
-        xf = x.float().reshape(1, -1)
+        xf = gemv_input(x)
         if self.bits == 8:
             return (xf * self.qweight.float()).sum(-1) * self.scales.float()
         n, g = self.out_features, self.in_features // self.group_size
@@ -211,6 +211,14 @@ class QuantLinear(nn.Module):
             new.bias = nn.Parameter(torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=a.dtype)
                                                for b, p in zip(biases, parts)]), requires_grad=False)
         return new
+
+
+def gemv_input(x: torch.Tensor) -> torch.Tensor:
+    """The one activation row of a traced matrix-vector product, as float32 [1, K] held in memory.
+    Without the forced layout Inductor may fuse the producer (an RMSNorm, silu * up) into the
+    product's inner loop and recompute it for every output row."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+    return torch.ops.prims.inductor_force_stride_order(x.float().reshape(1, -1), (x.shape[-1], 1))
 
 
 def pack_int4_halves(q: torch.Tensor, group_size: int) -> torch.Tensor:
