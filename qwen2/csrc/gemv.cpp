@@ -1,0 +1,632 @@
+// One-row (decode) matrix-vector products over int8 / int4 weights with integer dot products.
+//
+// Both ops quantize the activation row x to int8 in blocks of 32 (llama.cpp's Q8_0 activations):
+//     sx_b = amax_b / 127 (fp32),  xq_k = round_half_even(x_k * (127 / amax_b)) in -127..127
+// and then compute, per output row n, with exact int32 block dot products:
+//     int8:  y_n = s_n * sum_b sx_b * sum_{k in b} xq_k * w_nk
+//     int4:  y_n = sum_g s_ng * sum_{b in g} sx_b * (sum_{k in b} q_nk * xq_k - z_ng * S_b),
+//            S_b = sum_{k in b} xq_k, z_ng = zeros[n, g] (8 when zeros is None)
+// in fp32 from there on. The only approximation beyond fp32 rounding is the activation rounding,
+// |x_k - sx_b * xq_k| <= sx_b / 2 = amax_b / 254, so |y_n - exact_n| <= sum_b amax_b / 254 *
+// sum_{k in b} |w_nk| (plus fp32 accumulation error).
+//
+// Layouts: int8 qweight int8 [N, K]; int4 qweight uint8 [N, K/2] in "halves" order (byte i of
+// group g holds q[g*G + i] in its low nibble and q[g*G + G/2 + i] in its high one), scales
+// [N, K/G], zeros uint8 [N, K/G] or None. The kernels read these as they are; the activation row
+// is permuted once per call instead, so that every 32-byte load of weights meets its activations.
+//
+// Code paths, chosen at compile time (-march=native): AVX512-VNNI (vpdpbusd), AVX2+FMA
+// (vpmaddubsw + vpmaddwd), and scalar. Rows are split over torch's intra-op threads.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define QWEN2_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QWEN2_AVX2 1
+#include <immintrin.h>
+#endif
+
+#ifndef QWEN2_NS
+#define QWEN2_NS qwen2
+#endif
+
+namespace {
+
+using bf16_t = uint16_t;
+
+inline float ld1(const float* p) { return *p; }
+inline float ld1(const bf16_t* p) {
+  uint32_t u = uint32_t(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ----------------------------------------------------------------------------- activations
+// xq: int8, zero-padded to a multiple of 64; sx, S: per block of 32 (padded with zeros).
+struct Act {
+  int64_t K = 0, nb = 0;
+  std::vector<int8_t> xq;
+  std::vector<float> sx;
+  std::vector<int32_t> S;
+};
+
+template <typename XT>
+void quantize_act(const XT* x, int64_t K, Act& a) {
+  a.K = K;
+  a.nb = (K + 31) / 32;
+  const int64_t kp = (K + 63) / 64 * 64;
+  a.xq.assign(kp, 0);
+  a.sx.assign(a.nb + 16, 0.f);
+  a.S.assign(a.nb + 16, 0);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const int64_t k0 = b * 32, n = std::min<int64_t>(32, K - k0);
+    float v[32];
+    for (int64_t i = 0; i < 32; ++i) v[i] = i < n ? ld1(x + k0 + i) : 0.f;
+    int8_t* q = a.xq.data() + k0;
+#if defined(QWEN2_AVX512)
+    __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+    __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+    a.S[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q1));
+#else
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int32_t qi = (int32_t)std::nearbyint(v[i] * inv);  // round half to even
+      q[i] = (int8_t)qi;
+      s += qi;
+    }
+    a.S[b] = s;
+#endif
+    a.sx[b] = amax / 127.f;
+  }
+}
+
+void quantize_x(const at::Tensor& x, int64_t K, Act& a) {
+  if (x.scalar_type() == at::kFloat) {
+    quantize_act(x.data_ptr<float>(), K, a);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    quantize_act(reinterpret_cast<const bf16_t*>(x.data_ptr()), K, a);
+  } else {
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    quantize_act(xf.data_ptr<float>(), K, a);
+  }
+}
+
+#if defined(QWEN2_AVX512)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(QWEN2_AVX2)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Row tiles: R rows share every activation load.
+#ifndef QWEN2_ROWS
+#define QWEN2_ROWS 1
+#endif
+constexpr int R = QWEN2_ROWS;
+
+// ----------------------------------------------------------------------------- int8
+struct Act8 {
+  Act a;
+  std::vector<float> sxv;  // AVX512: per 64-byte chunk, 16 lanes [sx_2c x8, sx_2c+1 x8]
+  float C = 0.f;           // AVX512: 128 * sum_b sx_b * S_b (the w + 128 offset of vpdpbusd)
+};
+
+void prep8(Act8& p) {
+#if defined(QWEN2_AVX512)
+  const int64_t nc = (p.a.K + 63) / 64;
+  p.sxv.assign(nc * 16 + 16, 0.f);
+  double c = 0;
+  for (int64_t ch = 0; ch < nc; ++ch)
+    for (int l = 0; l < 16; ++l) p.sxv[ch * 16 + l] = p.a.sx[2 * ch + l / 8];
+  for (int64_t b = 0; b < p.a.nb; ++b) c += 128.0 * p.a.sx[b] * p.a.S[b];
+  p.C = (float)c;
+#endif
+}
+
+template <int NR, typename ST>
+void i8_rows(const int8_t* W, int64_t K, const ST* sc, int64_t n0, const Act8& p, float* y) {
+  const int8_t* w[NR];
+  for (int r = 0; r < NR; ++r) w[r] = W + (n0 + r) * K;
+#if defined(QWEN2_AVX512)
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const int64_t nfull = K / 64;
+  for (int64_t c = 0; c < nfull; ++c) {
+    const __m512i xv = _mm512_loadu_si512(p.a.xq.data() + 64 * c);
+    const __m512 sv = _mm512_loadu_ps(p.sxv.data() + 16 * c);
+    for (int r = 0; r < NR; ++r) {
+      __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w[r] + 64 * c), flip);  // w + 128, as u8
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[r]);
+    }
+  }
+  if (K % 64) {
+    const __mmask64 m = (~0ULL) >> (64 - K % 64);
+    const __m512i xv = _mm512_loadu_si512(p.a.xq.data() + 64 * nfull);  // zero-padded
+    const __m512 sv = _mm512_loadu_ps(p.sxv.data() + 16 * nfull);
+    for (int r = 0; r < NR; ++r) {
+      __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[r] + 64 * nfull), flip);
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = ld1(sc + n0 + r) * (hsum(acc[r]) - p.C);
+#elif defined(QWEN2_AVX2)
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nfull = K / 32;
+  for (int64_t b = 0; b < nfull; ++b) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(p.a.xq.data() + 32 * b));
+    const __m256 sv = _mm256_broadcast_ss(p.a.sx.data() + b);
+    for (int r = 0; r < NR; ++r) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w[r] + 32 * b));
+      // |w| * (x with w's sign): u8 x s8 pairs, at most 2 * 128 * 127 < 2^15 (no saturation)
+      __m256i d = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+      d = _mm256_madd_epi16(d, ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sv, acc[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    float t = hsum(acc[r]);
+    if (K % 32) {
+      int32_t s = 0;
+      for (int64_t k = nfull * 32; k < K; ++k) s += (int32_t)w[r][k] * p.a.xq[k];
+      t += p.a.sx[nfull] * (float)s;
+    }
+    y[n0 + r] = ld1(sc + n0 + r) * t;
+  }
+#else
+  for (int r = 0; r < NR; ++r) {
+    float t = 0.f;
+    for (int64_t b = 0; b < p.a.nb; ++b) {
+      int32_t s = 0;
+      const int64_t k1 = std::min<int64_t>(K, 32 * b + 32);
+      for (int64_t k = 32 * b; k < k1; ++k) s += (int32_t)w[r][k] * p.a.xq[k];
+      t += p.a.sx[b] * (float)s;
+    }
+    y[n0 + r] = ld1(sc + n0 + r) * t;
+  }
+#endif
+}
+
+template <typename ST>
+void i8_run(const int8_t* W, int64_t N, int64_t K, const ST* sc, const Act8& p, float* y) {
+  const int64_t tiles = (N + R - 1) / R;
+  // at least ~64 KiB of weights per task, so that small matrices do not pay for a fork
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, R * K));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * R;
+      if (n0 + R <= N) {
+        i8_rows<R>(W, K, sc, n0, p, y);
+      } else {
+        for (int64_t n = n0; n < N; ++n) i8_rows<1>(W, K, sc, n, p, y);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- int4
+// A chunk is CB weight bytes (2 * CB weights: CB = 64 on AVX512, 32 on AVX2). The permuted
+// activations xp hold, per chunk, the CB activations that meet its low nibbles, then the CB that
+// meet its high nibbles, so one load of weights feeds two integer dot products. Lane l (int32) of
+// such a product covers bytes 4l..4l+3 of the chunk; sxv holds, per chunk and lane, the scale of
+// the activation block the lane's low nibbles meet (CB / 4 floats), then the high ones'.
+#if defined(QWEN2_AVX512)
+constexpr int64_t CB = 64;
+#else
+constexpr int64_t CB = 32;
+#endif
+
+struct Act4 {
+  Act a;
+  int64_t G = 0, ng = 0, nc = 0;
+  std::vector<int8_t> xp;  // nc * 2 * CB
+  std::vector<float> sxv;  // nc * CB / 2
+  std::vector<float> sxg;  // G == 32: activation scale per group (padded with 16 zeros)
+  std::vector<float> T;    // per group: sum_{b in g} sx_b * S_b (padded with 16 zeros)
+};
+
+void prep4(Act4& p, int64_t G) {
+  const int64_t K = p.a.K, half = G / 2;
+  p.G = G;
+  p.ng = K / G;
+  p.nc = (K / 2 + CB - 1) / CB;
+  p.xp.assign(p.nc * 2 * CB + 64, 0);
+  p.sxv.assign(p.nc * CB / 2 + 16, 0.f);
+  p.sxg.assign(p.ng + 16, 0.f);
+  p.T.assign(p.ng + 16, 0.f);
+  const int8_t* xq = p.a.xq.data();
+  // group g's bytes [g*G/2, (g+1)*G/2) meet x[g*G + i] (low) and x[g*G + G/2 + i] (high)
+  for (int64_t g = 0; g < p.ng; ++g) {
+    for (int64_t i = 0; i < half; i += std::min(half, CB)) {
+      const int64_t byte = g * half + i, c = byte / CB, j = byte % CB, n = std::min(half, CB);
+      std::memcpy(p.xp.data() + 2 * CB * c + j, xq + g * G + i, n);
+      std::memcpy(p.xp.data() + 2 * CB * c + CB + j, xq + g * G + half + i, n);
+      for (int64_t l = j / 4; l < (j + n) / 4; ++l) {
+        const int64_t i_l = i + 4 * l - j;  // the lane's first byte, within the group
+        p.sxv[CB / 2 * c + l] = p.a.sx[(g * G + i_l) / 32];
+        p.sxv[CB / 2 * c + CB / 4 + l] = p.a.sx[(g * G + half + i_l) / 32];
+      }
+    }
+    double t = 0;
+    for (int64_t b = g * G / 32; b < (g + 1) * G / 32; ++b) t += (double)p.a.sx[b] * p.a.S[b];
+    p.T[g] = (float)t;
+    if (G == 32) p.sxg[g] = p.a.sx[g];
+  }
+}
+
+#if defined(QWEN2_AVX512)
+template <typename ST>
+inline __m512 ld16(const ST* p, __mmask16 m);
+template <>
+inline __m512 ld16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+template <>
+inline __m512 ld16(const bf16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 ldz16(const uint8_t* z, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z)));
+}
+
+// One row at a time (several interleaved rows confuse the hardware prefetcher: measured 2-3x
+// slower). Groups go in blocks of 16 (one zmm of scales, also kept in f[] for broadcasts).
+// G == 32: a 64-byte chunk holds 4 groups (lanes 4m..4m+3: group m), each lane's low and high
+// nibbles meet the same activation block (the group), so both products add up in int32 and are
+// scaled by F = s * sx of their group. G >= 64: lanes 0-7 / 8-15 of the low-nibble product meet one
+// activation block each, those of the high-nibble product two others (scales sxv); G == 64: lanes
+// 0-7 group 2j, 8-15 group 2j+1; G >= 128: the chunk lies in one group.
+template <int NR, bool ASYM, int G, typename ST>
+void i4_rows(const uint8_t* W, int64_t K, const ST* sc, const uint8_t* zp, int64_t n0, const Act4& p, float* y) {
+  static_assert(NR == 1, "AVX512 int4 rows go one at a time");
+  constexpr int64_t BB = 16 * G / 2;  // bytes per block of 16 groups
+  const int64_t ng = p.ng, rb = K / 2;
+  const uint8_t* w = W + n0 * rb;
+  const ST* srow = sc + n0 * ng;
+  __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i idx2 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  alignas(64) float f[32];
+  for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+    const int64_t left = std::min<int64_t>(16, ng - g0);
+    const __mmask16 m = (__mmask16)((1u << left) - 1);
+    const __m512 s = ld16(srow + g0, m);
+    const __m512 z = ASYM ? ldz16(zp + n0 * ng + g0, m) : _mm512_set1_ps(8.f);
+    zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_loadu_ps(p.T.data() + g0), zacc);
+    _mm512_store_ps(f, G == 32 ? _mm512_mul_ps(s, _mm512_loadu_ps(p.sxg.data() + g0)) : s);
+    const int64_t b0 = g0 * (G / 2), b1 = std::min(rb, b0 + BB);
+    const int64_t nfull = (b1 - b0) / 64, tail = (b1 - b0) % 64;  // tail: last block only
+    const uint8_t* wb = w + b0;
+    const int8_t* xb = p.xp.data() + 2 * b0;
+    const float* sv = p.sxv.data() + b0 / 2;
+    auto step = [&](__m512i wv, int64_t j) {
+      const __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+      const __m512i xlo = _mm512_loadu_si512(xb + 128 * j), xhi = _mm512_loadu_si512(xb + 128 * j + 64);
+      if constexpr (G == 32) {
+        const __m512 fs = _mm512_permutexvar_ps(idx4, _mm512_castps128_ps512(_mm_load_ps(f + 4 * j)));
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), fs, acc);
+      } else {
+        const __m512 fs = G == 64 ? _mm512_permutexvar_ps(idx2, _mm512_castpd_ps(_mm512_set1_pd(*(const double*)(f + 2 * j))))
+                                  : _mm512_set1_ps(f[j * 128 / G]);
+        const __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
+        const __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi);
+        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_loadu_ps(sv + 32 * j + 16),
+                                         _mm512_mul_ps(_mm512_cvtepi32_ps(dlo), _mm512_loadu_ps(sv + 32 * j)));
+        acc = _mm512_fmadd_ps(t, fs, acc);
+      }
+    };
+    for (int64_t j = 0; j < nfull; ++j) step(_mm512_loadu_si512(wb + 64 * j), j);
+    if (tail) step(_mm512_maskz_loadu_epi8((~0ULL) >> (64 - tail), wb + 64 * nfull), nfull);
+  }
+  y[n0] = hsum(acc) - hsum(zacc);
+}
+
+#elif defined(QWEN2_AVX2)
+// 8 scales / zeros as fp32; a partial last block goes through a zero-padded copy
+template <typename ST>
+inline __m256 ld8(const ST* p, int64_t n);
+template <>
+inline __m256 ld8(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return _mm256_loadu_ps(t);
+}
+template <>
+inline __m256 ld8(const bf16_t* p, int64_t n) {
+  __m128i v;
+  if (n >= 8) {
+    v = _mm_loadu_si128((const __m128i*)p);
+  } else {
+    bf16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+    v = _mm_loadu_si128((const __m128i*)t);
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 ldz8(const uint8_t* z, int64_t n) {
+  uint64_t u = 0;
+  std::memcpy(&u, z, std::min<int64_t>(8, n));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)u)));
+}
+
+template <int NR, bool ASYM, typename ST>
+void i4_rows_g32(const uint8_t* W, int64_t K, const ST* sc, const uint8_t* zp, int64_t n0, const Act4& p, float* y) {
+  const int64_t ng = p.ng, rb = K / 2;
+  __m256 acc[NR], zacc[NR], F[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = zacc[r] = _mm256_setzero_ps();
+  const __m256i base = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  const __m256i two = _mm256_set1_epi32(2), m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+    const int64_t left = std::min<int64_t>(8, ng - g0);
+    const __m256 sxg = _mm256_loadu_ps(p.sxg.data() + g0), T = _mm256_loadu_ps(p.T.data() + g0);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 s = ld8(sc + (n0 + r) * ng + g0, left);
+      F[r] = _mm256_mul_ps(s, sxg);
+      const __m256 z = ASYM ? ldz8(zp + (n0 + r) * ng + g0, left) : _mm256_set1_ps(8.f);
+      zacc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, z), T, zacc[r]);
+    }
+    const int64_t nch = (left + 1) / 2, nfull = left / 2;
+    __m256i idx = base;
+    for (int64_t j = 0; j < nch; ++j) {
+      const int64_t c = g0 / 2 + j;
+      const __m256i xlo = _mm256_loadu_si256((const __m256i*)(p.xp.data() + 64 * c));
+      const __m256i xhi = _mm256_loadu_si256((const __m256i*)(p.xp.data() + 64 * c + 32));
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* wp = W + (n0 + r) * rb + 32 * c;
+        const __m256i wv = j < nfull ? _mm256_loadu_si256((const __m256i*)wp)
+                                     : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i*)wp), 0);
+        const __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+        // q (0..15) x xq: pairs at most 2 * 15 * 127, low + high at most 7620: no saturation
+        __m256i d = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+        d = _mm256_madd_epi16(d, ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(F[r], idx), acc[r]);
+      }
+      idx = _mm256_add_epi32(idx, two);
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = hsum(acc[r]) - hsum(zacc[r]);
+}
+
+template <int NR, bool ASYM, int G, typename ST>
+void i4_rows_big(const uint8_t* W, int64_t K, const ST* sc, const uint8_t* zp, int64_t n0, const Act4& p, float* y) {
+  constexpr int CPG = G / 64;
+  const int64_t ng = p.ng, rb = K / 2;
+  __m256 acc[NR], zacc[NR], s[NR], ag[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = zacc[r] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+    const int64_t left = std::min<int64_t>(8, ng - g0);
+    const __m256 T = _mm256_loadu_ps(p.T.data() + g0);
+    for (int r = 0; r < NR; ++r) {
+      s[r] = ld8(sc + (n0 + r) * ng + g0, left);
+      const __m256 z = ASYM ? ldz8(zp + (n0 + r) * ng + g0, left) : _mm256_set1_ps(8.f);
+      zacc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s[r], z), T, zacc[r]);
+    }
+    for (int64_t j = 0; j < left; ++j) {
+      for (int r = 0; r < NR; ++r) ag[r] = _mm256_setzero_ps();
+      for (int cc = 0; cc < CPG; ++cc) {
+        const int64_t c = (g0 + j) * CPG + cc;
+        const __m256i xlo = _mm256_loadu_si256((const __m256i*)(p.xp.data() + 64 * c));
+        const __m256i xhi = _mm256_loadu_si256((const __m256i*)(p.xp.data() + 64 * c + 32));
+        const __m256 slo = _mm256_loadu_ps(p.sxv.data() + 16 * c), shi = _mm256_loadu_ps(p.sxv.data() + 16 * c + 8);
+        for (int r = 0; r < NR; ++r) {
+          const __m256i wv = _mm256_loadu_si256((const __m256i*)(W + (n0 + r) * rb + 32 * c));
+          const __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+          const __m256i dlo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xlo), ones);
+          const __m256i dhi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xhi), ones);
+          ag[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dlo), slo, ag[r]);
+          ag[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dhi), shi, ag[r]);
+        }
+      }
+      const __m256i jv = _mm256_set1_epi32((int)j);
+      for (int r = 0; r < NR; ++r) acc[r] = _mm256_fmadd_ps(ag[r], _mm256_permutevar8x32_ps(s[r], jv), acc[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = hsum(acc[r]) - hsum(zacc[r]);
+}
+
+#else
+// scalar: the same math on the plain activation order
+template <int NR, bool ASYM, int G, typename ST>
+void i4_rows_scalar(const uint8_t* W, int64_t K, const ST* sc, const uint8_t* zp, int64_t n0, const Act4& p, float* y) {
+  const int64_t ng = p.ng, rb = K / 2;
+  const int8_t* xq = p.a.xq.data();
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* w = W + n * rb;
+    float t = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float s = ld1(sc + n * ng + g);
+      const int32_t z = ASYM ? zp[n * ng + g] : 8;
+      const uint8_t* wg = w + g * (G / 2);
+      float tg = 0.f;
+      for (int64_t b = 0; b < G / 32; ++b) {
+        int32_t acc = 0;
+        for (int64_t i = 32 * b; i < 32 * b + 32; ++i) {
+          const int32_t q = i < G / 2 ? (wg[i] & 15) : (wg[i - G / 2] >> 4);
+          acc += q * xq[g * G + i];
+        }
+        const int64_t blk = g * G / 32 + b;
+        tg += p.a.sx[blk] * (float)(acc - z * p.a.S[blk]);
+      }
+      t += s * tg;
+    }
+    y[n] = t;
+  }
+}
+#endif
+
+#if !defined(QWEN2_AVX512)
+template <int NR, bool ASYM, int G, typename ST>
+inline void i4_rows(const uint8_t* W, int64_t K, const ST* sc, const uint8_t* zp, int64_t n0, const Act4& p, float* y) {
+#if defined(QWEN2_AVX2)
+  if constexpr (G == 32) {
+    i4_rows_g32<NR, ASYM>(W, K, sc, zp, n0, p, y);
+  } else {
+    i4_rows_big<NR, ASYM, G>(W, K, sc, zp, n0, p, y);
+  }
+#else
+  i4_rows_scalar<NR, ASYM, G>(W, K, sc, zp, n0, p, y);
+#endif
+}
+#endif
+
+template <bool ASYM, int G, typename ST>
+void i4_run(const uint8_t* W, int64_t N, int64_t K, const ST* sc, const uint8_t* zp, const Act4& p, float* y) {
+  const int64_t tiles = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, R * K / 2));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * R;
+      if (n0 + R <= N) {
+        i4_rows<R, ASYM, G>(W, K, sc, zp, n0, p, y);
+      } else {
+        for (int64_t n = n0; n < N; ++n) i4_rows<1, ASYM, G>(W, K, sc, zp, n, p, y);
+      }
+    }
+  });
+}
+
+template <bool ASYM, typename ST>
+void i4_dispatch_g(int64_t G, const uint8_t* W, int64_t N, int64_t K, const ST* sc, const uint8_t* zp, const Act4& p, float* y) {
+  switch (G) {
+    case 32: return i4_run<ASYM, 32>(W, N, K, sc, zp, p, y);
+    case 64: return i4_run<ASYM, 64>(W, N, K, sc, zp, p, y);
+    case 128: return i4_run<ASYM, 128>(W, N, K, sc, zp, p, y);
+    case 256: return i4_run<ASYM, 256>(W, N, K, sc, zp, p, y);
+  }
+  TORCH_CHECK(false, "int4_gemv: group_size must be 32, 64, 128 or 256, not ", G);
+}
+
+// ----------------------------------------------------------------------------- ops
+int64_t check_x(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.numel() == K, op, ": x must be one row of ", K,
+              " values ([K] or [1, K]), got ", x.sizes());
+  return K;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = N;
+  return s;
+}
+
+at::Tensor scales_f(const at::Tensor& s) {
+  // fp32 and bf16 are read as they are; anything else (fp16) is converted once
+  if (s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16) return s.contiguous();
+  return s.to(at::kFloat).contiguous();
+}
+
+at::Tensor int8_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales_) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "int8_gemv: qweight must be int8 [N, K]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  check_x(x_, K, "int8_gemv");
+  TORCH_CHECK(scales_.numel() == N, "int8_gemv: scales must have N = ", N, " values");
+  const at::Tensor x = x_.contiguous(), W = qweight.contiguous(), sc = scales_f(scales_);
+  at::Tensor y = at::empty(out_shape(x_, N), x_.options().dtype(at::kFloat));
+  if (N == 0) return y;
+  Act8 p;
+  quantize_x(x, K, p.a);
+  prep8(p);
+  float* yp = y.data_ptr<float>();
+  const int8_t* wp = W.data_ptr<int8_t>();
+  if (sc.scalar_type() == at::kFloat)
+    i8_run(wp, N, K, sc.data_ptr<float>(), p, yp);
+  else
+    i8_run(wp, N, K, reinterpret_cast<const bf16_t*>(sc.data_ptr()), p, yp);
+  return y;
+}
+
+at::Tensor int4_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales_,
+                     const std::optional<at::Tensor>& zeros_, int64_t G) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "int4_gemv: qweight must be uint8 [N, K/2]");
+  TORCH_CHECK(G == 32 || G == 64 || G == 128 || G == 256, "int4_gemv: group_size must be 32, 64, 128 or 256, not ", G);
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  check_x(x_, K, "int4_gemv");
+  TORCH_CHECK(K % G == 0, "int4_gemv: K = ", K, " is not a multiple of group_size ", G);
+  const int64_t ng = K / G;
+  TORCH_CHECK(scales_.dim() == 2 && scales_.size(0) == N && scales_.size(1) == ng, "int4_gemv: scales must be [N, K/G] = [",
+              N, ", ", ng, "], got ", scales_.sizes());
+  at::Tensor zeros;
+  if (zeros_.has_value() && zeros_->defined()) {
+    zeros = zeros_->contiguous();
+    TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.dim() == 2 && zeros.size(0) == N && zeros.size(1) == ng,
+                "int4_gemv: zeros must be uint8 [N, K/G]");
+  }
+  const at::Tensor x = x_.contiguous(), W = qweight.contiguous(), sc = scales_f(scales_);
+  at::Tensor y = at::empty(out_shape(x_, N), x_.options().dtype(at::kFloat));
+  if (N == 0) return y;
+  Act4 p;
+  quantize_x(x, K, p.a);
+  prep4(p, G);
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = W.data_ptr<uint8_t>();
+  const uint8_t* zp = zeros.defined() ? zeros.data_ptr<uint8_t>() : nullptr;
+  const bool f32 = sc.scalar_type() == at::kFloat;
+  const float* sf = f32 ? sc.data_ptr<float>() : nullptr;
+  const bf16_t* sb = f32 ? nullptr : reinterpret_cast<const bf16_t*>(sc.data_ptr());
+  if (zp) {
+    if (f32) i4_dispatch_g<true>(G, wp, N, K, sf, zp, p, yp);
+    else i4_dispatch_g<true>(G, wp, N, K, sb, zp, p, yp);
+  } else {
+    if (f32) i4_dispatch_g<false>(G, wp, N, K, sf, zp, p, yp);
+    else i4_dispatch_g<false>(G, wp, N, K, sb, zp, p, yp);
+  }
+  return y;
+}
+
+std::string isa() {
+#if defined(QWEN2_AVX512)
+  return "avx512_vnni";
+#elif defined(QWEN2_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+#define QWEN2_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define QWEN2_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+QWEN2_LIBRARY(QWEN2_NS, m) {
+  m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+QWEN2_LIBRARY_IMPL(QWEN2_NS, CPU, m) {
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int4_gemv", &int4_gemv);
+}

@@ -1,0 +1,140 @@
+"""CPU matrix-vector kernels for quantized decode (one activation row), as PyTorch custom ops.
+
+    torch.ops.qwen2.int8_gemv(x, qweight, scales) -> y
+        x float32/bfloat16 [K] or [1, K]; qweight int8 [N, K]; scales [N] (bf16/fp32);
+        y float32, x's shape with K replaced by N: y[n] = scales[n] * sum_k x[k] * qweight[n, k]
+    torch.ops.qwen2.int4_gemv(x, qweight, scales, zeros, group_size) -> y
+        qweight uint8 [N, K/2] in QuantLinear's "halves" order (byte i of group g holds q[g*G + i]
+        in its low nibble, q[g*G + G/2 + i] in its high one), scales [N, K/G] (bf16/fp32), zeros
+        uint8 [N, K/G] or None (symmetric, z = 8), G in {32, 64, 128, 256}:
+        y[n] = sum_k x[k] * (q[n, k] - z[n, k // G]) * scales[n, k // G]
+
+Numerics: x is quantized to int8 in blocks of 32, like llama.cpp's Q8_0 activations
+(sx = amax / 127 in fp32, xq = round-half-even(x * (127 / amax))), block dot products are exact
+int32 (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd), and scales are applied in fp32. The
+result differs from the exact product of the dequantized weight with x by at most
+sum_b amax_b / 254 * sum_{k in b} |w[n, k]| plus fp32 rounding (~0.3% relative for Gaussian x;
+tests/test_kernels.py holds both bounds).
+
+The C++ source (qwen2/csrc/gemv.cpp) is compiled once per machine with -O3 -march=native by
+torch.utils.cpp_extension (cached in the torch extensions directory, ~/.cache/torch_extensions);
+`available()` says whether that worked and `unavailable_reason()` why not. Nothing here raises at
+import, and nothing is built before the first `available()` / `load()`. QWEN2_NO_KERNELS=1 turns
+the kernels off.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+NAMESPACE = "qwen2"
+# test/benchmark variants of the same source: namespace -> -march (None: the native build)
+VARIANTS = {"native": ("qwen2", "native"), "avx2": ("qwen2_avx2", "x86-64-v3"), "scalar": ("qwen2_scalar", "x86-64")}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # variant -> True | error message
+
+
+def _cpu_tag() -> str:
+    """A fingerprint of the CPU's feature flags, so a cache shared between machines never hands a
+    -march=native build to a CPU without those instructions."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return hashlib.sha1(line.encode()).hexdigest()[:8]
+    except OSError:
+        pass
+    import platform
+    return hashlib.sha1(platform.processor().encode()).hexdigest()[:8]
+
+
+def _openmp_flags() -> list[str]:
+    # ATen's parallel_for is header code: with the OpenMP backend it is an `omp parallel` region,
+    # which needs -fopenmp to run in parallel. The extension then links libgomp.so.1 by soname,
+    # which resolves to the libgomp torch already loaded (one runtime, one thread pool).
+    return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
+
+
+def _build(variant: str) -> None:
+    ns, march = VARIANTS[variant]
+    from torch.utils import cpp_extension
+    tag = _cpu_tag() if march == "native" else march.replace("-", "_")
+    name = f"{ns}_gemv_{tag}"
+    omp = _openmp_flags()
+    so = Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
+    if not so.exists() or so.stat().st_mtime < SOURCE.stat().st_mtime:
+        print(f"qwen2: building CPU kernels{'' if variant == 'native' else f' ({variant})'} (once)...",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=name, sources=[str(SOURCE)],
+        extra_cflags=["-O3", f"-march={march}", f"-DQWEN2_NS={ns}", "-DNDEBUG", *omp],
+        extra_ldflags=omp, is_python_module=False, verbose=bool(os.environ.get("QWEN2_KERNELS_VERBOSE")))
+    _register_fake(ns)
+
+
+def _register_fake(ns: str) -> None:
+    """Shapes for torch.compile (Inductor calls the ops as extern kernels)."""
+
+    def int8_fake(x, qweight, scales):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+    def int4_fake(x, qweight, scales, zeros, group_size):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+    torch.library.register_fake(f"{ns}::int8_gemv")(int8_fake)
+    torch.library.register_fake(f"{ns}::int4_gemv")(int4_fake)
+
+
+def load(variant: str = "native") -> bool:
+    """Build (once per machine) and load the kernels; False if that is not possible here."""
+    with _lock:
+        if variant not in _state:
+            if os.environ.get("QWEN2_NO_KERNELS"):
+                _state[variant] = "disabled by QWEN2_NO_KERNELS"
+            else:
+                try:
+                    _build(variant)
+                    _state[variant] = True
+                except Exception as e:  # no compiler, no ninja, a compile error: fall back
+                    msg = str(e).strip().splitlines()
+                    _state[variant] = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:2000]
+        return _state[variant] is True
+
+
+def available() -> bool:
+    return load("native")
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels are not available (None if they are, or were not tried yet)."""
+    r = _state.get("native")
+    return None if r is True else r
+
+
+def ops(variant: str = "native"):
+    """The op namespace of a loaded variant (torch.ops.qwen2 for the native build)."""
+    if not load(variant):
+        raise RuntimeError(f"qwen2 CPU kernels ({variant}) are not available: {_state[variant]}")
+    return getattr(torch.ops, VARIANTS[variant][0])
+
+
+def isa(variant: str = "native") -> str:
+    """Which code path the build uses: 'avx512_vnni', 'avx2' or 'scalar'."""
+    return ops(variant).isa()
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y float32 [..., N] = (x [K] or [1, K]) @ (qweight int8 [N, K] * scales[:, None]).T"""
+    return torch.ops.qwen2.int8_gemv(x, qweight, scales)
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              group_size: int) -> torch.Tensor:
+    """y float32 [..., N] = x @ ((q - z) * s).T over QuantLinear's int4 layout (see module doc)."""
+    return torch.ops.qwen2.int4_gemv(x, qweight, scales, zeros, group_size)

@@ -1,0 +1,274 @@
+"""qwen2.kernels: int8 / int4 matrix-vector ops against float64 references.
+
+Two references per case:
+  * the same math in float64: x quantized exactly as the kernel does (fp32 ops, blocks of 32),
+    exact integer dots; the kernel may only differ by fp32 rounding, bounded by
+        |err| <= (K/32 + 8) * 2^-24 * M,
+    M the sum of the magnitudes of everything the kernel adds up (see _bounds); K/32 + 8 bounds
+    the number of roundings on any accumulation path (one per block term, 4 for the 16-lane sum,
+    a few for scales and the zero-point / offset terms), on every code path (AVX512, AVX2, scalar);
+  * the exact product with the unquantized x: the activation rounding adds at most
+    |x_k - sx_b * xq_k| <= sx_b / 2 = amax_b / 254 per element, so
+        |err_n| <= sum_b amax_b / 254 * sum_{k in b} |w_nk|  (+ the fp32 bound),
+    and on Gaussian rows the relative error stays ~0.3-0.6%, held here to 2%.
+
+Every case runs on the native build and, where the CPU can run them, on the AVX2 and scalar builds
+of the same source (the issue's reference machine has AVX2 only).
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen2 import kernels
+from qwen2.quant import pack_int4_halves, unpack_int4_halves
+
+U = 2.0 ** -24
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _variants():
+    out = ["native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        if {"avx2", "fma"} <= _cpu_flags():
+            out.append("avx2")
+        out.append("scalar")
+    return out
+
+
+@pytest.fixture(scope="module", params=_variants())
+def ops(request):
+    if not kernels.load(request.param):
+        reason = kernels._state.get(request.param)
+        if shutil.which("c++") or shutil.which("g++"):  # a compiler is there: a failed build is a bug
+            pytest.fail(f"kernels did not build: {reason}")
+        pytest.skip(f"no C++ compiler: {reason}")
+    return kernels.ops(request.param)
+
+
+# ----------------------------------------------------------------------------- references
+def quantize_x(x: torch.Tensor):
+    """The kernel's activation quantization, in the same fp32 arithmetic: (xq float64 [K],
+    sx float64 [K] (each element's block scale), amax float64 [K])."""
+    xf = x.float().reshape(-1)
+    K = xf.numel()
+    xb = torch.nn.functional.pad(xf, (0, (-K) % 32)).view(-1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    sx = amax / 127
+    # torch.full_like(...) / amax: a true fp32 division (127 / amax would be reciprocal * 127)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv)  # round half to even, like vcvtps2dq / nearbyint
+    assert xq.abs().max() <= 127
+    expand = lambda t: t.expand(-1, 32).reshape(-1)[:K].double()  # noqa: E731
+    return xq.reshape(-1)[:K].double(), expand(sx), expand(amax)
+
+
+def _bounds(x, w, mag_w):
+    """(same-math reference, exact reference, fp32 bound, activation bound) for y = w @ x, with
+    w float64 [N, K] (the dequantized weight) and mag_w [N, K] the magnitude of what the kernel
+    multiplies each activation by before scaling (int8: (|q| + 256) * s, int4: (q + z) * s)."""
+    xq, sx, amax = quantize_x(x)
+    K = xq.numel()
+    same = w @ (xq * sx)
+    exact = w @ x.double().reshape(-1)
+    fp32 = (K / 32 + 8) * U * (mag_w @ (xq.abs() * sx))
+    act = w.abs() @ (amax / 254) * (1 + 1e-5)
+    return same, exact, fp32, act
+
+
+def int8_case(N, K, xdt=torch.float32, sdt=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(K, generator=g).to(xdt)
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = (torch.rand(N, generator=g) * 0.02 + 1e-3).to(sdt)
+    w = q.double() * s.double()[:, None]
+    mag = (q.double().abs() + 256) * s.double().abs()[:, None]
+    return (x, q, s), w, mag
+
+
+def int4_case(N, K, G, asym, xdt=torch.float32, sdt=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(K, generator=g).to(xdt)
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+    s = (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).to(sdt)
+    z = torch.randint(0, 16, (N, K // G), dtype=torch.uint8, generator=g) if asym else None
+    zd = (z.double() if asym else torch.full((N, K // G), 8.0, dtype=torch.float64)).repeat_interleave(G, 1)
+    sd = s.double().repeat_interleave(G, 1)
+    w = (q.double() - zd) * sd
+    mag = (q.double() + zd) * sd.abs()
+    return (x, pack_int4_halves(q, G), s, z, G), w, mag
+
+
+def check(y, w, mag, x, rel=0.02):
+    same, exact, fp32, act = _bounds(x, w, mag)
+    y = y.double().reshape(-1)
+    assert y.shape == same.shape
+    err_same = (y - same).abs()
+    assert bool((err_same <= fp32).all()), f"vs same math: max excess {(err_same - fp32).max().item():.3g}"
+    err_exact = (y - exact).abs()
+    assert bool((err_exact <= act + fp32).all()), f"vs exact: max excess {(err_exact - act - fp32).max().item():.3g}"
+    assert (y - exact).norm() <= rel * exact.norm()
+
+
+# ----------------------------------------------------------------------------- int8
+INT8_SHAPES = [(1, 32), (37, 896), (9, 4864), (5, 100), (130, 128), (3, 1000), (64, 1536)]
+
+
+@pytest.mark.parametrize("N,K", INT8_SHAPES)
+@pytest.mark.parametrize("xdt,sdt", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                     (torch.bfloat16, torch.bfloat16)])
+def test_int8_gemv(ops, N, K, xdt, sdt):
+    (x, q, s), w, mag = int8_case(N, K, xdt, sdt, seed=N * 7 + K)
+    y = ops.int8_gemv(x, q, s)
+    assert y.dtype == torch.float32 and y.shape == (N,)
+    check(y, w, mag, x)
+
+
+# ----------------------------------------------------------------------------- int4
+INT4_SHAPES = [(37, 896), (9, 4864), (7, 128), (5, 1152), (19, 256), (3, 1664)]
+
+
+@pytest.mark.parametrize("N,K", INT4_SHAPES)
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
+@pytest.mark.parametrize("asym", [False, True])
+def test_int4_gemv(ops, N, K, G, asym):
+    if K % G:
+        pytest.skip("K not a multiple of G")
+    xdt, sdt = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)][(N + G) % 2]
+    args, w, mag = int4_case(N, K, G, asym, xdt, sdt, seed=N * 13 + K + G)
+    y = ops.int4_gemv(*args)
+    assert y.dtype == torch.float32 and y.shape == (N,)
+    check(y, w, mag, args[0])
+
+
+def test_int4_dtypes(ops):
+    for xdt in (torch.float32, torch.bfloat16):
+        for sdt in (torch.float32, torch.bfloat16, torch.float16):
+            args, w, mag = int4_case(11, 512, 32, True, xdt, sdt, seed=3)
+            check(ops.int4_gemv(*args), w, mag, args[0])
+            (x, q, s), w, mag = int8_case(11, 512, xdt, sdt, seed=3)
+            check(ops.int8_gemv(x, q, s), w, mag, x)
+
+
+def test_outliers_and_real_scale(ops):
+    """Rows with a few huge activations (as in LLM hidden states) and weights quantized from
+    real-looking floats: still within the derived bound, and within 2% of the unquantized product."""
+    from qwen2.quant import QuantLinear
+    g = torch.Generator().manual_seed(5)
+    K, N = 896, 300
+    x = torch.randn(K, generator=g)
+    x[[3, 100, 517]] = torch.tensor([40.0, -25.0, 60.0])
+    lin = torch.nn.Linear(K, N, bias=False)
+    torch.nn.init.normal_(lin.weight, std=0.02, generator=g)
+    for bits, gs in ((8, -1), (4, 32), (4, 128)):
+        ql = QuantLinear.from_linear(lin, bits, gs, torch.bfloat16)
+        if bits == 8:
+            y = ops.int8_gemv(x, ql.qweight, ql.scales)
+            w = ql.qweight.double() * ql.scales.double()[:, None]
+            mag = (ql.qweight.double().abs() + 256) * ql.scales.double()[:, None]
+        else:
+            y = ops.int4_gemv(x, ql.qweight, ql.scales, ql.zeros, gs)
+            q = unpack_int4_halves(ql.qweight, gs).double()
+            sd = ql.scales.double().repeat_interleave(gs, 1)
+            w = (q - 8) * sd
+            mag = (q + 8) * sd.abs()
+        check(y, w, mag, x)
+
+
+def test_exact_when_x_is_representable(ops):
+    """x = +-1 quantizes exactly (xq = +-127, sx = 1/127): y is the plain dequantized product."""
+    g = torch.Generator().manual_seed(1)
+    K, N = 640, 21
+    x = torch.where(torch.rand(K, generator=g) < 0.5, -1.0, 1.0)
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g)
+    ref = (q.double() @ x.double()) * s.double()
+    torch.testing.assert_close(ops.int8_gemv(x, q, s).double(), ref, rtol=1e-5, atol=1e-5)
+    q4 = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+    s4 = torch.rand(N, K // 64, generator=g)
+    ref4 = ((q4.double() - 8) * s4.double().repeat_interleave(64, 1)) @ x.double()
+    torch.testing.assert_close(ops.int4_gemv(x, pack_int4_halves(q4, 64), s4, None, 64).double(), ref4,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_zero_x_and_shapes(ops):
+    q = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    s = torch.rand(8)
+    assert torch.equal(ops.int8_gemv(torch.zeros(64), q, s), torch.zeros(8))
+    assert ops.int8_gemv(torch.randn(1, 64), q, s).shape == (1, 8)
+    p = torch.randint(0, 256, (8, 32), dtype=torch.uint8)
+    assert ops.int4_gemv(torch.randn(1, 64), p, torch.rand(8, 2), None, 32).shape == (1, 8)
+    assert ops.int8_gemv(torch.randn(64), q[:0], s[:0]).shape == (0,)
+
+
+def test_bad_inputs(ops):
+    q = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="one row"):
+        ops.int8_gemv(torch.randn(2, 64), q, torch.rand(8))
+    with pytest.raises(RuntimeError, match="scales"):
+        ops.int8_gemv(torch.randn(64), q, torch.rand(7))
+    p = torch.randint(0, 256, (8, 48), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="group_size"):
+        ops.int4_gemv(torch.randn(96), p, torch.rand(8, 2), None, 48)
+    with pytest.raises(RuntimeError, match="multiple"):
+        ops.int4_gemv(torch.randn(96), p, torch.rand(8, 1), None, 64)
+    with pytest.raises(RuntimeError, match="zeros"):
+        ops.int4_gemv(torch.randn(96), p, torch.rand(8, 3), torch.zeros(8, 3), 32)
+
+
+def test_threads_agree(ops):
+    """Rows are independent: 1 and 2 threads give bit-identical results."""
+    (x, q, s), _, _ = int8_case(1000, 896, seed=9)
+    args4, _, _ = int4_case(1000, 896, 32, True, seed=9)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a8, a4 = ops.int8_gemv(x, q, s), ops.int4_gemv(*args4)
+        torch.set_num_threads(2)
+        b8, b4 = ops.int8_gemv(x, q, s), ops.int4_gemv(*args4)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a8, b8) and torch.equal(a4, b4)
+
+
+# ----------------------------------------------------------------------------- API and compile
+def test_python_api():
+    assert kernels.available(), kernels.unavailable_reason()
+    assert kernels.unavailable_reason() is None
+    assert kernels.isa() in ("avx512_vnni", "avx2", "scalar")
+    (x, q, s), w, mag = int8_case(17, 256, seed=2)
+    check(kernels.int8_gemv(x, q, s), w, mag, x)
+    args, w, mag = int4_case(17, 256, 128, False, seed=2)
+    check(kernels.int4_gemv(*args), w, mag, args[0])
+
+
+def test_inside_torch_compile():
+    assert kernels.available(), kernels.unavailable_reason()
+    (x, q, s), w, mag = int8_case(33, 256, torch.bfloat16, seed=4)
+    (_, p4, s4, z4, G), w4, mag4 = int4_case(33, 256, 32, True, seed=4)
+
+    def f(x, q, s, p4, s4, z4):
+        a = torch.ops.qwen2.int8_gemv(x * 2, q, s)
+        b = torch.ops.qwen2.int4_gemv(x, p4, s4, z4, 32)
+        return a + b.relu(), b
+
+    eager = f(x, q, s, p4, s4, z4)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)(x, q, s, p4, s4, z4)
+    for e, c in zip(eager, compiled):
+        assert c.dtype == torch.float32
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+    check(compiled[1], w4, mag4, x)
