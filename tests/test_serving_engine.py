@@ -63,6 +63,64 @@ def test_packed_step_matches_plain_forward(model):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+
+def test_decode_only_step_matches_plain_forward(model):
+    """A step of decodes only (rows of different lengths, so the gathered keys are padded, and
+    blocks scattered through the pool) gives each sequence's plain next-token logits."""
+    class Holder:
+        step = None
+    holder = Holder()
+    install_packed_attention(model, holder)
+    pool = KVPool(model.config, 64, 4, torch.float32)
+    seqs = prompts(4, seed=4)
+    pool.allocator.allocate(3)  # blocks do not start at slot 0
+    tables = []
+    for seq in seqs:
+        tables.append(pool.allocator.allocate(pool.blocks_for(len(seq))))
+        pool.allocator.allocate(1)  # a gap between sequences
+
+    def run(slices):
+        step = PackedStep(pool, slices)
+        holder.step = step
+        with torch.no_grad():
+            out = model(step.input_ids, position_ids=step.position_ids, cache=step,
+                        logits_to_keep=step.num_logits)[0]
+        holder.step = None
+        return step, out
+
+    run([SeqSlice(seq[:-1], 0, t, False) for seq, t in zip(seqs, tables)])
+    step, got = run([SeqSlice(seq[-1:], len(seq) - 1, t, True) for seq, t in zip(seqs, tables)])
+    assert step.decode is not None and step.decode.q_index is None and step.decode.padded
+    with torch.no_grad():
+        want = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_prepared_model_engine_equals_plain_greedy(tmp_path_factory):
+    """The serving transforms (fused projections, oneDNN linears) keep greedy results: a batch
+    through the engine on the prepared model equals unbatched greedy on the plain model."""
+    from qwen2.serving.fast import OneDNNLinear, onednn_supported, prepare_for_serving
+    _, path = make_hf_checkpoint(tmp_path_factory.mktemp("prep"), TINY, seed=4, std=0.2)
+    plain = qwen2.load_model(path, dtype="float32")
+    fast = prepare_for_serving(qwen2.load_model(path, dtype="float32"))
+    swapped = sum(isinstance(m, OneDNNLinear) for m in fast.modules())
+    assert fast.fused and (swapped > 0) == onednn_supported(fast)
+    ps = prompts(6, seed=8)
+    refs = [greedy_reference(plain, p, 10) for p in ps]
+    engine = Engine(fast, max_batch=6, max_model_len=64, block_size=4)
+    outs = run_engine(engine, [(p, SamplingParams(max_new_tokens=10, temperature=0.0)) for p in ps])
+    engine.run_until_done()
+    assert [tokens(outs, str(i)) for i in range(6)] == refs
+
+
+def test_engine_rejects_dual_chunk_attention(tmp_path_factory):
+    from qwen2.errors import Qwen2Error
+    from qwen2.longctx import enable_dual_chunk_attention
+    _, path = make_hf_checkpoint(tmp_path_factory.mktemp("dca"), TINY, seed=1)
+    m = enable_dual_chunk_attention(qwen2.load_model(path, dtype="float32"), chunk_size=64, local_size=8)
+    with pytest.raises(Qwen2Error, match="DualChunkAttention"):
+        Engine(m, max_model_len=64, block_size=4)
+
 def run_engine(engine, reqs):
     outs = {}
 

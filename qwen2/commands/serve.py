@@ -48,6 +48,7 @@ def build_server(args):
     from ..sampling import SamplingParams, read_generation_config
     from ..serving.app import build_app
     from ..serving.engine import Engine
+    from ..serving.fast import prepare_for_serving
 
     for name in ("max_batch", "max_batched_tokens", "max_waiting"):
         if getattr(args, name) < 1:
@@ -56,6 +57,7 @@ def build_server(args):
         raise Qwen2Error("--max-model-len must be at least 2")
     path = model_path(args)
     llm = qwen2.load(path, dtype=args.dtype, device=args.device)
+    prepare_for_serving(llm.model)  # fused projections, oneDNN matmuls (serving/fast.py)
     # Sampling defaults as vLLM: the checkpoint's generation_config.json, else OpenAI's.
     p = Path(path)
     has_gc = bool(read_generation_config(p)) if p.is_dir() else False
