@@ -108,9 +108,11 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama", action="store_true", help="also score llama.cpp on the GGUF itself")
+    ap.add_argument("--groups", default="32,64,128", help="int4 group sizes to score")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = evaluate(args.tokens, args.window, llama=args.llama, log=lambda s: print(s, file=sys.stderr))
+    groups = tuple(int(g) for g in args.groups.split(","))
+    rows = evaluate(args.tokens, args.window, groups, llama=args.llama, log=lambda s: print(s, file=sys.stderr))
     ref = rows["bf16 (reference)"]["ppl"]
     print(f"\nQwen2.5-Coder-0.5B-Instruct (demo GGUF), {rows['bf16 (reference)']['tokens']} tokens of Python "
           f"stdlib source ({', '.join(CORPUS_MODULES)}), windows of {args.window}\n")

@@ -186,6 +186,13 @@ def load_hf(ckpt: Path, dtype="auto", device="cpu") -> Qwen2:
 
 def load_model(path_or_id, dtype="auto", device="cpu") -> Qwen2:
     """Load a Qwen2 model: HF checkpoint dir, GGUF file/dir, or hub id."""
+    from .memory import trim
+    model = _load_model(path_or_id, dtype, device)
+    trim()  # conversions on the way (GGUF dequantization, dtype casts) leave freed heap pages
+    return model
+
+
+def _load_model(path_or_id, dtype, device) -> Qwen2:
     path = resolve(path_or_id)
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
                                   and any(path.glob("*.gguf"))):

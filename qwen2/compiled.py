@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import trim
 from .quant import PackedLinear, QuantLinear, gemv_input
 
 # Attention spans the cache in blocks of this many slots (fewer distinct shapes to guard on).
@@ -141,4 +142,5 @@ def compile_decode(model):
                 g.__dict__.update(child.__dict__)  # same parameters, same names: no copy
                 setattr(mod, name, g)
     model.decode_step = CompiledDecode(model)
+    trim()  # the unfused projections
     return model

@@ -45,6 +45,18 @@ def peak_rss_reset():
         pass
 
 
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss() -> int:
     """Peak resident set size in bytes since the last reset (Linux), else since process start."""
     try:
@@ -178,6 +190,7 @@ def run(args) -> int:
             args.preset = "Qwen2-0.5B"
         else:
             raise Qwen2Error("give --model or --preset, not both")
+    base_rss = current_rss()  # the interpreter + torch, before any weights
     t = time.perf_counter()
     if args.preset:
         model = random_model(args.preset, dtype)
@@ -199,6 +212,8 @@ def run(args) -> int:
         **r, "weights_bytes": weights, "bytes_per_token": per_tok,
         "bandwidth_gb_s": bw / 1e9, "roofline_tok_s": bw / per_tok,
         "rss_over_weights_kv": r["peak_rss_gen"] / (weights + r["kv_cache_bytes"]),
+        "process_base_rss": base_rss,
+        "rss_above_base_over_weights_kv": (r["peak_rss_gen"] - base_rss) / (weights + r["kv_cache_bytes"]),
     }
     out["roofline_fraction"] = out["decode_tok_s"] / out["roofline_tok_s"]
     if args.json:
@@ -217,7 +232,9 @@ def run(args) -> int:
         ("roofline", f"{out['roofline_tok_s']:.1f} tok/s ({per_tok / 2**20:.0f} MiB read per token); "
                      f"reached {100 * out['roofline_fraction']:.0f}%"),
         ("peak RSS (generation)", f"{r['peak_rss_gen'] / 2**20:.0f} MiB = "
-                                  f"{out['rss_over_weights_kv']:.2f} x (weights + KV cache)"),
+                                  f"{out['rss_over_weights_kv']:.2f} x (weights + KV cache); "
+                                  f"{out['rss_above_base_over_weights_kv']:.2f} x above the "
+                                  f"{base_rss / 2**20:.0f} MiB of Python + torch"),
     ]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
