@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .memory import trim
-from .quant import PackedLinear, QuantLinear, gemv_input
+from .quant import PackedLinear, QuantLinear, gemv_input, kernels_ready
 
 # Attention spans the cache in blocks of this many slots (fewer distinct shapes to guard on).
 SLOT_BLOCK = 256
@@ -135,6 +135,8 @@ def compile_decode(model):
         print(f"qwen2: compiled decode not used: {why}; decoding eagerly", file=sys.stderr)
         return model
     model.fuse()
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        kernels_ready()  # build/load the int8/int4 kernels now, not while tracing
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear:

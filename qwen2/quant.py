@@ -36,6 +36,7 @@ asymmetric files only, zeros `uint8 [out, n_groups]`. Three ways to run them:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -48,6 +49,20 @@ from .memory import trim
 INT4_GROUPS = (32, 64, 128, 256)
 # Above this many rows (prefill), an int8 matmul is faster as dequantize + bf16 GEMM.
 _DEQUANT_ROWS = 32
+_KERNELS: bool | None = None
+
+
+def kernels_ready() -> bool:
+    """Whether qwen2.kernels' one-row int8/int4 ops are built and loaded (built on first ask;
+    QWEN2_NO_KERNELS=1 or a missing compiler: False, and the pure-PyTorch paths run)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import kernels
+        _KERNELS = kernels.available()
+        if not _KERNELS:
+            print(f"qwen2: CPU kernels unavailable ({kernels.unavailable_reason()}); "
+                  "quantized decode uses the PyTorch paths", file=sys.stderr)
+    return _KERNELS
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, sym: bool = True):
@@ -186,7 +201,14 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(self.dtype)
         rows = x.shape[0]
-        if rows == 1 and torch.compiler.is_compiling():
+        if rows == 1 and not self.packed and kernels_ready():
+            # decode: int8-activation integer dot products (qwen2/csrc/gemv.cpp), eager or traced
+            if self.bits == 8:
+                y = torch.ops.qwen2.int8_gemv(x, self.qweight, self.scales)
+            else:
+                y = torch.ops.qwen2.int4_gemv(x, self.qweight, self.scales, self.zeros, self.group_size)
+            y = y.to(self.dtype)
+        elif rows == 1 and torch.compiler.is_compiling():
             y = self._gemv(x).to(self.dtype)
         elif self.packed:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight, self.group_size, self.packed_scales)
