@@ -74,10 +74,6 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, sym: bool = Tru
         raise Qwen2Error(f"in_features {in_f} is not a multiple of group size {g}")
     maxq = 2 ** bits - 1
     wg = w.float().reshape(out_f, in_f // g, g)
-    if sym and bits == 4:  # in row chunks, so that the temporaries stay in cache
-        parts = [_quantize_sym_search(c, bits) for c in wg.split(512)]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], 1),
-                torch.cat([p[2] for p in parts], 1))
     if sym:
         scale = (2 * wg.abs().amax(-1) / maxq).clamp(min=1e-8)  # [out, n_groups]
         zero = torch.full_like(scale, 2 ** (bits - 1))
@@ -92,35 +88,6 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, sym: bool = Tru
     q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, maxq)
     return (q.reshape(out_f, in_f).to(torch.uint8), scale.T.contiguous(),
             zero.T.to(torch.uint8).contiguous())
-
-
-# Candidate divisors of a group's absmax for the symmetric int4 scale search (absmax / 7.5 is
-# plain round-to-nearest's choice).
-_SCALE_DIVISORS = torch.linspace(6.5, 9.0, 11).tolist()
-
-
-def _quantize_sym_search(wg: torch.Tensor, bits: int):
-    """Symmetric grid, scale chosen per group to minimize the squared error: for each candidate
-    scale absmax / d, round, then refit the scale by least squares for those integers, and keep
-    the best (the search llama.cpp's k-quants make). Same format as round-to-nearest; on the demo
-    model it lowers int4 perplexity; see docs/performance.md."""
-    out_f, n_groups, g = wg.shape
-    half = 2 ** (bits - 1)
-    amax = wg.abs().amax(-1, keepdim=True).clamp(min=1e-8)
-    best_err = torch.full((out_f, n_groups), float("inf"))
-    best_q = torch.zeros(wg.shape, dtype=torch.int8)
-    best_s = torch.zeros(out_f, n_groups)
-    for d in _SCALE_DIVISORS:
-        q = torch.clamp(torch.round(wg * (d / amax)), -half, half - 1)
-        qq = (q * q).sum(-1)
-        s = torch.where(qq > 0, (q * wg).sum(-1) / qq.clamp(min=1), amax[..., 0] / d).clamp(min=1e-8)
-        err = ((q * s[..., None] - wg) ** 2).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_q = torch.where(better[..., None], q.to(torch.int8), best_q)
-    q = (best_q.to(torch.int16) + half).to(torch.uint8).reshape(out_f, n_groups * g)
-    return q, best_s.T.contiguous(), torch.full((n_groups, out_f), half, dtype=torch.uint8)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, zeros: torch.Tensor | None = None) -> torch.Tensor:

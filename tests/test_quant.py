@@ -13,24 +13,13 @@ from qwen2.quant import QuantLinear, dequantize, kernels_ready, pack_linears, fr
 
 @pytest.mark.parametrize("bits,group,sym", [(8, -1, True), (4, 32, True), (4, 128, True), (4, 32, False),
                                             (4, 128, False)])
-def test_quantization_error_bound(bits, group, sym):
+def test_round_to_nearest_error_bound(bits, group, sym):
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
     w[:3] += 2.0  # skewed rows, where asymmetric groups pay off
     q, s, z = quantize_tensor(w, bits, group, sym=sym)
     assert q.dtype == torch.uint8 and int(q.max()) <= 2 ** bits - 1
     assert s.shape == z.shape == ((1 if group == -1 else 256 // group), 96)
     err = (dequantize(q, s, bits, z) - w).abs()
-    if bits == 4 and sym:
-        # the scale search: per group, never worse than round-to-nearest (absmax / 7.5), and
-        # better overall (it may clip an outlier to round the rest of the group better)
-        amax = w.reshape(96, -1, group).abs().amax(-1, keepdim=True)
-        rtn_s = 2 * amax / 15
-        rtn = (torch.clamp(torch.round(w.reshape(96, -1, group) / rtn_s), -8, 7) * rtn_s).reshape(96, 256)
-        e_search = (err ** 2).reshape(96, -1, group).sum(-1)
-        e_rtn = ((rtn - w) ** 2).reshape(96, -1, group).sum(-1)
-        assert bool((e_search <= e_rtn * (1 + 1e-5) + 1e-9).all())
-        assert e_search.sum() < 0.95 * e_rtn.sum()
-        return
     step = s.T.repeat_interleave(256 // s.shape[0], dim=1)
     assert bool((err <= step / 2 + 1e-6).all())
     if not sym:  # all 16 levels used: a finer step than symmetric on the skewed rows
