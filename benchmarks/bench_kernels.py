@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                  # Qwen2-0.5B shapes, 2 threads
     python benchmarks/bench_kernels.py --json out.json --rounds 7 --threads 2
+    python benchmarks/bench_kernels.py --kinds bf16 int4 --no-compiled
 
 One activation row (decode) against each weight shape of a Qwen2-0.5B layer and its lm_head. Each
 method cycles through several different weight matrices of the shape (320 MB in all: hundreds of
@@ -16,6 +17,9 @@ scales and zeros excluded, listed separately) / seconds per call.
   int4:  ours qwen2::int4_gemv (group 32 sym, and group 128 asym) |
          aten._weight_int4pack_mm_for_cpu on pre-packed tiles (eager today) |
          torch.compile'd QuantLinear._gemv formula (compiled today)
+  bf16:  ours qwen2::bf16_gemv (bf16 x, bf16 weight [N, K] as nn.Linear holds it) |
+         F.linear in bf16 (the eager path) | torch.compile'd (x.float() * w.float()).sum(-1)
+         (qwen2/compiled.py GemvLinear, the compiled path today); GB/s = N*K*2 bytes
   stream: .sum() of 64 MB float32 tensors (5 of them), timed the same way in the same rounds: the
          machine's read bandwidth under the same load, which the percentages refer to.
 """
@@ -83,10 +87,49 @@ def compiled_int4(group: int, asym: bool):
     return f
 
 
-def bench_shape(name, N, K, rounds, with_compiled, results):
+def compiled_bf16():
+    @torch.compile(dynamic=False, fullgraph=True)
+    def f(x, w):  # qwen2/compiled.py GemvLinear
+        return (x.float() * w.float()).sum(-1)
+    return f
+
+
+def bench_shape(name, N, K, rounds, with_compiled, results, kinds=("int8", "int4", "bf16")):
     x = torch.randn(1, K).to(torch.bfloat16)
     rows = {}
-    # ---------------- int8
+    methods, bytes_of = {}, {}
+    # ---------------- bf16
+    if "bf16" in kinds:
+        cb = n_copies(N * K * 2)
+        wb = [(torch.randn(N, K) * 0.02).to(torch.bfloat16) for _ in range(cb)]
+        mb = {"ours bf16": (OURS.bf16_gemv, [(x, w) for w in wb]),
+              "F.linear bf16": (torch.nn.functional.linear, [(x, w) for w in wb])}
+        if with_compiled:
+            mb["compiled multiply-sum bf16"] = (compiled_bf16(), [(x, w) for w in wb])
+        methods |= mb
+        bytes_of |= {k: N * K * 2 for k in mb}
+    if "int8" in kinds:
+        bench_int8(N, K, x, with_compiled, methods, bytes_of)
+    if "int4" in kinds:
+        bench_int4(N, K, x, with_compiled, methods, bytes_of)
+    big = [torch.ones(16 * 1024 * 1024, dtype=torch.float32) for _ in range(5)]
+    methods["stream .sum()"] = (torch.sum, [(t,) for t in big])
+    bytes_of["stream .sum()"] = big[0].numel() * 4
+    times = {k: [] for k in methods}
+    for fn, args in methods.values():  # warm up (compiles)
+        fn(*args[0])
+    for _ in range(rounds):
+        for k, (fn, args) in methods.items():
+            one_pass(fn, args, times[k])
+    for k in methods:
+        t, med = min(times[k]), statistics.median(times[k])
+        rows[k] = {"us": t * 1e6, "GBps": bytes_of[k] / t / 1e9, "median_us": med * 1e6,
+                   "median_GBps": bytes_of[k] / med / 1e9, "copies": len(methods[k][1])}
+    results[name] = rows
+    return rows
+
+
+def bench_int8(N, K, x, with_compiled, methods, bytes_of):
     c8 = n_copies(N * K)
     w8 = [torch.randint(-128, 128, (N, K), dtype=torch.int8) for _ in range(c8)]
     s8 = [(torch.rand(N) * 0.01).to(torch.bfloat16) for _ in range(c8)]
@@ -94,7 +137,11 @@ def bench_shape(name, N, K, rounds, with_compiled, results):
           "aten _weight_int8pack_mm": (torch.ops.aten._weight_int8pack_mm, [(x, w, s) for w, s in zip(w8, s8)])}
     if with_compiled:
         m8["compiled multiply-sum int8"] = (compiled_int8(), [(x, w, s) for w, s in zip(w8, s8)])
-    # ---------------- int4
+    methods |= m8
+    bytes_of |= {k: N * K for k in m8}
+
+
+def bench_int4(N, K, x, with_compiled, methods, bytes_of):
     c4 = n_copies(N * K // 2)
     q4 = [torch.randint(0, 16, (N, K), dtype=torch.uint8) for _ in range(c4)]
     p32 = [pack_int4_halves(q, 32) for q in q4]
@@ -113,21 +160,8 @@ def bench_shape(name, N, K, rounds, with_compiled, results):
                                               [(x, t, 32, p) for t, p in zip(tiles, pairs)])
     if with_compiled:
         m4["compiled QuantLinear._gemv int4 g32"] = (compiled_int4(32, False), [(x, p, s, None) for p, s in zip(p32, s32)])
-    big = [torch.ones(16 * 1024 * 1024, dtype=torch.float32) for _ in range(5)]
-    methods = {**m8, **m4, "stream .sum()": (torch.sum, [(t,) for t in big])}
-    bytes_of = {k: N * K for k in m8} | {k: N * K // 2 for k in m4} | {"stream .sum()": big[0].numel() * 4}
-    times = {k: [] for k in methods}
-    for fn, args in methods.values():  # warm up (compiles)
-        fn(*args[0])
-    for _ in range(rounds):
-        for k, (fn, args) in methods.items():
-            one_pass(fn, args, times[k])
-    for k in methods:
-        t, med = min(times[k]), statistics.median(times[k])
-        rows[k] = {"us": t * 1e6, "GBps": bytes_of[k] / t / 1e9, "median_us": med * 1e6,
-                   "median_GBps": bytes_of[k] / med / 1e9, "copies": len(methods[k][1])}
-    results[name] = rows
-    return rows
+    methods |= m4
+    bytes_of |= {k: N * K // 2 for k in m4}
 
 
 def main(argv=None):
@@ -135,6 +169,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help=f"subset of {list(SHAPES)}")
+    ap.add_argument("--kinds", nargs="*", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
     ap.add_argument("--no-compiled", action="store_true", help="skip the torch.compile'd baselines")
     ap.add_argument("--variant", default="native", choices=list(kernels.VARIANTS),
                     help="which build of ours: native, or the AVX2 / scalar paths on this CPU")
@@ -150,7 +185,7 @@ def main(argv=None):
     results = {}
     for name in a.shapes:
         N, K = SHAPES[name]
-        rows = bench_shape(name, N, K, a.rounds, not a.no_compiled, results)
+        rows = bench_shape(name, N, K, a.rounds, not a.no_compiled, results, a.kinds)
         print(f"\n{name}")
         for k, r in rows.items():
             print(f"  {k:40s} best {r['us']:9.1f} us {r['GBps']:6.1f} GB/s | median {r['median_us']:9.1f} us "

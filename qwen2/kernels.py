@@ -8,8 +8,19 @@
         in its low nibble, q[g*G + G/2 + i] in its high one), scales [N, K/G] (bf16/fp32), zeros
         uint8 [N, K/G] or None (symmetric, z = 8), G in {32, 64, 128, 256}:
         y[n] = sum_k x[k] * (q[n, k] - z[n, k // G]) * scales[n, k // G]
+    torch.ops.qwen2.bf16_gemv(x, weight) -> y
+        x bfloat16/float32 [K] or [1, K]; weight bfloat16 [N, K] (a plain nn.Linear weight, read as
+        it is); y float32, x's shape with K replaced by N: y[n] = sum_k weight[n, k] * x[k], fp32
+        accumulation (any other weight or x dtype is an error). Bias is the caller's.
 
-Numerics: x is quantized to int8 in blocks of 32, like llama.cpp's Q8_0 activations
+Numerics (bf16_gemv): no quantization. A bf16 x meets the weights in bf16 pairs (AVX512-BF16
+vdpbf16ps: the products are exact in fp32, sums rounded to fp32; like a bf16 GEMM with fp32
+accumulation); an fp32 x is used as it is, the weights widened exactly to fp32 (AVX512F / AVX2
+FMA, scalar mul + add). Every path keeps >= 32 fp32 partial sums per row, so
+|y[n] - exact[n]| <= (K/32 + 8) * 2^-24 * sum_k |weight[n, k] * x[k]| (vdpbf16ps also treats
+denormal inputs as zero and flushes denormal results: 2^-126 per operation at most).
+
+Numerics (int8/int4): x is quantized to int8 in blocks of 32, like llama.cpp's Q8_0 activations
 (sx = amax / 127 in fp32, xq = round-half-even(x * (127 / amax))), block dot products are exact
 int32 (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd), and scales are applied in fp32. The
 result differs from the exact product of the dequantized weight with x by at most
@@ -87,6 +98,11 @@ def _register_fake(ns: str) -> None:
     def int4_fake(x, qweight, scales, zeros, group_size):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
+    def bf16_fake(x, weight):
+        torch._check(weight.dtype == torch.bfloat16, lambda: f"bf16_gemv: weight must be bfloat16, got {weight.dtype}")
+        return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+    torch.library.register_fake(f"{ns}::bf16_gemv")(bf16_fake)
     torch.library.register_fake(f"{ns}::int8_gemv")(int8_fake)
     torch.library.register_fake(f"{ns}::int4_gemv")(int4_fake)
 
@@ -125,7 +141,8 @@ def ops(variant: str = "native"):
 
 
 def isa(variant: str = "native") -> str:
-    """Which code path the build uses: 'avx512_vnni', 'avx2' or 'scalar'."""
+    """Which code path the build uses: 'avx512_vnni_bf16' (AVX512-VNNI and AVX512-BF16),
+    'avx512_vnni', 'avx2' or 'scalar'."""
     return ops(variant).isa()
 
 
@@ -138,3 +155,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
               group_size: int) -> torch.Tensor:
     """y float32 [..., N] = x @ ((q - z) * s).T over QuantLinear's int4 layout (see module doc)."""
     return torch.ops.qwen2.int4_gemv(x, qweight, scales, zeros, group_size)
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y float32 [..., N] = (x [K] or [1, K], bf16/fp32) @ (weight bf16 [N, K]).T, fp32 accumulation."""
+    return torch.ops.qwen2.bf16_gemv(x, weight)

@@ -1,4 +1,14 @@
-"""qwen2.kernels: int8 / int4 matrix-vector ops against float64 references.
+"""qwen2.kernels: int8 / int4 / bf16 matrix-vector ops against float64 references.
+
+bf16_gemv (no quantization) is held to the exact float64 product: every code path keeps >= 32
+independent fp32 partial sums per row (lane j adds up the products of k = j mod 32, or mod 64 /
+pairs on AVX512), products of bf16 x bf16 are exact in fp32 and those of fp32 x bf16 are rounded
+at most once, so a path has at most K/32 + 8 roundings (one per lane term, a tail term, the
+product, 2 accumulator adds and 4-5 for the lane sum), each a relative 2^-24 of a partial sum
+bounded by sum_k |w_nk x_k|:
+    |err_n| <= (K/32 + 8) * 2^-24 * sum_k |w_nk * x_k|
+plus, for vdpbf16ps (denormal inputs read as zero, denormal results flushed), 2^-126 per term.
+Rounding an fp32 x to bf16 (2^-9 relative) would break this bound many times over.
 
 Two references per case:
   * the same math in float64: x quantized exactly as the kernel does (fp32 ops, blocks of 32),
@@ -241,15 +251,111 @@ def test_threads_agree(ops):
     assert torch.equal(a8, b8) and torch.equal(a4, b4)
 
 
+# ----------------------------------------------------------------------------- bf16
+def bf16_bound(x, w):
+    """(exact float64 product, derived fp32-accumulation bound) for y = w @ x."""
+    xd, wd = x.double().reshape(-1), w.double()
+    K = xd.numel()
+    exact = wd @ xd
+    bound = (K / 32 + 8) * U * (wd.abs() @ xd.abs())
+    denormal = 2.0 ** -126 * (xd.abs().sum() + wd.abs().sum(-1) + K + 8)  # DAZ / FTZ of vdpbf16ps
+    return exact, bound + denormal
+
+
+def check_bf16(y, x, w):
+    exact, bound = bf16_bound(x, w)
+    y = y.double().reshape(-1)
+    assert y.shape == exact.shape
+    err = (y - exact).abs()
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g} (bound {bound.max().item():.3g})"
+
+
+BF16_SHAPES = [(1, 1), (7, 33), (37, 896), (9, 4864), (5, 100), (130, 128), (3, 1000), (64, 1536), (11, 127),
+               (4, 255), (2, 8960)]
+
+
+@pytest.mark.parametrize("N,K", BF16_SHAPES)
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
+def test_bf16_gemv(ops, N, K, xdt):
+    g = torch.Generator().manual_seed(N * 31 + K)
+    x = (torch.randn(K, generator=g) * 3).to(xdt)
+    w = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16)
+    for xx in (x, x.view(1, K)):
+        y = ops.bf16_gemv(xx, w)
+        assert y.dtype == torch.float32 and y.shape == (*xx.shape[:-1], N)
+        check_bf16(y, x, w)
+
+
+def test_bf16_exact_on_small_integers(ops):
+    """Integer x and w (bf16-exact, every partial sum < 2^24): the result is exact on every path."""
+    g = torch.Generator().manual_seed(7)
+    for N, K in ((13, 896), (5, 1000), (3, 77)):
+        x = torch.randint(-8, 9, (K,), generator=g).to(torch.bfloat16)
+        w = torch.randint(-100, 101, (N, K), generator=g).to(torch.bfloat16)
+        ref = w.double() @ x.double()
+        for xx in (x, x.float()):
+            assert torch.equal(ops.bf16_gemv(xx, w).double(), ref)
+
+
+def test_bf16_cancellation_and_layout(ops):
+    """Rows that cancel (y ~ 0 against large terms), huge activations, a weight that is a strided
+    view (read through .contiguous()), and an exact zero x."""
+    g = torch.Generator().manual_seed(11)
+    K, N = 896, 40
+    x = torch.randn(K, generator=g)
+    x[[3, 100, 517]] = torch.tensor([40.0, -25.0, 60.0])
+    x = x.to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) * 0.05).to(torch.bfloat16)
+    w[::2, K // 2:] = -w[::2, :K // 2].flip(-1)  # half of each even row undoes the other half's x
+    x[K // 2:] = x[:K // 2].flip(-1)
+    check_bf16(ops.bf16_gemv(x, w), x, w)
+    wide = (torch.randn(N, 2 * K, generator=g) * 0.05).to(torch.bfloat16)
+    check_bf16(ops.bf16_gemv(x, wide[:, ::2]), x, wide[:, ::2])
+    check_bf16(ops.bf16_gemv(x, wide.t()[:K].t()), x, wide[:, :K])
+    assert torch.equal(ops.bf16_gemv(torch.zeros(K), w), torch.zeros(N))
+    assert ops.bf16_gemv(x, w[:0]).shape == (0,)
+
+
+def test_bf16_bad_inputs(ops):
+    w = torch.randn(8, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.bf16_gemv(torch.randn(64), w.float())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.bf16_gemv(torch.randn(64), w.half())
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        ops.bf16_gemv(torch.randn(64).half(), w)
+    with pytest.raises(RuntimeError, match="one row"):
+        ops.bf16_gemv(torch.randn(2, 64), w)
+    with pytest.raises(RuntimeError, match="one row"):
+        ops.bf16_gemv(torch.randn(63), w)
+
+
+def test_bf16_threads_agree(ops):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(896, generator=g).to(torch.bfloat16)
+    w = torch.randn(3000, 896, generator=g).to(torch.bfloat16)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = ops.bf16_gemv(x, w)
+        torch.set_num_threads(2)
+        b = ops.bf16_gemv(x, w)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- API and compile
 def test_python_api():
     assert kernels.available(), kernels.unavailable_reason()
     assert kernels.unavailable_reason() is None
-    assert kernels.isa() in ("avx512_vnni", "avx2", "scalar")
+    assert kernels.isa() in ("avx512_vnni_bf16", "avx512_vnni", "avx2", "scalar")
     (x, q, s), w, mag = int8_case(17, 256, seed=2)
     check(kernels.int8_gemv(x, q, s), w, mag, x)
     args, w, mag = int4_case(17, 256, 128, False, seed=2)
     check(kernels.int4_gemv(*args), w, mag, args[0])
+    xb, wb = torch.randn(1, 256).to(torch.bfloat16), torch.randn(17, 256).to(torch.bfloat16)
+    check_bf16(kernels.bf16_gemv(xb, wb), xb, wb)
 
 
 def test_inside_torch_compile():
@@ -269,3 +375,25 @@ def test_inside_torch_compile():
         assert c.dtype == torch.float32
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
     check(compiled[1], w4, mag4, x)
+
+
+def test_bf16_inside_torch_compile():
+    assert kernels.available(), kernels.unavailable_reason()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 896, generator=g).to(torch.bfloat16)
+    w = (torch.randn(300, 896, generator=g) * 0.02).to(torch.bfloat16)
+    b = torch.randn(300, generator=g)
+
+    def f(x, w, b):  # as GemvLinear would: the caller adds the bias, casts back to bf16
+        h = torch.nn.functional.silu(x.float()).to(torch.bfloat16)
+        y = torch.ops.qwen2.bf16_gemv(h, w)
+        return (y + b).to(torch.bfloat16), y
+
+    eager = f(x, w, b)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)(x, w, b)
+    assert compiled[0].dtype == torch.bfloat16 and compiled[1].dtype == torch.float32
+    assert compiled[1].shape == (1, 300)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=0)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+    check_bf16(compiled[1], torch.nn.functional.silu(x.float()).to(torch.bfloat16), w)
