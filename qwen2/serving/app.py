@@ -554,5 +554,9 @@ def render_metrics(state: ServerState) -> str:
         ("qwen2_kv_cache_blocks_used", "gauge", "KV cache blocks held by requests",
          e.pool.num_blocks - e.num_free_blocks),
         ("qwen2_engine_steps_total", "counter", "engine steps (one model forward each)", s.steps),
+        ("qwen2_engine_busy_seconds_total", "counter", "time spent in engine steps", round(s.busy_seconds, 6)),
+        ("qwen2_engine_decode_steps_total", "counter", "engine steps that only decoded", s.decode_steps),
+        ("qwen2_engine_decode_seconds_total", "counter", "time spent in decode-only steps",
+         round(s.decode_seconds, 6)),
         ("qwen2_preemptions_total", "counter", "requests preempted for KV room", s.preemptions),
     ])

@@ -128,8 +128,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)   # (time, tokens) per step
+        # busy_seconds: time inside step() with work; decode_*: the steps that only decoded
+        # (one token per running request), the steady state of a loaded server.
         self.stats = SimpleNamespace(prompt_tokens=0, generation_tokens=0, steps=0, preemptions=0,
-                                     finished={}, ttft=Histogram(), busy_seconds=0.0)
+                                     finished={}, ttft=Histogram(), busy_seconds=0.0,
+                                     decode_steps=0, decode_seconds=0.0)
 
     # ------------------------------------------------------------------ public, any thread
     @property
@@ -235,8 +238,12 @@ class Engine:
         if sampling:
             self._sample(sampling, logits[:len(sampling)])
             self._recent.append((time.monotonic(), len(sampling)))
+        dt = time.perf_counter() - t0
         self.stats.steps += 1
-        self.stats.busy_seconds += time.perf_counter() - t0
+        self.stats.busy_seconds += dt
+        if not packed.prefills:
+            self.stats.decode_steps += 1
+            self.stats.decode_seconds += dt
         return True
 
     def _schedule(self) -> list[tuple[Request, SeqSlice]]:
