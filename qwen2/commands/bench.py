@@ -45,27 +45,28 @@ def peak_rss_reset():
         pass
 
 
-def current_rss() -> int:
-    """Resident set size now, in bytes (Linux; 0 elsewhere)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux; 0 elsewhere)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def peak_rss() -> int:
     """Peak resident set size in bytes since the last reset (Linux), else since process start."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
