@@ -2,6 +2,7 @@
 tolerance, same greedy tokens, across float dtypes, int8/int4 weights, padded batches and cache
 lengths that cross attention-span blocks. Each test compiles a tiny model (a few seconds)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -98,3 +99,14 @@ def test_compile_failure_falls_back_to_eager(tiny_ckpt, capsys):
     got, _ = _steps(comp, ids, 4)
     assert comp.decode_step is None and "decoding eagerly" in capsys.readouterr().err
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_generate_compile_flag(ckpt, llm):
+    """`--compile` on the command line: same greedy text as the eager API, and no fallback note."""
+    from test_cli import qwen2_cmd
+    want = llm.generate("Once upon a time", max_new_tokens=10, temperature=0)
+    r = qwen2_cmd("generate", "-m", ckpt, "--dtype", "float32", "--compile", "--json", "--temperature", 0,
+                  "--max-new-tokens", 10, "--prompt", "Once upon a time")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    assert "eagerly" not in r.stderr
