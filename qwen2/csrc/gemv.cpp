@@ -311,33 +311,41 @@ void i4_rows(const uint8_t* W, int64_t K, const ST* sc, const uint8_t* zp, int64
   const int64_t ng = p.ng, rb = K / 2;
   const uint8_t* w = W + n0 * rb;
   const ST* srow = sc + n0 * ng;
-  __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
+  // four accumulators (chunk j of a block goes to acc[j % 4]: short dependency chains, so that
+  // rows overlap in the out-of-order window); the zero-point terms -s*z*T go into acc[3]
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m512i idx2 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  alignas(64) float f[32];
+  // the per-chunk group scales come out of the block's register F by vpermps (no store/reload)
+  constexpr int GPC = G <= 128 ? 128 / G : 1;  // groups per chunk (G >= 256: 1, a chunk per half-group)
+  const __m512i idx0 = G == 32   ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                       : G == 64 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                 : _mm512_setzero_si512();
   for (int64_t g0 = 0; g0 < ng; g0 += 16) {
     const int64_t left = std::min<int64_t>(16, ng - g0);
     const __mmask16 m = (__mmask16)((1u << left) - 1);
     const __m512 s = ld16(srow + g0, m);
     const __m512 z = ASYM ? ldz16(zp + n0 * ng + g0, m) : _mm512_set1_ps(8.f);
-    zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_loadu_ps(p.T.data() + g0), zacc);
-    _mm512_store_ps(f, G == 32 ? _mm512_mul_ps(s, _mm512_loadu_ps(p.sxg.data() + g0)) : s);
+    acc[3] = _mm512_fnmadd_ps(_mm512_mul_ps(s, z), _mm512_loadu_ps(p.T.data() + g0), acc[3]);
+    const __m512 F = G == 32 ? _mm512_mul_ps(s, _mm512_loadu_ps(p.sxg.data() + g0)) : s;
     const int64_t b0 = g0 * (G / 2), b1 = std::min(rb, b0 + BB);
     const int64_t nfull = (b1 - b0) / 64, tail = (b1 - b0) % 64;  // tail: last block only
     const uint8_t* wb = w + b0;
     const int8_t* xb = p.xp.data() + 2 * b0;
     const float* sv = p.sxv.data() + b0 / 2;
-    auto step = [&](__m512i wv, int64_t j) {
+    auto step = [&](__m512i wv, int64_t j, __m512& acc) {
+#if defined(__GFNI__)
+      // high nibbles: one affine byte transform (bit i of the result = bit i + 4 of the byte)
+      const __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_gf2p8affine_epi64_epi8(wv, _mm512_set1_epi64(0x1020408000000000LL), 0);
+#else
       const __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+#endif
       const __m512i xlo = _mm512_loadu_si512(xb + 128 * j), xhi = _mm512_loadu_si512(xb + 128 * j + 64);
+      const __m512i ix = _mm512_add_epi32(idx0, _mm512_set1_epi32((int)(G <= 128 ? GPC * j : j * 128 / G)));
+      const __m512 fs = _mm512_permutexvar_ps(ix, F);
       if constexpr (G == 32) {
-        const __m512 fs = _mm512_permutexvar_ps(idx4, _mm512_castps128_ps512(_mm_load_ps(f + 4 * j)));
         const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), fs, acc);
       } else {
-        const __m512 fs = G == 64 ? _mm512_permutexvar_ps(idx2, _mm512_castpd_ps(_mm512_set1_pd(*(const double*)(f + 2 * j))))
-                                  : _mm512_set1_ps(f[j * 128 / G]);
         const __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
         const __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi);
         const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_loadu_ps(sv + 32 * j + 16),
@@ -345,10 +353,19 @@ void i4_rows(const uint8_t* W, int64_t K, const ST* sc, const uint8_t* zp, int64
         acc = _mm512_fmadd_ps(t, fs, acc);
       }
     };
-    for (int64_t j = 0; j < nfull; ++j) step(_mm512_loadu_si512(wb + 64 * j), j);
-    if (tail) step(_mm512_maskz_loadu_epi8((~0ULL) >> (64 - tail), wb + 64 * nfull), nfull);
+    if (b1 - b0 == BB) {  // a full block: a constant trip count (unrolled, constant indices)
+      for (int64_t j = 0; j < BB / 64; ++j) step(_mm512_loadu_si512(wb + 64 * j), j, acc[j % 4]);
+    } else {
+      int64_t j = 0;
+      for (; j + 1 < nfull; j += 2) {
+        step(_mm512_loadu_si512(wb + 64 * j), j, acc[0]);
+        step(_mm512_loadu_si512(wb + 64 * j + 64), j + 1, acc[1]);
+      }
+      if (j < nfull) step(_mm512_loadu_si512(wb + 64 * j), j, acc[2]);
+      if (tail) step(_mm512_maskz_loadu_epi8((~0ULL) >> (64 - tail), wb + 64 * nfull), nfull, acc[0]);
+    }
   }
-  y[n0] = hsum(acc) - hsum(zacc);
+  y[n0] = hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
 #elif defined(QWEN2_AVX2)
