@@ -15,8 +15,11 @@
 // [N, K/G], zeros uint8 [N, K/G] or None. The kernels read these as they are; the activation row
 // is permuted once per call instead, so that every 32-byte load of weights meets its activations.
 //
-// Code paths, chosen at compile time (-march=native): AVX512-VNNI (vpdpbusd), AVX2+FMA
-// (vpmaddubsw + vpmaddwd), and scalar. Rows are split over torch's intra-op threads.
+// Code paths, chosen at compile time (-march=native): AVX512-VNNI (vpdpbusd; int4 high nibbles by
+// GFNI vgf2p8affineqb where the CPU has it), AVX2+FMA (vpmaddubsw + vpmaddwd), and scalar. Rows are
+// split over torch's intra-op threads.
+//
+// bf16_gemv (below) does not quantize: fp32 accumulation of bf16 weights times a bf16/fp32 x.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
@@ -298,7 +301,7 @@ inline __m512 ldz16(const uint8_t* z, __mmask16 m) {
 }
 
 // One row at a time (several interleaved rows confuse the hardware prefetcher: measured 2-3x
-// slower). Groups go in blocks of 16 (one zmm of scales, also kept in f[] for broadcasts).
+// slower). Groups go in blocks of 16 (one zmm F of scales; each chunk's lanes get theirs by vpermps).
 // G == 32: a 64-byte chunk holds 4 groups (lanes 4m..4m+3: group m), each lane's low and high
 // nibbles meet the same activation block (the group), so both products add up in int32 and are
 // scaled by F = s * sx of their group. G >= 64: lanes 0-7 / 8-15 of the low-nibble product meet one
