@@ -9,7 +9,8 @@ memory bandwidth, and eager PyTorch falls short of it in two ways: ~300 small di
 and matrix-vector products at ~60% of the bandwidth. Traced once, the step becomes one C++ function
 per shape; each projection is written as multiply-and-sum over the (dequantized) weight, which
 Inductor turns into a single vectorized pass that converts bf16 / int8 / int4 to float32 in
-registers and accumulates in float32, so the weight is read exactly once at streaming speed.
+registers and accumulates in float32, so the weight is read exactly once at streaming speed; bf16, int8
+and int4 weights use our C++ GEMV kernels (qwen2/kernels.py) inside the graph instead.
 
 Fixed shapes make it traceable: the step attends over a prefix of the static KV cache rounded up
 to a block of slots, with the positions mask hiding empty ones, and writes its keys at a slot
@@ -38,11 +39,15 @@ _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear whose one-row product, when traced, is multiply-and-sum (see module doc)."""
+    """nn.Linear whose one-row product, when traced, streams the weight once: the qwen2 bf16 GEMV
+    kernel for bf16 weights, else multiply-and-sum (see module doc)."""
 
     def forward(self, x):
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
-            y = (gemv_input(x) * self.weight.float()).sum(-1)
+            if self.weight.dtype == torch.bfloat16 and kernels_ready():
+                y = torch.ops.qwen2.bf16_gemv(x.reshape(1, -1), self.weight)[0]
+            else:
+                y = (gemv_input(x) * self.weight.float()).sum(-1)
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -135,8 +140,8 @@ def compile_decode(model):
         print(f"qwen2: compiled decode not used: {why}; decoding eagerly", file=sys.stderr)
         return model
     model.fuse()
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        kernels_ready()  # build/load the int8/int4 kernels now, not while tracing
+    if model.dtype == torch.bfloat16 or any(isinstance(m, QuantLinear) for m in model.modules()):
+        kernels_ready()  # build/load the CPU kernels now, not while tracing
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear:
