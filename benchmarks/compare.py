@@ -247,7 +247,9 @@ RATIOS = [  # (our engines' prefix: the best of them, peer, goal)
 
 def print_table(res, args):
     from qwen2.commands.bench import measure_bandwidth
-    print(f"\n{args.preset}, random weights, {args.threads} threads, best of {args.rounds} interleaved rounds; "
+    what = ("the demo model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, real weights)" if args.demo
+            else f"{args.preset}, random weights")
+    print(f"\n{what}, {args.threads} threads, best of {args.rounds} interleaved rounds; "
           f"decode: {args.tokens} tokens after a 32-token prompt; prefill: {args.prefill} tokens")
     print(f"streaming read bandwidth now: {measure_bandwidth() / 1e9:.1f} GB/s\n")
     print("| engine | load s | decode tok/s | prefill tok/s |\n|---|---|---|---|")
