@@ -29,6 +29,17 @@ def prompts(k, seed=0):
             for _ in range(k)]
 
 
+def run_step(model, pool, holder, slices):
+    """One packed engine step over `slices`: (the PackedStep, logits of its logit rows)."""
+    step = PackedStep(pool, slices)
+    holder.step = step
+    with torch.no_grad():
+        out = model(step.input_ids, position_ids=step.position_ids, cache=step,
+                    logits_to_keep=step.num_logits)[0]
+    holder.step = None
+    return step, out
+
+
 def test_packed_step_matches_plain_forward(model):
     """One packed step mixing a fresh prompt, a continued chunk and a decode token gives the same
     logits as running each sequence alone."""
@@ -41,15 +52,7 @@ def test_packed_step_matches_plain_forward(model):
     blocks = {}
 
     def run(slices):
-        for s in slices:
-            pass
-        step = PackedStep(pool, slices)
-        holder.step = step
-        with torch.no_grad():
-            out = model(step.input_ids, position_ids=step.position_ids, cache=step,
-                        logits_to_keep=step.num_logits)[0]
-        holder.step = None
-        return out
+        return run_step(model, pool, holder, slices)[1]
 
     for name, seq in (("a", a), ("b", b), ("c", c)):
         blocks[name] = pool.allocator.allocate(pool.blocks_for(len(seq) + 1))
@@ -80,13 +83,7 @@ def test_decode_only_step_matches_plain_forward(model):
         pool.allocator.allocate(1)  # a gap between sequences
 
     def run(slices):
-        step = PackedStep(pool, slices)
-        holder.step = step
-        with torch.no_grad():
-            out = model(step.input_ids, position_ids=step.position_ids, cache=step,
-                        logits_to_keep=step.num_logits)[0]
-        holder.step = None
-        return step, out
+        return run_step(model, pool, holder, slices)
 
     run([SeqSlice(seq[:-1], 0, t, False) for seq, t in zip(seqs, tables)])
     step, got = run([SeqSlice(seq[-1:], len(seq) - 1, t, True) for seq, t in zip(seqs, tables)])
