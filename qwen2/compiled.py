@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory import trim
+from .memory import hugepage_weights, trim
 from .quant import PackedLinear, QuantLinear, gemv_input, kernels_ready
 
 # Attention spans the cache in blocks of this many slots (fewer distinct shapes to guard on).
@@ -131,10 +131,11 @@ def can_compile(model) -> str | None:
     return None
 
 
-def compile_decode(model):
+def compile_decode(model, hugepages: bool = True):
     """In place: fuse projections and install the compiled one-token step (see module doc).
     Models the step cannot trace (MoE, custom attention kernels) are left eager, with a note on
-    stderr. Returns the model."""
+    stderr. hugepages: move the weights into transparent huge pages (qwen2.memory). Returns the
+    model."""
     why = can_compile(model)
     if why:
         print(f"qwen2: compiled decode not used: {why}; decoding eagerly", file=sys.stderr)
@@ -149,5 +150,8 @@ def compile_decode(model):
                 g.__dict__.update(child.__dict__)  # same parameters, same names: no copy
                 setattr(mod, name, g)
     model.decode_step = CompiledDecode(model)
-    trim()  # the unfused projections
+    if hugepages:
+        hugepage_weights(model)  # also trims the heap (the unfused projections)
+    else:
+        trim()
     return model

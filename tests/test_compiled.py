@@ -110,3 +110,24 @@ def test_cli_generate_compile_flag(ckpt, llm):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == want.token_ids
     assert "eagerly" not in r.stderr
+
+
+def test_hugepage_weights_keep_values_and_ties(tiny_ckpt):
+    """Weights moved into the huge-page mapping: same tensors (ties kept), same logits."""
+    from qwen2.memory import hugepage_weights
+    m = qwen2.load_model(tiny_ckpt[1], dtype="float32")
+    ref = copy.deepcopy(m)
+    params = {n: p for n, p in m.named_parameters()}
+    moved = hugepage_weights(m, min_bytes=1)
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = "[never]" not in f.read()
+    assert (moved > 0) == thp
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # tied: one Parameter, one storage
+    assert all(p is params[n] for n, p in m.named_parameters())  # same Parameter objects
+    if thp:
+        addrs = {p.data_ptr() for p in m.parameters()}
+        assert len(addrs) == len(list(m.parameters()))  # each tensor in its own aligned slot
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(m(ids), ref(ids))
+    for (n, a), (_, b) in zip(m.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
