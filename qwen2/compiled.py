@@ -79,7 +79,6 @@ class CompiledDecode:
 
     def __init__(self, model):
         self.model = model
-        self.failed: str | None = None
         self.calls = 0
         # Dynamo keeps compiled graphs per code object, with a small limit: give each instance
         # its own code object, so that several models in one process never share (or exhaust) it.
@@ -119,11 +118,12 @@ class CompiledDecode:
 def can_compile(model) -> str | None:
     """Why this model cannot take the compiled step (None: it can)."""
     from .model import SparseMoE, sdpa_attention
+    from .rope import Rotary
     if any(isinstance(m, SparseMoE) for m in model.modules()):
         return "MoE layers route tokens with data-dependent shapes"
     if any(getattr(m, "attn_fn", sdpa_attention) is not sdpa_attention for m in model.modules()):
         return "a custom attention kernel is installed (long-context mode)"
-    if type(model.rotary).__name__ != "Rotary":
+    if type(model.rotary) is not Rotary:
         return "position-dependent rotary scaling"
     if any(isinstance(m, PackedLinear) or (isinstance(m, QuantLinear) and m.packed)
            for m in model.modules()):

@@ -31,3 +31,10 @@ def model_path(args) -> str:
     if path is None:
         raise Qwen2Error(NO_MODEL_HELP)
     return str(path)
+
+
+def print_rows(rows: list[tuple[str, object]]):
+    """A two-column key/value table, keys left-aligned (bench, info)."""
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")

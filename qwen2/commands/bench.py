@@ -14,6 +14,7 @@ import time
 import torch
 
 from ..errors import Qwen2Error
+from ._common import print_rows
 
 
 def register(sub):
@@ -237,7 +238,5 @@ def run(args) -> int:
                                   f"{out['rss_above_base_over_weights_kv']:.2f} x above the "
                                   f"{base_rss / 2**20:.0f} MiB of Python + torch"),
     ]
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
+    print_rows(rows)
     return 0

@@ -122,7 +122,5 @@ def run(args) -> int:
                    f" (files {gib(info['file_bytes'])}); KV cache {info['kv_cache_bytes_per_token'] // 1024} KiB/token, "
                    f"{gib(info['kv_cache_bytes_full_context'])} at full context"),
     ]
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
+    _common.print_rows(rows)
     return 0
