@@ -109,6 +109,8 @@ class CompiledDecode:
             self.model.decode_step = None
             cache.positions[:, n] = -1
             return self.model(ids, cache=cache, logits_to_keep=1)
+        if not self.calls:
+            trim()  # hand back the compiler's scratch memory (hundreds of MB) after the first step
         self.calls += 1
         cache.length = n + 1
         cache.next_pos = pos[:, 0] + 1

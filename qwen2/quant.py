@@ -142,14 +142,24 @@ class QuantLinear(nn.Module):
     def packed(self) -> bool:
         return self.packed_weight is not None
 
-    def dequantized(self) -> torch.Tensor:
-        """The float weight [out, in] in the compute dtype."""
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The float weight [out, in] (or those output rows) in the compute dtype."""
         if self.bits == 8:
-            return self.qweight.to(self.dtype) * self.scales[:, None]
-        q = unpack_int4_halves(self.qweight, self.group_size).float()
+            return self.qweight[rows].to(self.dtype) * self.scales[rows, None]
+        q = unpack_int4_halves(self.qweight[rows], self.group_size).float()
         n, k = q.shape
-        z = 8.0 if self.zeros is None else self.zeros.float()[..., None]
-        return ((q.view(n, -1, self.group_size) - z) * self.scales.float()[..., None]).view(n, k).to(self.dtype)
+        z = 8.0 if self.zeros is None else self.zeros[rows].float()[..., None]
+        return ((q.view(n, -1, self.group_size) - z) * self.scales[rows].float()[..., None]).view(n, k).to(self.dtype)
+
+    def _dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with W dequantized a block of output rows at a time: the float copy is never
+        whole (a 4 MB float32 scratch at most), so prefill does not grow the heap by the size of
+        the largest weight (+270 MB of RSS on Qwen2-0.5B int4 otherwise)."""
+        step = max(16, (1 << 20) // self.in_features)
+        if step >= self.out_features:
+            return F.linear(x, self.dequantized())
+        return torch.cat([F.linear(x, self.dequantized(slice(i, i + step)))
+                          for i in range(0, self.out_features, step)], -1)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row, as dequantize-multiply-sum over the packed weight: under torch.compile this
@@ -180,7 +190,7 @@ class QuantLinear(nn.Module):
         elif self.packed:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight, self.group_size, self.packed_scales)
         elif rows > _DEQUANT_ROWS or self.bits == 4:
-            y = F.linear(x, self.dequantized())  # prefill: a real GEMM beats the GEMV-style kernels
+            y = self._dequant_matmul(x)  # prefill: a real GEMM beats the GEMV-style kernels
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         if self.bias is not None:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 import qwen2
@@ -79,6 +80,18 @@ def test_quant_linear_matches_dequantized(bits, group, sym, dtype, rows):
         assert bool(((plain - ref[0]).abs() <= bound).all()), ((plain - ref[0]).abs() - bound).max()
     for name, out in outs.items():
         torch.testing.assert_close(out, ref, atol=tol * ref.abs().max().item(), rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("bits,sym", [(8, True), (4, True), (4, False)])
+def test_prefill_dequantizes_in_row_blocks(bits, sym):
+    """Many rows take dequantize + GEMM a block of output rows at a time (bounded scratch memory):
+    the blocks (the last one short) must add up to the whole product."""
+    lin = torch.nn.Linear(8192, 300, bias=True)  # 128 rows a block: 128 + 128 + 44
+    ql = QuantLinear.from_linear(lin, bits, 32, torch.float32, sym=sym)
+    x = torch.randn(40, 8192)
+    ref = F.linear(x, ql.dequantized(), ql.bias)
+    torch.testing.assert_close(ql(x), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ql.dequantized(slice(128, 256)), ql.dequantized()[128:256])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
