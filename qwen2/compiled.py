@@ -31,11 +31,15 @@ from torch import nn
 from .memory import hugepage_weights, trim
 from .quant import PackedLinear, QuantLinear, gemv_input, kernels_ready
 
-# Attention spans the cache in blocks of this many slots (fewer distinct shapes to guard on).
-SLOT_BLOCK = 256
+# Attention spans the cache in blocks of this many slots: new views of the cache only every
+# SLOT_BLOCK tokens, and at most SLOT_BLOCK - 1 empty slots read per step.
+SLOT_BLOCK = 64
 # Inductor recomputes cheap pointwise producers inside their consumers. A GEMV consumer would then
 # redo the RMSNorm for every output row; realizing anything over a few ops keeps it to one pass.
-_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
+# Guards on the model's modules (~300 parameters) cost ~1 ms a step to check; the step checks the
+# model's structure itself instead (CompiledDecode._unchanged), so they are skipped.
+_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8,
+                     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 class GemvLinear(nn.Linear):
@@ -80,24 +84,42 @@ class CompiledDecode:
     def __init__(self, model):
         self.model = model
         self.calls = 0
+        self._watch = _structure(model)
         # Dynamo keeps compiled graphs per code object, with a small limit: give each instance
         # its own code object, so that several models in one process never share (or exhaust) it.
         code = _step.__code__.replace(co_name=f"decode_step_{id(self):x}")
         self.step_fn = types.FunctionType(code, _step.__globals__, code.co_name)
         self._fn = torch.compile(self.step_fn, options=_INDUCTOR_OPTIONS)
 
+    def _unchanged(self) -> bool:
+        attrs, items = self._watch
+        return (all(getattr(o, a) is v for o, a, v in attrs)
+                and all(d.get(k) is v for d, k, v in items))
+
     def __call__(self, ids, cache):
+        if not self._unchanged():
+            # modules, weights or the attention kernel were swapped after compiling: the traced
+            # step no longer describes this model (its module guards are off, see above)
+            print("qwen2: the model changed after compile_decode; decoding eagerly "
+                  "(call compile_decode again to recompile)", file=sys.stderr)
+            self.model.decode_step = None
+            return self.model(ids, cache=cache, logits_to_keep=1)
         n = cache.length
         if n + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {n} + 1 tokens > {cache.max_len}")
         span = min(cache.max_len, -(-(n + 1) // SLOT_BLOCK) * SLOT_BLOCK)
         pos = cache.next_pos[:, None].clone()
-        k = [t[:, :, :span] for t in cache.k]
-        v = [t[:, :, :span] for t in cache.v]
+        views = getattr(cache, "_step_views", None)
+        if views is None or views[0] != span:
+            # fixed view objects per span, kept on the cache (they live and die with it)
+            k = [t[:, :, :span] for t in cache.k]
+            v = [t[:, :, :span] for t in cache.v]
+            for t in k + v:
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+            cache._step_views = views = (span, k, v)
+        _, k, v = views
         cache.positions[:, n] = pos[:, 0]
         kpos = cache.positions[:, :span].contiguous()  # a copy: the same strides at every span
-        for t in k + v:
-            torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(kpos, 1)
         try:
             logits = self._fn(self.model, ids, pos, torch.tensor([n]), k, v, kpos)
@@ -115,6 +137,20 @@ class CompiledDecode:
         cache.length = n + 1
         cache.next_pos = pos[:, 0] + 1
         return logits
+
+
+def _structure(model) -> tuple[list, list]:
+    """What the traced step was specialized on, as (object, attribute, value) and (dict, key,
+    value) triples: the rotary, each attention kernel, each module in its parent, each parameter
+    and buffer."""
+    attrs = [(model, "rotary", model.rotary)]
+    items = []
+    for mod in model.modules():
+        for table in (mod._modules, mod._parameters, mod._buffers):
+            items += [(table, name, value) for name, value in table.items()]
+        if hasattr(mod, "attn_fn"):
+            attrs.append((mod, "attn_fn", mod.attn_fn))
+    return attrs, items
 
 
 def can_compile(model) -> str | None:
@@ -151,9 +187,9 @@ def compile_decode(model, hugepages: bool = True):
                 g = GemvLinear.__new__(GemvLinear)
                 g.__dict__.update(child.__dict__)  # same parameters, same names: no copy
                 setattr(mod, name, g)
-    model.decode_step = CompiledDecode(model)
     if hugepages:
         hugepage_weights(model)  # also trims the heap (the unfused projections)
     else:
         trim()
+    model.decode_step = CompiledDecode(model)  # after the moves: it records the final tensors
     return model

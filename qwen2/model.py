@@ -89,6 +89,20 @@ def sdpa_attention(q, k, v, mask, is_causal: bool, q_pos=None, k_pos=None):
     q_pos [B, T] / k_pos [B, S] are the rotary positions (unused here; variants such as logn
     attention need them)."""
     b, h, t, d = q.shape
+    if t == 1 and torch.compiler.is_compiling():
+        # Traced decode step: spelled out, so Inductor fuses scores, softmax and the weighted sum
+        # into the layer's generated code (the sdpa kernel costs ~50 us a call at this size).
+        kv, n = k.shape[1], k.shape[2]
+        # q held in memory: otherwise its rotary is recomputed for every key in the product below
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
+        qf = torch.ops.prims.inductor_force_stride_order(
+            q.reshape(b, kv, h // kv, 1, d).float() * d ** -0.5, (h * d, (h // kv) * d, d, d, 1))
+        s = (qf * k[:, :, None].float()).sum(-1)  # [B, KV, G, S]
+        if mask is not None:
+            s = s.masked_fill(~mask.reshape(b, 1, 1, n), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        o = (p[..., None] * v[:, :, None].float()).sum(-2)  # [B, KV, G, D]
+        return o.to(q.dtype).reshape(b, h, 1, d)
     if k.shape[1] != h and t == 1:
         # One query per row: fold each group's query heads onto its KV head, so the cache is read
         # in place instead of copied once per query head.

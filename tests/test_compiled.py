@@ -101,6 +101,39 @@ def test_compile_failure_falls_back_to_eager(tiny_ckpt, capsys):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_model_changed_after_compile_decodes_eagerly(tiny_ckpt, capsys):
+    """The traced step skips Dynamo's module guards (~1 ms a step); it checks the structure itself:
+    a weight replaced after compiling must not be decoded with the stale graph."""
+    eager = qwen2.load_model(tiny_ckpt[1], dtype="float32")
+    comp = compile_decode(copy.deepcopy(eager))
+    ids = torch.tensor([[1, 2, 3]])
+    _steps(comp, ids, 3)
+    assert comp.decode_step.calls == 3
+    for m in (eager, comp):  # the same new weight in both (comp's is fused, so its own layout)
+        mlp = m.model.layers[1].mlp
+        mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight * -2, requires_grad=False)
+    ref, _ = _steps(eager, ids, 4)
+    got, _ = _steps(comp, ids, 4)
+    assert comp.decode_step is None and "changed after compile_decode" in capsys.readouterr().err
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_interleaved_caches(tiny_ckpt):
+    """Two generations stepped alternately (each cache keeps its own views of itself)."""
+    eager = qwen2.load_model(tiny_ckpt[1], dtype="float32")
+    comp = compile_decode(copy.deepcopy(eager))
+    prompts = [torch.tensor([[4, 5, 6]]), torch.tensor([[70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])]
+    refs = [_steps(eager, p, 12)[0] for p in prompts]
+    caches = [comp.new_cache(1, 64) for _ in prompts]
+    outs = [[comp(p, cache=c, logits_to_keep=1)] for p, c in zip(prompts, caches)]
+    for _ in range(12):
+        for out, c in zip(outs, caches):
+            out.append(comp(out[-1][:, -1:].argmax(-1), cache=c, logits_to_keep=1))
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(torch.cat(out, 1), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+    assert comp.decode_step.calls == 24
+
+
 def test_cli_generate_compile_flag(ckpt, llm):
     """`--compile` on the command line: same greedy text as the eager API, and no fallback note."""
     from test_cli import qwen2_cmd
