@@ -13,6 +13,17 @@
         it is); y float32, x's shape with K replaced by N: y[n] = sum_k weight[n, k] * x[k], fp32
         accumulation (any other weight or x dtype is an error). Bias is the caller's.
 
+    torch.ops.qwen2.f32_linear(x, packed, N, bias) -> y
+        x float32 [..., K] (any number of rows); packed float32 [ceil(N/16), K, 16], an fp32
+        [N, K] weight in k16 blocks (f32_pack: block b holds columns 16b..16b+15, the 16 values of
+        one k side by side, zero padding); bias float32 [N] or None; y float32 [..., N] = x @ W.T + bias.
+        One layout for one row (a bandwidth-bound stream of each block) and for batches and
+        prefill (register-tiled, compute-bound), so one copy of the weights serves both.
+
+Numerics (f32_linear): every output is one fp32 accumulation over k in order (FMA on the SIMD
+paths), then + bias: the same operations for any number of rows, so a row's result is bit for bit
+the same whatever else is in the batch. |y - exact| <= (K + 1) * 2^-24 * (sum_k |w_nk x_k| + |b_n|).
+
 Numerics (bf16_gemv): no quantization. A bf16 x meets the weights in bf16 pairs (AVX512-BF16
 vdpbf16ps: the products are exact in fp32, sums rounded to fp32; like a bf16 GEMM with fp32
 accumulation); an fp32 x is used as it is, the weights widened exactly to fp32 (AVX512F / AVX2
@@ -102,7 +113,12 @@ def _register_fake(ns: str) -> None:
         torch._check(weight.dtype == torch.bfloat16, lambda: f"bf16_gemv: weight must be bfloat16, got {weight.dtype}")
         return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
 
+    def f32_fake(x, packed, N, bias):
+        torch._check(packed.dim() == 3 and packed.shape[2] == 16, lambda: "f32_linear: packed must be [ceil(N/16), K, 16]")
+        return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
+
     torch.library.register_fake(f"{ns}::bf16_gemv")(bf16_fake)
+    torch.library.register_fake(f"{ns}::f32_linear")(f32_fake)
     torch.library.register_fake(f"{ns}::int8_gemv")(int8_fake)
     torch.library.register_fake(f"{ns}::int4_gemv")(int4_fake)
 
@@ -160,3 +176,35 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y float32 [..., N] = (x [K] or [1, K], bf16/fp32) @ (weight bf16 [N, K]).T, fp32 accumulation."""
     return torch.ops.qwen2.bf16_gemv(x, weight)
+
+
+def f32_pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """An fp32 [N, K] weight (any float dtype is widened) in f32_linear's k16 blocks:
+    [ceil(N/16), K, 16], block b = columns 16b..16b+15, zero padded. Row n of the weight is
+    packed[n // 16, :, n % 16] (f32_unpack_rows). `out`: a float32 [ceil(N/16), K, 16] tensor to
+    pack into (no temporary copy of the weight)."""
+    n, k = weight.shape
+    nb = -(-n // 16)
+    if out is None:
+        out = torch.empty(nb, k, 16, dtype=torch.float32, device=weight.device)
+    elif out.shape != (nb, k, 16) or out.dtype != torch.float32:
+        raise ValueError(f"f32_pack: out must be float32 {[nb, k, 16]}, got {out.dtype} {list(out.shape)}")
+    w, full = weight.detach(), n // 16
+    with torch.no_grad():
+        if full:
+            out[:full].copy_(w[:full * 16].reshape(full, 16, k).transpose(1, 2))
+        if full < nb:
+            out[full].zero_()
+            out[full, :, :n - full * 16].copy_(w[full * 16:].T)
+    return out
+
+
+def f32_unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (any shape of ids) of the weight packed by f32_pack: [*rows.shape, K]
+    (an embedding lookup straight from a tied lm_head's packed weight)."""
+    return torch.ops.qwen2.f32_rows(packed, rows)
+
+
+def f32_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y float32 [..., N] = x [..., K] @ W.T (+ bias) for W packed by f32_pack (see module doc)."""
+    return torch.ops.qwen2.f32_linear(x, packed, n, bias)

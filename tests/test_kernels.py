@@ -345,6 +345,171 @@ def test_bf16_threads_agree(ops):
     assert torch.equal(a, b)
 
 
+# ----------------------------------------------------------------------------- fp32 (packed, any rows)
+# f32_linear: every output is one recursive fp32 sum over k (FMA: one rounding per step; scalar:
+# product then sum), then + bias, so (Higham, dot products) with gamma_n = n u / (1 - n u):
+#     |y - exact| <= gamma_{K+1} * (sum_k |w_nk x_mk| + |b_n|)
+F32_SHAPES = [(1, 1), (16, 896), (37, 896), (9, 4864), (100, 64), (17, 5), (130, 33), (1152, 896)]
+
+
+def check_f32(y, x, w, b=None):
+    xd, wd = x.double().reshape(-1, x.shape[-1]), w.double()
+    K = w.shape[1]
+    exact = xd @ wd.T + (0 if b is None else b.double())
+    mag = xd.abs() @ wd.abs().T + (0 if b is None else b.double().abs())
+    gamma = (K + 1) * U / (1 - (K + 1) * U)
+    err = (y.double().reshape(exact.shape) - exact).abs()
+    assert bool((err <= gamma * mag).all()), f"max excess {(err - gamma * mag).max().item():.3g}"
+
+
+@pytest.mark.parametrize("N,K", F32_SHAPES)
+def test_f32_linear(ops, N, K):
+    g = torch.Generator().manual_seed(N * 17 + K)
+    w = torch.randn(N, K, generator=g) * 0.05
+    b = torch.randn(N, generator=g)
+    packed = kernels.f32_pack(w)
+    assert packed.shape == (-(-N // 16), K, 16)
+    for M in (1, 2, 5, 6, 7, 13, 16, 40):
+        x = torch.randn(M, K, generator=g) * 3
+        for bias in (None, b):
+            y = ops.f32_linear(x, packed, N, bias)
+            assert y.dtype == torch.float32 and y.shape == (M, N)
+            check_f32(y, x, w, bias)
+            # the same operations whatever the batch: each row alone gives its batched result exactly
+            if M in (7, 16):
+                assert torch.equal(torch.cat([ops.f32_linear(x[i:i + 1], packed, N, bias) for i in range(M)]), y)
+    x = torch.randn(2, 3, K, generator=g)
+    y = ops.f32_linear(x, packed, N, b)
+    assert y.shape == (2, 3, N)
+    check_f32(y, x, w, b)
+
+
+def test_f32_exact_on_small_integers(ops):
+    g = torch.Generator().manual_seed(3)
+    for N, K, M in ((13, 896, 1), (35, 1000, 9), (3, 77, 16)):
+        x = torch.randint(-8, 9, (M, K), generator=g).float()
+        w = torch.randint(-100, 101, (N, K), generator=g).float()
+        b = torch.randint(-1000, 1000, (N,), generator=g).float()
+        assert torch.equal(ops.f32_linear(x, kernels.f32_pack(w), N, b).double(), x.double() @ w.double().T + b.double())
+
+
+def test_f32_pack_rows_and_views(ops):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(100, 37, generator=g)
+    packed = kernels.f32_pack(w)
+    assert torch.equal(packed[-1, :, 100 % 16:], torch.zeros(37, 16 - 100 % 16))  # zero padding
+    ids = torch.tensor([[0, 99, 17], [5, 5, 64]])
+    assert torch.equal(kernels.f32_unpack_rows(packed, ids), w[ids])
+    assert torch.equal(ops.f32_rows(packed, torch.arange(100)), w)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.f32_rows(packed, torch.tensor([112]))
+    # a strided x is read through .contiguous(); bf16 weights are widened when packed
+    x = torch.randn(4, 74, generator=g)[:, ::2]
+    check_f32(ops.f32_linear(x, packed, 100, None), x, w)
+    wb = w.to(torch.bfloat16)
+    check_f32(ops.f32_linear(x, kernels.f32_pack(wb), 100, None), x, wb.float())
+    assert ops.f32_linear(torch.randn(0, 37), packed, 100, None).shape == (0, 100)
+
+
+def test_f32_bad_inputs(ops):
+    packed = kernels.f32_pack(torch.randn(20, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.f32_linear(torch.randn(2, 8).double(), packed, 20, None)
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.f32_linear(torch.randn(2, 8), packed, 33, None)
+    with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., 8\]"):
+        ops.f32_linear(torch.randn(2, 9), packed, 20, None)
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.f32_linear(torch.randn(2, 8), torch.randn(20, 8), 20, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.f32_linear(torch.randn(2, 8), packed, 20, torch.randn(19))
+
+
+def test_f32_threads_agree(ops):
+    g = torch.Generator().manual_seed(9)
+    w, x = torch.randn(3000, 896, generator=g), torch.randn(16, 896, generator=g)
+    packed = kernels.f32_pack(w)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = ops.f32_linear(x, packed, 3000, None), ops.f32_linear(x[:1], packed, 3000, None)
+        torch.set_num_threads(2)
+        b = ops.f32_linear(x, packed, 3000, None), ops.f32_linear(x[:1], packed, 3000, None)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- serving helpers
+def test_silu_mul(ops):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 2 * 1000, generator=g) * 6
+    x[0, :12] = torch.tensor([-120.0, -100.0, -87.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 88.0, 1e4, -1e4, 3.0])
+    y = ops.silu_mul(x)
+    gate, up = x.double().chunk(2, -1)
+    ref = gate * torch.sigmoid(gate) * up
+    assert y.shape == (7, 1000)
+    # exp within 2 ulp, the reciprocal within 2, three products: 8 ulp of the result (normal range)
+    err = (y.double() - ref).abs()
+    assert bool((err <= 8 * U * ref.abs() + 2.0 ** -126).all()), (err - 8 * U * ref.abs()).max()
+    assert ops.silu_mul(x[:, :10].contiguous()).shape == (7, 5)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.silu_mul(torch.randn(3, 5))
+
+
+def test_rms_norm(ops):
+    g = torch.Generator().manual_seed(3)
+    for D in (896, 64, 7):
+        x, w = torch.randn(5, D, generator=g) * 10, torch.randn(D, generator=g)
+        y = ops.rms_norm(x, w, 1e-6)
+        xd = x.double()
+        ref = w.double() * (xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6))
+        torch.testing.assert_close(y.double(), ref, rtol=(D / 16 + 8) * U, atol=0)
+    assert torch.equal(ops.rms_norm(torch.zeros(2, 8), torch.ones(8), 1e-6), torch.zeros(2, 8))
+
+
+def test_argmax_rows(ops):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 1000, generator=g)
+    x[1, 10] = x[1, 990] = 100.0            # a tie: the first index
+    x[2, 995] = 200.0                        # past n: not picked
+    x[3] = float("-inf")                     # nothing finite: 0, as torch.argmax
+    x[4, 3] = x[4, 19] = x[4, 35] = 50.0     # a tie within one SIMD lane's residue class and across lanes
+    x[5, :5] = 9.0
+    for n in (1000, 990, 17, 5, 1):
+        assert torch.equal(ops.argmax_rows(x, n), x[:, :n].argmax(-1)), n
+    wide = torch.randn(3, 2000, generator=g)
+    view = wide[:, 500:1500]                 # strided rows
+    assert torch.equal(ops.argmax_rows(view, 1000), view.argmax(-1))
+    with pytest.raises(RuntimeError, match="n must be"):
+        ops.argmax_rows(x, 1001)
+
+
+@pytest.mark.parametrize("D,H,KV", [(64, 14, 2), (128, 8, 8), (48, 4, 2), (8, 2, 1)])
+def test_paged_attention(ops, D, H, KV):
+    """Decode attention read in place from pool slots equals SDPA over the gathered keys, with
+    and without a sliding window, rows of different lengths (padding slots ignored)."""
+    g = torch.Generator().manual_seed(D + H)
+    pool_k, pool_v = torch.randn(300, KV, D, generator=g), torch.randn(300, KV, D, generator=g)
+    lens = torch.tensor([1, 17, 40, 33, 64, 16])
+    slots = torch.randint(0, 300, (6, 64), generator=g)
+    slots[0, 1:] = 10 ** 9                   # never read: past the row's length
+    q = torch.randn(6, H, D, generator=g) * 2
+    for window in (0, 10):
+        out = ops.paged_attention(q, pool_k, pool_v, slots, lens, D ** -0.5, window)
+        for i in range(6):
+            L = int(lens[i])
+            s0 = max(0, L - window) if window else 0
+            k, v = pool_k[slots[i, s0:L]].transpose(0, 1), pool_v[slots[i, s0:L]].transpose(0, 1)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[i].double().view(KV, H // KV, D), k.double(), v.double()).reshape(H, D)
+            torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="lens"):
+        ops.paged_attention(q, pool_k, pool_v, slots, torch.tensor([0, 1, 1, 1, 1, 1]), 1.0, 0)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.paged_attention(q, pool_k, pool_v, slots, torch.tensor([2, 1, 1, 1, 1, 1]), 1.0, 0)
+
+
 # ----------------------------------------------------------------------------- API and compile
 def test_python_api():
     assert kernels.available(), kernels.unavailable_reason()

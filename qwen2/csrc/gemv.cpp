@@ -20,6 +20,7 @@
 // split over torch's intra-op threads.
 //
 // bf16_gemv (below) does not quantize: fp32 accumulation of bf16 weights times a bf16/fp32 x.
+// f32_linear (below): fp32 weights in a packed layout, any number of rows (one-row decode and batches).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
@@ -697,6 +698,484 @@ at::Tensor bf16_gemv(const at::Tensor& x_, const at::Tensor& weight) {
   return y;
 }
 
+// ----------------------------------------------------------------------------- fp32, any rows
+// f32_linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for fp32 x [M, K] and a weight packed
+// (kernels.f32_pack) into k16 blocks, [ceil(N/16), K, 16]: block b holds columns 16b..16b+15, the
+// 16 values of one k side by side, k after k (padding columns are zero). One layout serves every
+// row count: a block is one contiguous stream of K * 64 bytes, read once per call whether for one
+// row (one decoding request: bound by memory bandwidth) or for many (a batch: each weight vector
+// loaded meets MR rows of x, broadcast, in MR x NV register accumulators: bound by the FMA units).
+//
+// Numerics: each y[m, n] is one fp32 accumulation over k in order 0..K-1 (FMA on the SIMD paths;
+// multiply then add on the scalar one), then + bias. The operations are the same whatever M and
+// however the rows are tiled, so a row's result does not depend on the other rows of the batch
+// (bit for bit within one build). Error: sequential summation,
+//     |y - exact| <= (K + 1) * 2^-24 * (sum_k |w_nk x_mk| + |bias_n|)  (to first order).
+constexpr int64_t F32_BLOCK = 16;
+
+#if defined(QWEN2_AVX512)
+// Tiles (rows x 16-column blocks): batches 8 x 2 (16 accumulators, 2 weight loads and 8
+// broadcasts per 16 FMAs; measured here against 6x4, 8x1, 8x3, 12x2, 14x2: within 2% of the best
+// at 16 rows (~175 GFLOP/s on 2 cores, where 16 rows also stream the weights at ~22 GB/s) and at
+// 512 (~220 GFLOP/s, oneDNN's speed)), one row 1 x 4 (four independent FMA chains, four streams:
+// ~33 GB/s, the measured stream bandwidth).
+constexpr int F32_MR = 8, F32_NV = 2, F32_NV1 = 4;
+template <int MR, int NV>
+inline void f32_tile(const float* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy,
+                     int64_t nvalid, const float* bias) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + (v * K + k) * 16);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * ldx + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = std::min<int64_t>(16, nvalid - 16 * v);
+    if (left <= 0) break;
+    const __mmask16 mk = (__mmask16)((1u << left) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * v) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+      const __m512 r = bias ? _mm512_add_ps(acc[m][v], b) : acc[m][v];
+      _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mk, r);
+    }
+  }
+}
+#elif defined(QWEN2_AVX2)
+// a 16-column block is two 8-lane registers: batches 6 x 1 (12 accumulators), one row 1 x 4
+constexpr int F32_MR = 6, F32_NV = 1, F32_NV1 = 4;
+template <int MR, int NV>
+inline void f32_tile(const float* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy,
+                     int64_t nvalid, const float* bias) {
+  __m256 acc[MR][2 * NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < 2 * NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wv[2 * NV];
+    for (int v = 0; v < 2 * NV; ++v) wv[v] = _mm256_loadu_ps(w + ((v / 2) * K + k) * 16 + 8 * (v % 2));
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xb = _mm256_set1_ps(x[m * ldx + k]);
+      for (int v = 0; v < 2 * NV; ++v) acc[m][v] = _mm256_fmadd_ps(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) float t[16 * NV];
+    for (int v = 0; v < 2 * NV; ++v) _mm256_store_ps(t + 8 * v, acc[m][v]);
+    const int64_t n = std::min<int64_t>(16 * NV, nvalid);
+    for (int64_t j = 0; j < n; ++j) y[m * ldy + j] = bias ? t[j] + bias[j] : t[j];
+  }
+}
+#else
+constexpr int F32_MR = 4, F32_NV = 1, F32_NV1 = 1;
+template <int MR, int NV>
+inline void f32_tile(const float* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy,
+                     int64_t nvalid, const float* bias) {
+  float acc[MR][16 * NV] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int m = 0; m < MR; ++m) {
+      const float xv = x[m * ldx + k];
+      for (int v = 0; v < NV; ++v)
+        for (int j = 0; j < 16; ++j) acc[m][16 * v + j] += xv * w[(v * K + k) * 16 + j];
+    }
+  const int64_t n = std::min<int64_t>(16 * NV, nvalid);
+  for (int m = 0; m < MR; ++m)
+    for (int64_t j = 0; j < n; ++j) y[m * ldy + j] = bias ? acc[m][j] + bias[j] : acc[m][j];
+}
+#endif
+
+// rows r < R of a column tile: f32_tile<r, NV>
+template <int NV, int R>
+inline void f32_rest(const float* w, int64_t K, const float* x, float* y, int64_t N, int64_t nvalid,
+                     const float* bias, int64_t r) {
+  if constexpr (R >= 1) {
+    if (r == R) return f32_tile<R, NV>(w, K, x, K, y, N, nvalid, bias);
+    f32_rest<NV, R - 1>(w, K, x, y, N, nvalid, bias, r);
+  }
+}
+
+// all M rows against NV blocks (columns 16 * NV from the tile's first): the weights of the tile
+// stay in cache while the rows go by
+template <int MR, int NV>
+void f32_cols(const float* w, int64_t K, const float* x, int64_t M, float* y, int64_t N, int64_t nvalid,
+              const float* bias) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) f32_tile<MR, NV>(w, K, x + m * K, K, y + m * N, N, nvalid, bias);
+  if (m < M) f32_rest<NV, MR - 1>(w, K, x + m * K, y + m * N, N, nvalid, bias, M - m);
+}
+
+template <int MR, int NV>
+void f32_run(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias, float* y) {
+  const int64_t NB = (N + F32_BLOCK - 1) / F32_BLOCK, tiles = (NB + NV - 1) / NV;
+  // at least ~64 KiB of weights per task, so that small matrices do not pay for a fork
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NV * K * 64));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b0 = t * NV, c0 = b0 * F32_BLOCK;
+      const float* w = wp + b0 * K * F32_BLOCK;
+      const float* bs = bias ? bias + c0 : nullptr;
+      if (b0 + NV <= NB) {
+        f32_cols<MR, NV>(w, K, x, M, y + c0, N, std::min<int64_t>(N - c0, NV * F32_BLOCK), bs);
+      } else {
+        for (int64_t b = b0; b < NB; ++b) {
+          const int64_t c = b * F32_BLOCK;
+          f32_cols<MR, 1>(wp + b * K * F32_BLOCK, K, x, M, y + c, N, std::min<int64_t>(N - c, F32_BLOCK),
+                          bias ? bias + c : nullptr);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor f32_linear(const at::Tensor& x_, const at::Tensor& packed, int64_t N, const std::optional<at::Tensor>& bias_) {
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 3 && packed.size(2) == F32_BLOCK,
+              "f32_linear: packed must be float32 [ceil(N/16), K, 16] (kernels.f32_pack), got ",
+              packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(packed.device().is_cpu() && x_.device().is_cpu(), "f32_linear: CPU tensors only");
+  const int64_t K = packed.size(1);
+  TORCH_CHECK(N >= 0 && (N + F32_BLOCK - 1) / F32_BLOCK == packed.size(0), "f32_linear: N = ", N,
+              " does not match packed ", packed.sizes());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat, "f32_linear: x must be float32, got ", x_.scalar_type());
+  TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) == K, "f32_linear: x must be [..., ", K, "], got ", x_.sizes());
+  at::Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    bias = bias_->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == N && bias.device().is_cpu(),
+                "f32_linear: bias must be float32 [N]");
+  }
+  const at::Tensor x = x_.contiguous(), W = packed.contiguous();
+  at::Tensor y = at::empty(out_shape(x_, N), x_.options());
+  if (y.numel() == 0) return y;
+  const int64_t M = y.numel() / N;
+  if (K == 0) return bias.defined() ? y.copy_(bias.expand_as(y)) : y.zero_();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (M == 1)
+    f32_run<1, F32_NV1>(x.data_ptr<float>(), 1, K, W.data_ptr<float>(), N, bp, y.data_ptr<float>());
+  else
+    f32_run<F32_MR, F32_NV>(x.data_ptr<float>(), M, K, W.data_ptr<float>(), N, bp, y.data_ptr<float>());
+  return y;
+}
+
+// ----------------------------------------------------------------------------- serving helpers
+// Small fp32 ops of a serving step that torch runs slowly at these shapes (each a handful of
+// dispatches, strided views or a single-threaded reduction): decode attention straight from the
+// paged KV pool, silu(gate) * up, RMSNorm and the greedy argmax.
+
+#if defined(QWEN2_AVX512)
+// exp(x) for x <= 0 (softmax terms, silu's exp(-|g|)), Cephes' expf: Cody-Waite reduction by
+// ln 2, degree-6 polynomial, scaled by 2^n (vscalefps, denormal results included); within 2 ulp
+// of the correctly rounded result on the normal range; 0 below -104 (where expf is 0).
+inline __m512 exp_neg_ps(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-104.f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  y = _mm512_scalef_ps(y, fx);
+  return _mm512_maskz_mov_ps(~tiny, y);
+}
+
+// lane i of the result = the sum of the 16 lanes of a[T[i]], T = the 4 x 4 transpose
+// (0 4 8 12 1 5 ...); T is its own inverse, so a caller that puts vector t at a[T[t]] gets lane t
+// = sum of its vector t (15 adds for 16 sums instead of 16 separate reductions)
+constexpr int kT16[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+inline __m512 reduce16(const __m512* a) {
+  __m512 c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit quarters
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    e[i] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0x44), _mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+}
+#endif
+
+// out[m, j] = silu(x[m, j]) * x[m, F + j] for x [M, 2F] (a fused gate/up projection's output);
+// silu(g) = g / (1 + exp(-g)) as torch computes it
+at::Tensor silu_mul(const at::Tensor& x_) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "silu_mul: x must be float32 on the CPU");
+  TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) % 2 == 0, "silu_mul: the last dimension must be even, got ", x_.sizes());
+  const at::Tensor x = x_.contiguous();
+  const int64_t F = x.size(-1) / 2, M = F ? x.numel() / (2 * F) : 0;
+  at::Tensor y = at::empty(out_shape(x_, F), x_.options());
+  if (y.numel() == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M * F, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {
+      const int64_t m = i / F, j = i % F, n = std::min(i1 - i, F - j);
+      const float* g = xp + m * 2 * F + j;
+      const float* u = g + F;
+      float* o = yp + i;
+      int64_t t = 0;
+#if defined(QWEN2_AVX512)
+      for (; t + 16 <= n; t += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + t);
+        // exp(-g) for g >= 0; for g < 0, exp(-g) = 1 / exp(g)
+        const __m512 e = exp_neg_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+        const __mmask16 neg = _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ);
+        // g >= 0: g / (1 + e);  g < 0: g / (1 + 1/e) = g * e / (e + 1); 1 / (1 + e) (in [1/2, 1])
+        // by a 14-bit reciprocal and one Newton step (within 2 ulp)
+        const __m512 den = _mm512_add_ps(e, _mm512_set1_ps(1.f));
+        __m512 r = _mm512_rcp14_ps(den);
+        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.f)));
+        const __m512 num = _mm512_mask_mul_ps(gv, neg, gv, e);
+        _mm512_storeu_ps(o + t, _mm512_mul_ps(_mm512_mul_ps(num, r), _mm512_loadu_ps(u + t)));
+      }
+#endif
+      for (; t < n; ++t) o[t] = g[t] / (1.f + std::exp(-g[t])) * u[t];
+      i += n;
+    }
+  });
+  return y;
+}
+
+// y = weight * (x * rsqrt(mean(x^2) + eps)) over the last dimension (the model's RMSNorm, fp32)
+at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && w_.scalar_type() == at::kFloat && x_.device().is_cpu() &&
+              w_.device().is_cpu(), "rms_norm: float32 CPU tensors only");
+  const int64_t D = w_.numel();
+  TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) == D, "rms_norm: x must be [..., ", D, "], got ", x_.sizes());
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t M = D ? x.numel() / D : 0;
+  if (M == 0 || D == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / D), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = xp + m * D;
+      float* o = yp + m * D;
+      int64_t k = 0;
+      float ss = 0.f;
+#if defined(QWEN2_AVX512)
+      __m512 a = _mm512_setzero_ps();
+      for (; k + 16 <= D; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(r + k), a);
+      ss = hsum(a);
+#endif
+      for (; k < D; ++k) ss += r[k] * r[k];
+      const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
+      k = 0;
+#if defined(QWEN2_AVX512)
+      const __m512 iv = _mm512_set1_ps(inv);
+      for (; k + 16 <= D; k += 16)
+        _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_loadu_ps(wp + k), _mm512_mul_ps(_mm512_loadu_ps(r + k), iv)));
+#endif
+      for (; k < D; ++k) o[k] = wp[k] * (r[k] * inv);
+    }
+  });
+  return y;
+}
+
+// rows ids of the weight packed by f32_pack: out[..., k] = packed[id / 16, k, id % 16]
+at::Tensor f32_rows(const at::Tensor& packed_, const at::Tensor& ids_) {
+  TORCH_CHECK(packed_.scalar_type() == at::kFloat && packed_.dim() == 3 && packed_.size(2) == F32_BLOCK,
+              "f32_rows: packed must be float32 [NB, K, 16]");
+  TORCH_CHECK(ids_.scalar_type() == at::kLong, "f32_rows: ids must be int64");
+  const at::Tensor packed = packed_.contiguous(), ids = ids_.contiguous();
+  const int64_t K = packed.size(1), rows = packed.size(0) * F32_BLOCK, n = ids.numel();
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(K);
+  at::Tensor out = at::empty(shape, packed.options());
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "f32_rows: id ", ip[i], " out of range");
+  const float* pp = packed.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* src = pp + (ip[i] / F32_BLOCK) * K * F32_BLOCK + ip[i] % F32_BLOCK;
+      float* dst = op + i * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = src[k * F32_BLOCK];
+    }
+  });
+  return out;
+}
+
+// index of the first maximum of each row among its first n values (x [B, V], rows may be strided);
+// NaN is never picked (a row of NaNs gives 0)
+at::Tensor argmax_rows(const at::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "argmax_rows: x must be float32 [B, V]");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "argmax_rows: rows must be contiguous");
+  TORCH_CHECK(n >= 1 && n <= x.size(1), "argmax_rows: n must be in 1..", x.size(1));
+  const int64_t B = x.size(0), ld = x.stride(0);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / n), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* r = xp + b * ld;
+      float best = -INFINITY;
+      int64_t bi = 0, k = 0;
+#if defined(QWEN2_AVX512)
+      if (n >= 16) {
+        // per lane: the first maximum of its residue class; then the best lane, lowest index on ties
+        __m512 bv = _mm512_set1_ps(-INFINITY);
+        __m512i bidx = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        for (; k + 16 <= n; k += 16) {
+          const __m512 v = _mm512_loadu_ps(r + k);
+          const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);
+          bv = _mm512_mask_mov_ps(bv, gt, v);
+          bidx = _mm512_mask_mov_epi32(bidx, gt, idx);
+          idx = _mm512_add_epi32(idx, step);
+        }
+        alignas(64) float vv[16];
+        alignas(64) int32_t ii[16];
+        _mm512_store_ps(vv, bv);
+        _mm512_store_si512(ii, bidx);
+        for (int l = 0; l < 16; ++l)
+          if (vv[l] > best || (vv[l] == best && ii[l] < bi)) best = vv[l], bi = ii[l];
+      }
+#endif
+      for (; k < n; ++k)
+        if (r[k] > best) best = r[k], bi = k;
+      op[b] = bi;
+    }
+  });
+  return out;
+}
+
+// Decode attention over the paged KV pool: one query token per row, its keys and values read in
+// place from their pool slots (no gathered copy). q [n, H, D]; pools [slots, KV, D]; slots [n, S]
+// (row i's keys are at positions 0..lens[i]-1, entries past that are ignored); a query head j
+// reads KV head j / (H / KV). window > 0: only the last `window` positions (sliding window).
+// Per (row, KV head): scores q.k * scale for its H/KV query heads, softmax (max-subtracted, fp32),
+// then the probability-weighted sum of the values, divided by the probability sum at the end.
+at::Tensor paged_attention(const at::Tensor& q_, const at::Tensor& kpool, const at::Tensor& vpool,
+                           const at::Tensor& slots_, const at::Tensor& lens_, double scale, int64_t window) {
+  TORCH_CHECK(q_.scalar_type() == at::kFloat && kpool.scalar_type() == at::kFloat && vpool.scalar_type() == at::kFloat,
+              "paged_attention: float32 q and pools only");
+  TORCH_CHECK(q_.dim() == 3 && kpool.dim() == 3 && vpool.sizes() == kpool.sizes(), "paged_attention: q [n, H, D], pools [slots, KV, D]");
+  TORCH_CHECK(kpool.is_contiguous() && vpool.is_contiguous(), "paged_attention: pools must be contiguous");
+  const int64_t n = q_.size(0), H = q_.size(1), D = q_.size(2), KV = kpool.size(1), nslots = kpool.size(0);
+  TORCH_CHECK(kpool.size(2) == D && KV > 0 && H % KV == 0, "paged_attention: head dims do not match");
+  TORCH_CHECK(slots_.scalar_type() == at::kLong && slots_.dim() == 2 && slots_.size(0) == n, "paged_attention: slots must be int64 [n, S]");
+  TORCH_CHECK(lens_.scalar_type() == at::kLong && lens_.numel() == n, "paged_attention: lens must be int64 [n]");
+  const at::Tensor q = q_.contiguous(), slots = slots_.contiguous(), lens = lens_.contiguous();
+  const int64_t S = slots.size(1), G = H / KV;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= S, "paged_attention: lens[", i, "] = ", lp[i], " outside 1..", S);
+    for (int64_t s = 0; s < lp[i]; ++s)
+      TORCH_CHECK(sp[i * S + s] >= 0 && sp[i * S + s] < nslots, "paged_attention: slot out of range");
+  }
+  at::Tensor out = at::empty({n, H, D}, q_.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kpool.data_ptr<float>();
+  const float* vp = vpool.data_ptr<float>();
+  float* opt = out.data_ptr<float>();
+  const float sc = (float)scale;
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, 2 * S * D * G));
+  at::parallel_for(0, n * KV, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / KV, h = t % KV, len = lp[i];
+      const int64_t s0 = window > 0 ? std::max<int64_t>(0, len - window) : 0, L = len - s0;
+      const int64_t* rs = sp + i * S + s0;
+      p.resize(G * L + 16);
+#if defined(QWEN2_AVX512)
+      if (D % 16 == 0) {
+        // 16 keys at a time: 16 per-lane partial dot products, summed by one reduce16
+        for (int64_t j = 0; j < G; ++j) {
+          const float* qj = qp + (i * H + h * G + j) * D;
+          for (int64_t s = 0; s < L; s += 16) {
+            const int64_t nk = std::min<int64_t>(16, L - s);
+            __m512 a[16];
+            for (int t = 0; t < 16; ++t) {
+              __m512 acc = _mm512_setzero_ps();
+              if (t < nk) {
+                const float* k = kp + (rs[s + t] * KV + h) * D;
+                for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qj + d), _mm512_loadu_ps(k + d), acc);
+              }
+              a[kT16[t]] = acc;
+            }
+            _mm512_mask_storeu_ps(p.data() + j * L + s, (__mmask16)((1u << nk) - 1),
+                                  _mm512_mul_ps(reduce16(a), _mm512_set1_ps(sc)));
+          }
+        }
+      } else
+#endif
+      for (int64_t s = 0; s < L; ++s) {
+        const float* k = kp + (rs[s] * KV + h) * D;
+        for (int64_t j = 0; j < G; ++j) {
+          const float* qj = qp + (i * H + h * G + j) * D;
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += qj[d] * k[d];
+          p[j * L + s] = dot * sc;
+        }
+      }
+      for (int64_t j = 0; j < G; ++j) {
+        float* pj = p.data() + j * L;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t s = 0; s < L; ++s) mx = std::max(mx, pj[s]);
+        int64_t s = 0;
+#if defined(QWEN2_AVX512)
+        __m512 sv = _mm512_setzero_ps();
+        const __m512 mv = _mm512_set1_ps(mx);
+        for (; s + 16 <= L; s += 16) {
+          const __m512 e = exp_neg_ps(_mm512_sub_ps(_mm512_loadu_ps(pj + s), mv));
+          _mm512_storeu_ps(pj + s, e);
+          sv = _mm512_add_ps(sv, e);
+        }
+        sum = hsum(sv);
+#endif
+        for (; s < L; ++s) {
+          pj[s] = std::exp(pj[s] - mx);
+          sum += pj[s];
+        }
+        float* o = opt + (i * H + h * G + j) * D;
+        const float inv = 1.f / sum;
+        int64_t d = 0;
+#if defined(QWEN2_AVX512)
+        for (; d + 64 <= D; d += 64) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int64_t s2 = 0; s2 < L; ++s2) {
+            const float* v = vp + (rs[s2] * KV + h) * D + d;
+            const __m512 pv = _mm512_set1_ps(pj[s2]);
+            a0 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v), a0);
+            a1 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16), a1);
+            a2 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 32), a2);
+            a3 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 48), a3);
+          }
+          const __m512 iv = _mm512_set1_ps(inv);
+          _mm512_storeu_ps(o + d, _mm512_mul_ps(a0, iv));
+          _mm512_storeu_ps(o + d + 16, _mm512_mul_ps(a1, iv));
+          _mm512_storeu_ps(o + d + 32, _mm512_mul_ps(a2, iv));
+          _mm512_storeu_ps(o + d + 48, _mm512_mul_ps(a3, iv));
+        }
+        for (; d + 16 <= D; d += 16) {
+          __m512 a0 = _mm512_setzero_ps();
+          for (int64_t s2 = 0; s2 < L; ++s2)
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(pj[s2]), _mm512_loadu_ps(vp + (rs[s2] * KV + h) * D + d), a0);
+          _mm512_storeu_ps(o + d, _mm512_mul_ps(a0, _mm512_set1_ps(inv)));
+        }
+#endif
+        for (; d < D; ++d) {
+          float a = 0.f;
+          for (int64_t s2 = 0; s2 < L; ++s2) a += pj[s2] * vp[(rs[s2] * KV + h) * D + d];
+          o[d] = a * inv;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // ----------------------------------------------------------------------------- ops
 int64_t check_x(const at::Tensor& x, int64_t K, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": CPU tensors only");
@@ -796,6 +1275,12 @@ QWEN2_LIBRARY(QWEN2_NS, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor packed, int N, Tensor? bias) -> Tensor");
+  m.def("f32_rows(Tensor packed, Tensor ids) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("argmax_rows(Tensor x, int n) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor kpool, Tensor vpool, Tensor slots, Tensor lens, float scale, int window) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -803,4 +1288,10 @@ QWEN2_LIBRARY_IMPL(QWEN2_NS, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("bf16_gemv", &bf16_gemv);
+  m.impl("f32_linear", &f32_linear);
+  m.impl("f32_rows", &f32_rows);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("argmax_rows", &argmax_rows);
+  m.impl("paged_attention", &paged_attention);
 }
