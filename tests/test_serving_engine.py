@@ -94,14 +94,20 @@ def test_decode_only_step_matches_plain_forward(model):
 
 
 def test_prepared_model_engine_equals_plain_greedy(tmp_path_factory):
-    """The serving transforms (fused projections, oneDNN linears) keep greedy results: a batch
-    through the engine on the prepared model equals unbatched greedy on the plain model."""
-    from qwen2.serving.fast import OneDNNLinear, onednn_supported, prepare_for_serving
+    """The serving transforms (fused projections, packed fp32 linears, the tied embedding read from
+    the packed lm_head) keep greedy results: a batch through the engine on the prepared model
+    equals unbatched greedy on the plain model."""
+    from qwen2.serving.fast import F32Embedding, F32Linear, f32_supported, prepare_for_serving
     _, path = make_hf_checkpoint(tmp_path_factory.mktemp("prep"), TINY, seed=4, std=0.2)
     plain = qwen2.load_model(path, dtype="float32")
     fast = prepare_for_serving(qwen2.load_model(path, dtype="float32"))
-    swapped = sum(isinstance(m, OneDNNLinear) for m in fast.modules())
-    assert fast.fused and (swapped > 0) == onednn_supported(fast)
+    assert fast.fused and f32_supported(fast)
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert isinstance(fast.lm_head, F32Linear) and isinstance(fast.model.embed_tokens, F32Embedding)
+    assert fast.model.embed_tokens.packed is fast.lm_head.packed  # the vocabulary matrix, once
+    assert fast.dtype == torch.float32
+    ids = torch.tensor([[5, 0, 511, 17]])
+    assert torch.equal(fast.model.embed_tokens(ids), plain.model.embed_tokens(ids))
     ps = prompts(6, seed=8)
     refs = [greedy_reference(plain, p, 10) for p in ps]
     engine = Engine(fast, max_batch=6, max_model_len=64, block_size=4)

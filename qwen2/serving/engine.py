@@ -36,6 +36,18 @@ from .kv_cache import KVPool, PackedStep, SeqSlice, install_packed_attention
 log = logging.getLogger("qwen2.serving")
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and not p.logprobs and not p.top_logprobs)
+
+
+def _fast_argmax(logits: torch.Tensor) -> bool:
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(-1) != 1:
+        return False
+    from .. import kernels
+    return kernels.available()
+
+
 class EngineOverloaded(Exception):
     """The waiting queue is full (HTTP 429)."""
 
@@ -294,12 +306,19 @@ class Engine:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor):
         params = [r.params for r in reqs]
-        # Embedding rows past the tokenizer's vocabulary are padding: never sample them (as the
-        # offline loop does).
-        if self.n_valid is not None and self.n_valid < logits.shape[-1]:
-            logits[:, self.n_valid:] = float("-inf")
-        logits = process_logits(logits, params, [r.output_ids for r in reqs], [r.prompt_ids for r in reqs])
-        tokens, lp = sample(logits, params, [r.generator for r in reqs])
+        n_valid = self.n_valid if self.n_valid is not None and self.n_valid < logits.shape[-1] else logits.shape[-1]
+        if all(_plain_greedy(p) for p in params) and _fast_argmax(logits):
+            # Greedy without penalties or logprobs: the argmax over the valid vocabulary, which
+            # is all process_logits + sample would compute (torch's argmax is single-threaded
+            # and slow on [16, 151936]).
+            tokens, lp = torch.ops.qwen2.argmax_rows(logits, n_valid), None
+        else:
+            # Embedding rows past the tokenizer's vocabulary are padding: never sample them (as the
+            # offline loop does).
+            if n_valid < logits.shape[-1]:
+                logits[:, n_valid:] = float("-inf")
+            logits = process_logits(logits, params, [r.output_ids for r in reqs], [r.prompt_ids for r in reqs])
+            tokens, lp = sample(logits, params, [r.generator for r in reqs])
         now = time.monotonic()
         for i, (req, tok) in enumerate(zip(reqs, tokens.tolist())):
             if req.first_token_time is None:

@@ -103,6 +103,7 @@ class _Decode:
     q_pos: torch.Tensor       # [n, 1]
     k_pos: torch.Tensor       # [n, S_max] (-1 = padding)
     padded: bool              # some row is shorter than S_max
+    lens: torch.Tensor        # [n] keys per row (q_pos + 1)
 
 
 class PackedStep:
@@ -167,7 +168,7 @@ class PackedStep:
                 q_index=None if in_order else torch.tensor([t for t, _, _ in dec], device=device),
                 key_slots=slots.reshape(-1).to(device), n=n, s_max=smax,
                 q_pos=(lens_t - 1)[:, None].to(device),
-                k_pos=torch.where(valid, ar[None], -1).to(device), padded=padded)
+                k_pos=torch.where(valid, ar[None], -1).to(device), padded=padded, lens=lens_t.to(device))
         self._masks: dict = {}
 
     # -- the cache protocol -------------------------------------------------------------------
@@ -245,6 +246,11 @@ class PackedAttention:
     def _decode(self, qd, pk, pv, step):
         """One query per row against its own keys: [n, H, 1, D] -> [n, H, 1, D]."""
         d = step.decode
+        if self.inner is sdpa_attention and _paged_kernel(qd, pk):
+            # qwen2's kernel reads the keys and values in place from their pool slots.
+            o = torch.ops.qwen2.paged_attention(qd[:, :, 0], pk, pv, d.key_slots.view(d.n, d.s_max), d.lens,
+                                                qd.shape[-1] ** -0.5, self.window or 0)
+            return o[:, :, None]
         kd, vd = _gather(pk, d.key_slots, d.n, d.s_max), _gather(pv, d.key_slots, d.n, d.s_max)
         mask = step.decode_mask(self.window)
         n, h, _, dim = qd.shape
@@ -255,6 +261,14 @@ class PackedAttention:
             o = F.scaled_dot_product_attention(qd.reshape(n, kv, h // kv, dim), kd, vd, attn_mask=mask)
             return o.view(n, h, 1, dim)
         return self.inner(qd, kd, vd, mask, False, d.q_pos, d.k_pos)
+
+
+def _paged_kernel(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether decode attention can run on qwen2's paged kernel (float32 on the CPU, kernels built)."""
+    if q.dtype != torch.float32 or pool.dtype != torch.float32 or q.device.type != "cpu":
+        return False
+    from .. import kernels
+    return kernels.available()
 
 
 def install_packed_attention(model, holder):
