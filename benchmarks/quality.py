@@ -1,9 +1,11 @@
 """Quantization quality on real weights: perplexity, top-1 agreement and KL against bf16.
 
-    python benchmarks/quality.py [--tokens 4096] [--window 512] [--llama]
+    python benchmarks/quality.py [--tokens 4096] [--window 512] [--groups 32,64,128] [--gptq 32] [--llama]
 
 Model: the demo Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) dequantized to bf16 is the reference;
-our int8 (per channel) and int4 (groups 32/64/128) are round-to-nearest requantizations of it.
+our int8 (per channel) and int4 (groups 32/64/128) are round-to-nearest requantizations of it,
+and with --gptq GROUPS also GPTQ int4 at those group sizes (default calibration: qwen2.gptq's
+standard-library text, which shares no module with the corpus below; --calib-samples/--calib-len).
 With --llama, llama.cpp's own Q4_K_M on the same file is scored on the same tokens.
 Corpus: Python standard-library source (fixed files, concatenated; it is a code model), scored
 in non-overlapping windows, each starting fresh.
@@ -76,24 +78,34 @@ def llama_logprobs(path, ids, window, threads=2):
     return out
 
 
-def evaluate(tokens=4096, window=512, groups=(32, 64, 128), llama=False, log=print):
+def evaluate(tokens=4096, window=512, groups=(32, 64, 128), llama=False, log=print, gptq=(),
+             calib_samples=None, calib_len=None):
     import qwen2
     from qwen2.demo import demo_model_path
+    from qwen2.gptq import CALIB_LEN, CALIB_MODULES, CALIB_SAMPLES, calibration_ids
     from qwen2.quant import quantize_model
+    assert not set(CALIB_MODULES) & set(CORPUS_MODULES), "never calibrate on the evaluation text"
     path = demo_model_path()
     if path is None:
         raise SystemExit("the demo model is not installed")
-    ids = corpus_ids(qwen2.load_tokenizer(str(path)), tokens)
+    tok = qwen2.load_tokenizer(str(path))
+    ids = corpus_ids(tok, tokens)
     base = qwen2.load_model(str(path), dtype="bfloat16")
     rows = {}
     t = time.perf_counter()
     ref = window_logprobs(base, ids, window)
     rows["bf16 (reference)"] = score(ref)
     log(f"bf16: {rows['bf16 (reference)']} ({time.perf_counter() - t:.0f} s)")
-    variants = [("int8 per channel", 8, -1)] + [(f"int4 group {g}", 4, g) for g in groups]
-    for name, bits, g in variants:
-        m = quantize_model(copy.deepcopy(base), bits, g).fuse()
-        rows[name] = score(window_logprobs(m, ids, window), ref)
+    variants = [("int8 per channel", 8, -1, "rtn")] + [(f"int4 group {g}", 4, g, "rtn") for g in groups]
+    variants += [(f"int4 group {g} GPTQ", 4, g, "gptq") for g in gptq]
+    calib = None
+    if gptq:
+        calib = calibration_ids(tok, calib_samples or CALIB_SAMPLES, calib_len or CALIB_LEN)
+    for name, bits, g, method in variants:
+        t = time.perf_counter()
+        m = quantize_model(copy.deepcopy(base), bits, g, method=method, calib_ids=calib)
+        seconds = time.perf_counter() - t
+        rows[name] = dict(score(window_logprobs(m.fuse(), ids, window), ref), seconds=seconds)
         log(f"{name}: {rows[name]}")
         del m
     if llama:
@@ -108,18 +120,25 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama", action="store_true", help="also score llama.cpp on the GGUF itself")
-    ap.add_argument("--groups", default="32,64,128", help="int4 group sizes to score")
+    ap.add_argument("--groups", default="32,64,128", help="int4 group sizes to score (round-to-nearest)")
+    ap.add_argument("--gptq", default="", metavar="GROUPS", help="int4 group sizes to score with GPTQ, e.g. 32")
+    ap.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration windows (qwen2.gptq default)")
+    ap.add_argument("--calib-len", type=int, default=None, help="GPTQ tokens per calibration window")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    groups = tuple(int(g) for g in args.groups.split(","))
-    rows = evaluate(args.tokens, args.window, groups, llama=args.llama, log=lambda s: print(s, file=sys.stderr))
+    groups = tuple(int(g) for g in args.groups.split(",") if g)
+    gptq = tuple(int(g) for g in args.gptq.split(",") if g)
+    rows = evaluate(args.tokens, args.window, groups, llama=args.llama, log=lambda s: print(s, file=sys.stderr),
+                    gptq=gptq, calib_samples=args.calib_samples, calib_len=args.calib_len)
     ref = rows["bf16 (reference)"]["ppl"]
     print(f"\nQwen2.5-Coder-0.5B-Instruct (demo GGUF), {rows['bf16 (reference)']['tokens']} tokens of Python "
           f"stdlib source ({', '.join(CORPUS_MODULES)}), windows of {args.window}\n")
-    print("| weights | perplexity | vs bf16 | top-1 agreement | KL vs bf16 (nats/token) |\n|---|---|---|---|---|")
+    print("| weights | perplexity | vs bf16 | top-1 agreement | KL vs bf16 (nats/token) | quantize time |\n"
+          "|---|---|---|---|---|---|")
     for k, r in rows.items():
         extra = f"{100 * r['top1']:.1f}% | {r['kl']:.4f}" if "top1" in r else "- | -"
-        print(f"| {k} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {extra} |")
+        secs = f"{r['seconds']:.0f} s" if "seconds" in r else "-"
+        print(f"| {k} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {extra} | {secs} |")
 
 
 if __name__ == "__main__":

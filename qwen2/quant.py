@@ -65,17 +65,20 @@ def kernels_ready() -> bool:
     return _KERNELS
 
 
-def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, sym: bool = True):
-    """Round-to-nearest quantization of w [out, in] -> (q uint8 [out, in], scales float32
-    [n_groups, out], zeros uint8 [n_groups, out]); group_size -1 = one group per output channel."""
-    out_f, in_f = w.shape
-    g = in_f if group_size in (-1, None) else group_size
-    if in_f % g:
-        raise Qwen2Error(f"in_features {in_f} is not a multiple of group size {g}")
+def grid(wg: torch.Tensor, bits: int, sym: bool = True, full_range: bool = False):
+    """(scale, zero), float32, of the groups along the last dim of wg [..., g]: the grid that
+    quantize_tensor (round-to-nearest) and qwen2.gptq both use; see the module doc. full_range
+    (symmetric int4 only): llama.cpp Q4_0's scale, which puts the group's weight of largest
+    magnitude exactly on level -8 (s < 0 where that weight is positive)."""
     maxq = 2 ** bits - 1
-    wg = w.float().reshape(out_f, in_f // g, g)
-    if sym:
-        scale = (2 * wg.abs().amax(-1) / maxq).clamp(min=1e-8)  # [out, n_groups]
+    wg = wg.float()
+    if sym and full_range and bits == 4:
+        m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = m / -(2 ** (bits - 1))
+        scale = torch.where(scale.abs() < 1e-8, torch.full_like(scale, 1e-8), scale)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    elif sym:
+        scale = (2 * wg.abs().amax(-1) / maxq).clamp(min=1e-8)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:  # the range always includes 0, so that zero weights stay exact
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
@@ -85,6 +88,19 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, sym: bool = Tru
         low = zero < 1
         scale = torch.where(low, (hi / (maxq - 1)).clamp(min=1e-8), scale)
         zero = zero.clamp(1, maxq)
+    return scale, zero
+
+
+def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, sym: bool = True, full_range: bool = False):
+    """Round-to-nearest quantization of w [out, in] -> (q uint8 [out, in], scales float32
+    [n_groups, out], zeros uint8 [n_groups, out]); group_size -1 = one group per output channel."""
+    out_f, in_f = w.shape
+    g = in_f if group_size in (-1, None) else group_size
+    if in_f % g:
+        raise Qwen2Error(f"in_features {in_f} is not a multiple of group size {g}")
+    maxq = 2 ** bits - 1
+    wg = w.float().reshape(out_f, in_f // g, g)
+    scale, zero = grid(wg, bits, sym, full_range)  # [out, n_groups]
     q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, maxq)
     return (q.reshape(out_f, in_f).to(torch.uint8), scale.T.contiguous(),
             zero.T.to(torch.uint8).contiguous())
@@ -130,9 +146,28 @@ class QuantLinear(nn.Module):
         self.register_buffer("packed_scales", None)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int, dtype=None, sym: bool = True) -> "QuantLinear":
-        q, s, z = quantize_tensor(lin.weight.data, bits, -1 if bits == 8 else group_size, sym=sym or bits == 8)
-        return cls(q, s, bits, group_size, None if lin.bias is None else lin.bias.data, dtype or lin.weight.dtype, z)
+    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int, dtype=None, sym: bool = True,
+                    full_range: bool = False) -> "QuantLinear":
+        """Round-to-nearest; the scales as a GPTQ file stores them (float16), so that a model
+        quantized in memory and the same model saved and loaded compute the same thing."""
+        q, s, z = quantize_tensor(lin.weight.data, bits, -1 if bits == 8 else group_size, sym=sym or bits == 8,
+                                  full_range=full_range)
+        return cls(q, s.half().float(), bits, group_size, None if lin.bias is None else lin.bias.data,
+                   dtype or lin.weight.dtype, z)
+
+    def quantized(self):
+        """The constructor's (q uint8 [out, in], scales float32 [n_groups, out], zeros uint8
+        [n_groups, out]) back, scales as held (in the compute dtype); plain layout only."""
+        if self.packed:
+            raise Qwen2Error("QuantLinear was repacked for the eager int4 kernel (pack()); its plain layout is gone")
+        if self.bits == 8:
+            q = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+            s = self.scales.float()[None]
+            return q, s, torch.full(s.shape, 128, dtype=torch.uint8)
+        q = unpack_int4_halves(self.qweight, self.group_size)
+        s = self.scales.float().T.contiguous()
+        z = torch.full(s.shape, 8, dtype=torch.uint8) if self.zeros is None else self.zeros.T.contiguous()
+        return q, s, z
 
     @property
     def dtype(self):
@@ -311,13 +346,15 @@ def pack_linears(model, lm_head: bool = True):
     return model
 
 
-def _targets(model, lm_head: bool, routers: bool = False):
-    """(parent module, attribute, linear) for every linear layer that gets quantized: all
-    projections in the decoder (not the MoE router or shared-expert gate), and the lm_head."""
+def _targets(model, lm_head: bool, routers: bool = False, quantized: bool = False):
+    """(name, parent module, attribute, linear) for every linear layer that gets quantized: all
+    projections in the decoder (not the MoE router or shared-expert gate), and the lm_head.
+    quantized=True: also those already replaced by a QuantLinear."""
+    kinds = (nn.Linear, QuantLinear) if quantized else nn.Linear
     for name, mod in list(model.named_modules()):
         for attr, child in list(mod.named_children()):
             full = f"{name}.{attr}" if name else attr
-            if not isinstance(child, nn.Linear):
+            if not isinstance(child, kinds):
                 continue
             if full == "lm_head" and not lm_head:
                 continue
@@ -327,24 +364,47 @@ def _targets(model, lm_head: bool, routers: bool = False):
 
 
 def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True, dtype=None,
-                   head_bits: int | None = None, sym: bool = True):
+                   head_bits: int | None = None, sym: bool = True, method: str = "rtn",
+                   calib_ids: torch.Tensor | None = None, progress: bool = False, full_range: bool | None = None):
     """In place: replace linear layers with QuantLinear (int8 per-channel or int4 grouped). A tied
-    lm_head gets its own quantized copy; the embedding stays a float lookup table.
+    lm_head gets its own quantized copy; the embedding stays a float lookup table. lm_head=False
+    leaves the head float.
+
+    method "rtn": round-to-nearest; "gptq": the decoder's linears by GPTQ on calib_ids
+    [n_samples, seq_len] (qwen2.gptq.calibration_ids; progress bar on stderr if progress), the
+    lm_head round-to-nearest. Same layout, same run-time paths either way. full_range (symmetric
+    int4: llama.cpp Q4_0's scale, see grid) defaults to what measured best on the demo model:
+    on for GPTQ, off for round-to-nearest (docs/performance.md).
 
     head_bits (default: 8) is the lm_head's precision: int4 there costs more quality than anywhere
     else (demo model, int4 group 32: +6.3% perplexity with an int4 head, +4.9% with int8; see
     docs/performance.md), which is why llama.cpp keeps the output at 6-8 bits in its 4-bit formats."""
     if bits == 4 and group_size not in INT4_GROUPS:
         raise Qwen2Error(f"int4 group size must be one of {INT4_GROUPS}")
+    if method == "gptq":
+        if calib_ids is None:
+            raise Qwen2Error("method='gptq' needs calib_ids (see qwen2.gptq.calibration_ids)")
+        from .gptq import gptq_model
+        return gptq_model(model, bits, group_size, calib_ids, lm_head=lm_head, dtype=dtype, head_bits=head_bits,
+                          sym=sym, progress=progress, full_range=full_range)
+    if method != "rtn":
+        raise Qwen2Error(f"quantization method must be 'rtn' or 'gptq', not {method!r}")
     dtype = dtype or model.dtype
     head_bits = head_bits or 8
     for full, mod, attr, lin in _targets(model, lm_head):
         b = head_bits if full == "lm_head" else bits
-        setattr(mod, attr, QuantLinear.from_linear(lin, b, group_size, dtype, sym=sym))
+        setattr(mod, attr, QuantLinear.from_linear(lin, b, group_size, dtype, sym=sym,
+                                                   full_range=bool(full_range) and full != "lm_head"))
     model.quant = {"bits": bits, "group_size": -1 if bits == 8 else group_size, "sym": sym or bits == 8,
                    "lm_head": head_bits if lm_head else None}
     trim()  # the float weights just freed
     return model
+
+
+def is_fused(model) -> bool:
+    """Whether fuse() replaced the HF-named projections (q/k/v, gate/up) with fused ones."""
+    return any(getattr(m, "qkv_proj", None) is not None or getattr(m, "gate_up_proj", None) is not None
+               for m in model.modules())
 
 
 # ------------------------------------------------------------------------- GPTQ layout on disk
@@ -400,30 +460,60 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str)
     return q, scales, zeros.to(torch.uint8)
 
 
-def save_quantized(model, out_dir, bits: int, group_size: int = 128, lm_head: bool | None = None,
-                   sym: bool = True):
-    """Quantize a float model (unfused, HF names) and write it in the GPTQ layout. The lm_head is
-    stored int8 in int8 files and, by default, float in int4 files (GPTQ has one `bits` per file;
-    loading requantizes a float head to int8, see load_gptq)."""
+def save_quantized(model, out_dir, bits: int | None = None, group_size: int | None = None,
+                   lm_head: bool | None = None, sym: bool | None = None):
+    """Write a model in the GPTQ layout (HF names: save before fuse()).
+
+    A float model is quantized here, round-to-nearest (bits, group_size (default 128), sym
+    (default True)). A model that
+    quantize_model (either method) already quantized is written as it is: its QuantLinears' own
+    q / scales / zeros, with bits, group_size and sym taken from it (the arguments may be left
+    out, and must agree if given); a target linear still float is rounded to nearest.
+
+    The lm_head is stored int8 in int8 files and, by default, float in int4 files (GPTQ has one
+    `bits` per file; loading requantizes a float head to int8, see load_gptq): an int4 file of an
+    untied model therefore needs the head float in memory (quantize_model(..., lm_head=False))."""
     from safetensors.torch import save_file
+    if is_fused(model):
+        raise Qwen2Error("save the model before fuse(): the fused projections have no checkpoint names")
+    quant = getattr(model, "quant", None)
+    if quant:
+        given = {"bits": bits, "group_size": None if quant["bits"] == 8 else group_size,
+                 "sym": None if quant["bits"] == 8 else sym}
+        for k, v in given.items():
+            if v is not None and v != quant[k]:
+                raise Qwen2Error(f"the model is already quantized with {k}={quant[k]}, not {v}")
+        bits, gs, sym = quant["bits"], quant["group_size"], quant["sym"]
+    else:
+        if bits is None:
+            raise Qwen2Error("save_quantized: bits is needed for a float model")
+        gs = -1 if bits == 8 else (group_size or 128)
+        sym = sym is not False or bits == 8
     if lm_head is None:
         lm_head = bits == 8
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    gs = -1 if bits == 8 else group_size
-    sym = sym or bits == 8
-    targets = {full: lin for full, _, _, lin in _targets(model, lm_head)}
+    tied = model.config.tie_word_embeddings
+    if not lm_head and not tied and isinstance(model.lm_head, QuantLinear):
+        raise Qwen2Error("this file keeps the lm_head float, but the model's lm_head is quantized: "
+                         "quantize with lm_head=False (or save with lm_head=True)")
+    targets = {full: lin for full, _, _, lin in _targets(model, lm_head, quantized=True)}
     tensors: dict[str, torch.Tensor] = {}
+    for mod, lin in targets.items():
+        if isinstance(lin, QuantLinear):
+            if lin.bits != bits or (bits == 4 and lin.group_size != gs):
+                raise Qwen2Error(f"{mod} is int{lin.bits} group {lin.group_size}; the file is int{bits} group {gs}")
+            q, s, z = lin.quantized()
+        else:
+            q, s, z = quantize_tensor(lin.weight.data, bits, gs, sym=sym)
+        tensors.update({f"{mod}.{k}": v for k, v in to_gptq(q, s, bits, gs, z).items()})
+        if lin.bias is not None:
+            tensors[f"{mod}.bias"] = lin.bias.data.contiguous()
     for name, t in model.state_dict().items():
         mod = name.rpartition(".")[0]
-        if mod in targets:
-            if name.endswith(".weight"):
-                q, s, z = quantize_tensor(t, bits, gs, sym=sym)
-                tensors.update({f"{mod}.{k}": v for k, v in to_gptq(q, s, bits, gs, z).items()})
-            else:
-                tensors[name] = t.contiguous()
-        elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):
-            tensors[name] = t.contiguous()
+        if mod in targets or (mod == "lm_head" and (tied or isinstance(model.lm_head, QuantLinear))):
+            continue
+        tensors[name] = t.contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         stale.unlink()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

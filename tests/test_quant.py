@@ -12,16 +12,33 @@ from qwen2.cli import main as cli
 from qwen2.quant import QuantLinear, dequantize, kernels_ready, pack_linears, from_gptq, quantize_model, quantize_tensor, to_gptq
 
 
-@pytest.mark.parametrize("bits,group,sym", [(8, -1, True), (4, 32, True), (4, 128, True), (4, 32, False),
-                                            (4, 128, False)])
-def test_round_to_nearest_error_bound(bits, group, sym):
+@pytest.mark.parametrize("bits,group,sym,full", [(8, -1, True, False), (4, 32, True, False), (4, 128, True, False),
+                                                 (4, 32, True, True), (4, 128, True, True), (4, 32, False, False),
+                                                 (4, 128, False, False)])
+def test_round_to_nearest_error_bound(bits, group, sym, full):
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
     w[:3] += 2.0  # skewed rows, where asymmetric groups pay off
-    q, s, z = quantize_tensor(w, bits, group, sym=sym)
+    q, s, z = quantize_tensor(w, bits, group, sym=sym, full_range=full)
     assert q.dtype == torch.uint8 and int(q.max()) <= 2 ** bits - 1
     assert s.shape == z.shape == ((1 if group == -1 else 256 // group), 96)
-    err = (dequantize(q, s, bits, z) - w).abs()
-    step = s.T.repeat_interleave(256 // s.shape[0], dim=1)
+    deq = dequantize(q, s, bits, z)
+    err = (deq - w).abs()
+    step = s.T.abs().repeat_interleave(256 // s.shape[0], dim=1)
+    if full:
+        # llama.cpp Q4_0's grid: s = -m / 8 with m the group's weight of largest magnitude, which
+        # lands exactly on level -8, so all 16 levels are used (s < 0 where m > 0); a weight of the
+        # other sign beyond 7.5 steps is clipped to +7 (error up to one step)
+        g = w.view(96, -1, group)
+        m = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+        torch.testing.assert_close(s.T[..., None], m / -8)
+        assert bool((s < 0).any()) and bool((s > 0).any())
+        assert torch.equal(deq.view(96, -1, group).gather(-1, g.abs().argmax(-1, keepdim=True)), m)
+        assert bool((q.view(96, -1, group).amin(-1) == 0).all())  # level -8 is used in every group
+        clipped = (w / s.T.repeat_interleave(group, dim=1)) > 7.5
+        assert bool((err[clipped] <= step[clipped] + 1e-6).all())
+        err, step = err[~clipped], step[~clipped]
+    else:
+        assert bool((s > 0).all())
     assert bool((err <= step / 2 + 1e-6).all())
     if not sym:  # all 16 levels used: a finer step than symmetric on the skewed rows
         s_sym = quantize_tensor(w, bits, group, sym=True)[1]
@@ -59,6 +76,7 @@ def test_quant_linear_matches_dequantized(bits, group, sym, dtype, rows):
     lin = torch.nn.Linear(128, 80, bias=True)
     ql = QuantLinear.from_linear(lin, bits, group, dtype, sym=sym)
     q, s, z = quantize_tensor(lin.weight.data, bits, group, sym=sym)
+    s = s.half().float()  # from_linear keeps the scales a file would hold (float16)
     x = torch.randn(rows, 128)
     ref = x.to(dtype).float() @ dequantize(q, s.to(dtype).float(), bits, z).T + lin.bias.to(dtype).float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -80,6 +98,39 @@ def test_quant_linear_matches_dequantized(bits, group, sym, dtype, rows):
         assert bool(((plain - ref[0]).abs() <= bound).all()), ((plain - ref[0]).abs() - bound).max()
     for name, out in outs.items():
         torch.testing.assert_close(out, ref, atol=tol * ref.abs().max().item(), rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_negative_scales(group, asym, dtype):
+    """Scales may be negative ((q - z) * s is the same weight as (z - q) * -s; a grid that puts a
+    group's largest magnitude on -8, like llama.cpp's Q4_0, gives them): every int4 path agrees
+    with the dequantized weight (plain, compiled multiply-sum, qwen2 kernel, aten tiles)."""
+    g = torch.Generator().manual_seed(group)
+    q = torch.randint(0, 16, (48, 256), dtype=torch.uint8, generator=g)
+    s = (torch.rand(256 // group, 48, generator=g) + 0.5) * 0.01
+    s = torch.where(torch.rand(s.shape, generator=g) < 0.5, -s, s)  # mixed signs, row by row
+    z = torch.randint(1, 16, s.shape, dtype=torch.uint8, generator=g) if asym else None
+    bias = torch.randn(48, generator=g)
+    ql = QuantLinear(q, s, 4, group, bias, dtype, z)
+    w = dequantize(q, s.to(dtype).float(), 4, z)
+    assert bool((ql.dequantized().float() == w.to(dtype).float()).all())
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 256, generator=g).to(dtype)
+        ref = x.float() @ w.T + bias.to(dtype).float()
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        outs = {"plain": ql(x).float(), "gemv": torch.stack([ql._gemv(r[None]) for r in x]) + ql.bias.float()}
+        if rows == 1 and kernels_ready():  # the kernel's int8 activations: its derived bound
+            xb = x.float().view(-1, 32)
+            bound = (xb.abs().amax(-1, keepdim=True) / 254 * w.abs().view(48, -1, 32).sum(-1).T).sum(0)
+            bound = bound + ref.abs()[0] * (2 ** -8 if dtype == torch.bfloat16 else 1e-5) + 1e-6
+            assert bool(((outs.pop("plain")[0] - ref[0]).abs() <= bound).all())
+        packed = copy.deepcopy(ql)
+        assert packed.pack()
+        outs["packed"] = packed(x).float()
+        for name, out in outs.items():
+            torch.testing.assert_close(out, ref, atol=tol * ref.abs().max().item(), rtol=tol, msg=name)
 
 
 @pytest.mark.parametrize("bits,sym", [(8, True), (4, True), (4, False)])
@@ -146,11 +197,8 @@ def test_quantize_cli_roundtrip(tiny_ckpt, tmp_path, bits, group, asym):
     assert loaded.quant == {"bits": bits, "group_size": qc["group_size"], "sym": not asym, "lm_head": 8}
     assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.bits == 8
     direct = quantize_model(qwen2.load_model(tiny_ckpt[1], dtype="float32"), bits, group, sym=not asym)
-    for name, m in direct.named_modules():  # the file stores scales in float16
-        if isinstance(m, QuantLinear) and not (bits == 4 and name == "lm_head"):
-            m.scales.copy_(m.scales.half().float())
     ids = torch.randint(0, 512, (1, 10))
-    # Exactly the numerics of quantizing in memory.
+    # Exactly the numerics of quantizing in memory (which keeps the scales float16, as files do).
     torch.testing.assert_close(loaded(ids), direct(ids), atol=0, rtol=0)
     assert cli(["quantize", str(out), str(tmp_path / "again"), "--bits", "8"]) == 1  # already quantized
 
