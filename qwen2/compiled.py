@@ -119,7 +119,9 @@ class CompiledDecode:
             cache._step_views = views = (span, k, v)
         _, k, v = views
         cache.positions[:, n] = pos[:, 0]
-        kpos = cache.positions[:, :span].contiguous()  # a copy: the same strides at every span
+        # a copy with standard strides at every span (.contiguous() would hand back the view itself
+        # for batch 1, whose row stride is the cache length: a second graph)
+        kpos = cache.positions[:, :span].clone(memory_format=torch.contiguous_format)
         torch._dynamo.maybe_mark_dynamic(kpos, 1)
         try:
             logits = self._fn(self.model, ids, pos, torch.tensor([n]), k, v, kpos)

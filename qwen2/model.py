@@ -39,7 +39,10 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device=None):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        # One spare slot: a view of the first max_len slots is then never the whole tensor, so the
+        # compiled decode step (qwen2.compiled) always sees one stride pattern (a whole, contiguous
+        # view is traced as a second graph, compiled in the middle of a generation).
+        shape = (batch_size, config.num_key_value_heads, max_len + 1, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)

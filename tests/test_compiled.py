@@ -134,6 +134,16 @@ def test_interleaved_caches(tiny_ckpt):
     assert comp.decode_step.calls == 24
 
 
+def test_one_graph_for_any_cache(tiny_ckpt):
+    """Caches of any size, batch 1 or 2, a span covering the whole cache or part of it: the step
+    is traced once per batch size (a recompile would stall a generation for seconds)."""
+    comp = compile_decode(qwen2.load_model(tiny_ckpt[1], dtype="float32"))
+    for batch, cache_len, steps in [(1, 6, 3), (1, 64, 20), (1, 13, 10), (2, 30, 12), (2, 5, 2)]:
+        ids = torch.arange(1, 3 * batch + 1).view(batch, 3)
+        _steps(comp, ids, steps, cache_len=cache_len)
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(comp.decode_step.step_fn.__code__)) == 2
+
+
 def test_cli_generate_compile_flag(ckpt, llm):
     """`--compile` on the command line: same greedy text as the eager API, and no fallback note."""
     from test_cli import qwen2_cmd
