@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import Qwen2Error
 from .memory import trim
-from .quant import INT4_GROUPS, QuantLinear, _targets, dequantize, grid
+from .quant import INT4_GROUPS, QuantLinear, _targets, dequantize, grid, stored_scales
 
 # Calibration text: Python standard-library source of these modules. Disjoint from the modules
 # that benchmarks/quality.py (and tests/test_quant_quality.py) score perplexity on, so the
@@ -119,8 +119,8 @@ def gptq_quantize(w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, 
     """GPTQ of w [out, in] given U (inverse_factor of its inputs' H) -> (q uint8 [out, in],
     scales float32 [n_groups, out], zeros uint8 [n_groups, out]), the same format (and grid) as
     qwen2.quant.quantize_tensor; group_size -1 = one group per output channel. scale_dtype: round
-    each scale through float16 (the file) and this dtype (the model) before it is used, so the
-    errors that get compensated are those of the weights as they will be stored and run. Works in
+    each scale as a model in this dtype runs it and a file stores it (qwen2.quant.stored_scales)
+    before it is used, so the errors that get compensated are those of the weights that will run. Works in
     float32 (float64 if w or u is)."""
     out_f, in_f = w.shape
     g = in_f if group_size in (-1, None) else group_size
@@ -172,7 +172,7 @@ def _columns(w1, e1, u1, qt, scales, zeros, i1, i2, g, wt, bits, sym, full_range
             src = w1[i:i + g] if c + g <= i2 else wt[c:c + g]  # (c == i1 in the second case)
             s, z = grid(src.t(), bits, sym, full_range)
             if scale_dtype is not None:
-                s = s.to(torch.float16).to(scale_dtype).float()
+                s = stored_scales(s, scale_dtype)
             scales[c // g], zeros[c // g] = s, z
         col = w1[i]
         q = torch.clamp(torch.round(col / s) + z, 0, maxq)
@@ -245,13 +245,17 @@ class _LayerGPTQ:
 
 
 def gptq_model(model, bits: int, group_size: int, calib_ids: torch.Tensor, lm_head: bool = True,
-               dtype=None, head_bits: int | None = None, sym: bool = True, damp: float = 0.01,
+               dtype=None, head_bits: int | None = None, sym: bool = False, damp: float = 0.01,
                progress: bool = True, full_range: bool | None = None):
     """In place, like qwen2.quant.quantize_model (same arguments and result), but the decoder's
     linears are quantized with GPTQ on calib_ids [n, seq_len] (see calibration_ids). The lm_head
     (lm_head=True) is round-to-nearest at head_bits (default 8), as in quantize_model; with
-    lm_head=False it stays float (what an int4 file stores). full_range (default: on; symmetric
-    int4 only): llama.cpp Q4_0's scale, see qwen2.quant.grid; the head keeps the plain grid."""
+    lm_head=False it stays float (what an int4 file stores).
+
+    int4 grids: asymmetric (sym=False, a zero point per group) by default, the closest to the
+    float model on the demo model by KL, top-1 and perplexity (docs/performance.md); sym=True with
+    full_range (default on) uses llama.cpp Q4_0's scale (qwen2.quant.grid), better than the plain
+    symmetric one under GPTQ. int8 is always symmetric per channel."""
     if bits not in (4, 8):
         raise Qwen2Error(f"bits must be 8 or 4, not {bits}")
     if bits == 4 and group_size not in INT4_GROUPS:
@@ -293,7 +297,6 @@ def gptq_model(model, bits: int, group_size: int, calib_ids: torch.Tensor, lm_he
                 q, s, z = res
                 setattr(mod, attr, QuantLinear(q, s, bits, gs, None if lin.bias is None else lin.bias.data, dtype, z))
             del hooks, targets
-            trim()
             if bar is not None:
                 bar.update(1)
     finally:

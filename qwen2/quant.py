@@ -1,15 +1,18 @@
-"""Weight-only int8 / int4 quantization: round-to-nearest, saved in the GPTQ layout, run with
-PyTorch's packed CPU kernels.
+"""Weight-only int8 / int4 quantization: round-to-nearest here, GPTQ in qwen2.gptq (same grids,
+same layout), saved in the GPTQ layout, run with PyTorch's packed CPU kernels and ours.
 
 Numerics (GPTQ's, so official GPTQ checkpoints take the same path):
     w ~= (q - z) * s      q unsigned (0..255 or 0..15), one (s, z) per group
-symmetric ("sym": true): z = 2**(bits-1), s = 2 * absmax / (2**bits - 1);
+symmetric ("sym": true): z = 2**(bits-1), s = 2 * absmax / (2**bits - 1), or with full_range
+(int4; llama.cpp Q4_0's scale) s = -m / 8, m the group's weight of largest magnitude, which then
+lands exactly on level -8 so that all 16 levels are used (s is negative where m is positive);
 asymmetric ("sym": false, int4 only): s = (max - min) / (2**bits - 1), z = round(-min / s), which
 uses all 16 levels on skewed groups at no run-time cost (the int4 kernel takes a zero per group).
-On the demo model (int4 group 32, 1024 tokens) asymmetric halves the KL to bf16 (0.052 vs 0.099)
-and lifts top-1 agreement (89% vs 84%) but its perplexity is higher (+10.1% vs +6.8%), so the
-default stays symmetric; see docs/performance.md.
-int8 is symmetric with one scale per output channel (group_size -1); int4 one per `group_size` inputs.
+Defaults, from measurements on the demo model (docs/performance.md): round-to-nearest is
+symmetric, absmax (asymmetric and full-range lower its KL to bf16 but not its perplexity); GPTQ
+is asymmetric (lowest KL and perplexity; full range helps its symmetric grid). Scales are kept
+as a file stores them (stored_scales: float16, rounded once). int8 is symmetric with one scale
+per output channel (group_size -1); int4 one per `group_size` inputs.
 
 Saved layout (one entry per linear, named like the HF weight it replaces):
     <name>.qweight  int32 [in * bits / 32, out]   q packed along `in`, lowest bits first
@@ -106,6 +109,15 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, sym: bool = Tru
             zero.T.to(torch.uint8).contiguous())
 
 
+def stored_scales(s: torch.Tensor, dtype) -> torch.Tensor:
+    """Scales (float32) as a model in `dtype` runs them and a GPTQ file stores them (float16):
+    rounded once to bfloat16 for a bfloat16 model (such values are float16 values too, above
+    float16's normal minimum 6.1e-5), to float16 otherwise. Rounding to float16 first and then to
+    bfloat16 would round twice, and measurably worse (demo model int8: +0.23% perplexity instead of
+    +0.03%)."""
+    return (s.to(dtype) if dtype == torch.bfloat16 else s).half().float()
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of quantize_tensor, float32 [out, in] (zeros None: symmetric)."""
     out_f, in_f = q.shape
@@ -148,12 +160,12 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, bits: int, group_size: int, dtype=None, sym: bool = True,
                     full_range: bool = False) -> "QuantLinear":
-        """Round-to-nearest; the scales as a GPTQ file stores them (float16), so that a model
+        """Round-to-nearest; the scales as a GPTQ file stores them (stored_scales), so that a model
         quantized in memory and the same model saved and loaded compute the same thing."""
         q, s, z = quantize_tensor(lin.weight.data, bits, -1 if bits == 8 else group_size, sym=sym or bits == 8,
                                   full_range=full_range)
-        return cls(q, s.half().float(), bits, group_size, None if lin.bias is None else lin.bias.data,
-                   dtype or lin.weight.dtype, z)
+        dtype = dtype or lin.weight.dtype
+        return cls(q, stored_scales(s, dtype), bits, group_size, None if lin.bias is None else lin.bias.data, dtype, z)
 
     def quantized(self):
         """The constructor's (q uint8 [out, in], scales float32 [n_groups, out], zeros uint8
@@ -364,7 +376,7 @@ def _targets(model, lm_head: bool, routers: bool = False, quantized: bool = Fals
 
 
 def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True, dtype=None,
-                   head_bits: int | None = None, sym: bool = True, method: str = "rtn",
+                   head_bits: int | None = None, sym: bool | None = None, method: str = "rtn",
                    calib_ids: torch.Tensor | None = None, progress: bool = False, full_range: bool | None = None):
     """In place: replace linear layers with QuantLinear (int8 per-channel or int4 grouped). A tied
     lm_head gets its own quantized copy; the embedding stays a float lookup table. lm_head=False
@@ -372,9 +384,10 @@ def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True
 
     method "rtn": round-to-nearest; "gptq": the decoder's linears by GPTQ on calib_ids
     [n_samples, seq_len] (qwen2.gptq.calibration_ids; progress bar on stderr if progress), the
-    lm_head round-to-nearest. Same layout, same run-time paths either way. full_range (symmetric
-    int4: llama.cpp Q4_0's scale, see grid) defaults to what measured best on the demo model:
-    on for GPTQ, off for round-to-nearest (docs/performance.md).
+    lm_head round-to-nearest. Same layout, same run-time paths either way. The int4 grid defaults
+    to what measured best on the demo model (docs/performance.md): symmetric for round-to-nearest,
+    asymmetric (sym=False) for GPTQ; full_range (symmetric int4: llama.cpp Q4_0's scale, see grid)
+    on for GPTQ, off for round-to-nearest.
 
     head_bits (default: 8) is the lm_head's precision: int4 there costs more quality than anywhere
     else (demo model, int4 group 32: +6.3% perplexity with an int4 head, +4.9% with int8; see
@@ -386,11 +399,12 @@ def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True
             raise Qwen2Error("method='gptq' needs calib_ids (see qwen2.gptq.calibration_ids)")
         from .gptq import gptq_model
         return gptq_model(model, bits, group_size, calib_ids, lm_head=lm_head, dtype=dtype, head_bits=head_bits,
-                          sym=sym, progress=progress, full_range=full_range)
+                          sym=bool(sym), progress=progress, full_range=full_range)
     if method != "rtn":
         raise Qwen2Error(f"quantization method must be 'rtn' or 'gptq', not {method!r}")
     dtype = dtype or model.dtype
     head_bits = head_bits or 8
+    sym = sym is None or sym
     for full, mod, attr, lin in _targets(model, lm_head):
         b = head_bits if full == "lm_head" else bits
         setattr(mod, attr, QuantLinear.from_linear(lin, b, group_size, dtype, sym=sym,

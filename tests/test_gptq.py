@@ -146,17 +146,17 @@ def test_model_walk_is_sequential(tiny_ckpt):
     base = qwen2.load_model(tiny_ckpt[1], dtype="float32")
     ids = _random_calib(base.config.vocab_size)
     qm = gptq_model(copy.deepcopy(base), 4, 32, ids, progress=False)
-    assert qm.quant == {"bits": 4, "group_size": 32, "sym": True, "lm_head": 8}
+    assert qm.quant == {"bits": 4, "group_size": 32, "sym": False, "lm_head": 8}  # asymmetric by default
     assert all(isinstance(m, QuantLinear) for n, m in qm.named_modules() if n.endswith("_proj") or n == "lm_head")
 
-    def gptq_of(linear_float, x):  # (the default int4 grid of GPTQ: symmetric, full range)
+    def gptq_of(linear_float, x):  # (GPTQ's default int4 grid: asymmetric)
         u, dead = inverse_factor(hessian(x))
-        return gptq_quantize(linear_float.weight, u, 4, 32, True, dead, scale_dtype=torch.float32, full_range=True)
+        return gptq_quantize(linear_float.weight, u, 4, 32, False, dead, scale_dtype=torch.float32)
 
     x0 = base.model.layers[0].input_layernorm(base.model.embed_tokens(ids))
     q, s, z = gptq_of(base.model.layers[0].self_attn.q_proj, x0)
     got = qm.model.layers[0].self_attn.q_proj.quantized()
-    assert torch.equal(got[0], q) and torch.equal(got[1], s)
+    assert torch.equal(got[0], q) and torch.equal(got[1], s) and torch.equal(got[2], z)
 
     seen = {}
 
@@ -167,7 +167,7 @@ def test_model_walk_is_sequential(tiny_ckpt):
     hook.remove()
     q, s, z = gptq_of(base.model.layers[1].mlp.down_proj, seen["x"])
     got = qm.model.layers[1].mlp.down_proj.quantized()
-    assert torch.equal(got[0], q) and torch.equal(got[1], s)
+    assert torch.equal(got[0], q) and torch.equal(got[1], s) and torch.equal(got[2], z)
 
 
 def test_model_closer_to_float_than_rtn(tiny_ckpt):
@@ -176,10 +176,10 @@ def test_model_closer_to_float_than_rtn(tiny_ckpt):
     base = qwen2.load_model(tiny_ckpt[1], dtype="float32")
     ids = _random_calib(base.config.vocab_size, n=8, length=64, seed=1)
     ref = base(ids)
-    for bits in (4, 8):
-        g = gptq_model(copy.deepcopy(base), bits, 32, ids, progress=False)(ids)
-        r = quantize_model(copy.deepcopy(base), bits, 32)(ids)
-        assert (g - ref).norm() < 0.8 * (r - ref).norm(), (bits, (g - ref).norm(), (r - ref).norm())
+    for bits, sym in ((4, True), (4, False), (8, True)):  # the same grid for both
+        g = gptq_model(copy.deepcopy(base), bits, 32, ids, sym=sym, full_range=False, progress=False)(ids)
+        r = quantize_model(copy.deepcopy(base), bits, 32, sym=sym)(ids)
+        assert (g - ref).norm() < 0.8 * (r - ref).norm(), (bits, sym, (g - ref).norm(), (r - ref).norm())
 
 
 @pytest.mark.parametrize("tied,bits,sym", [(True, 4, True), (False, 4, False), (False, 8, True)])
@@ -242,7 +242,7 @@ def test_moe_experts_without_tokens_fall_back_to_rtn(tmp_path):
     assert unused  # at most 6 of the 8 experts were picked
     m = gptq_model(copy.deepcopy(base), 4, 32, ids, progress=False)
     for e, mlp in enumerate(m.model.layers[0].mlp.experts):
-        rtn = quantize_tensor(base.model.layers[0].mlp.experts[e].down_proj.weight, 4, 32, full_range=True)[0]
+        rtn = quantize_tensor(base.model.layers[0].mlp.experts[e].down_proj.weight, 4, 32, sym=False)[0]
         assert torch.equal(mlp.down_proj.quantized()[0], rtn) == (e in unused), e
     assert all(isinstance(m_, QuantLinear) for n, m_ in m.named_modules() if n.endswith("_proj"))
     assert torch.isfinite(m(ids)).all()
@@ -257,6 +257,7 @@ def test_cli_gptq_end_to_end(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "GPTQ on 3 x 48 calibration tokens" in err and "GPTQ" in err and "wrote" in err
     assert (out / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sym"] is False  # GPTQ's default
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "model.layers.0.mlp.down_proj.qweight" in set(f.keys())
     loaded = qwen2.load_model(out, dtype="float32")

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 import qwen2
 from qwen2.cli import main as cli
-from qwen2.quant import QuantLinear, dequantize, kernels_ready, pack_linears, from_gptq, quantize_model, quantize_tensor, to_gptq
+from qwen2.quant import (QuantLinear, dequantize, from_gptq, kernels_ready, pack_linears, quantize_model,
+                         quantize_tensor, stored_scales, to_gptq)
 
 
 @pytest.mark.parametrize("bits,group,sym,full", [(8, -1, True, False), (4, 32, True, False), (4, 128, True, False),
@@ -45,6 +46,17 @@ def test_round_to_nearest_error_bound(bits, group, sym, full):
         assert bool((s[:, :3] < 0.8 * s_sym[:, :3]).all())
 
 
+def test_stored_scales_round_once():
+    """A bf16 model's scales are rounded once, to bf16 (not to float16 and then bf16), and are then
+    exactly what a file stores (float16) and loading gives back; float32 models keep float16."""
+    s = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 0.1 + 1e-4
+    b = stored_scales(s, torch.bfloat16)
+    assert torch.equal(b, s.bfloat16().float()) and torch.equal(b, b.half().float())
+    assert not torch.equal(b, s.half().bfloat16().float())  # double rounding differs somewhere
+    f = stored_scales(s, torch.float32)
+    assert torch.equal(f, s.half().float())
+
+
 def test_gptq_packing_layout():
     """qweight packs 32/bits values along `in`, lowest bits first; qzeros holds zero - 1."""
     q = torch.randint(0, 16, (16, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -76,7 +88,7 @@ def test_quant_linear_matches_dequantized(bits, group, sym, dtype, rows):
     lin = torch.nn.Linear(128, 80, bias=True)
     ql = QuantLinear.from_linear(lin, bits, group, dtype, sym=sym)
     q, s, z = quantize_tensor(lin.weight.data, bits, group, sym=sym)
-    s = s.half().float()  # from_linear keeps the scales a file would hold (float16)
+    s = stored_scales(s, dtype)  # from_linear keeps the scales a file holds (float16), rounded once
     x = torch.randn(rows, 128)
     ref = x.to(dtype).float() @ dequantize(q, s.to(dtype).float(), bits, z).T + lin.bias.to(dtype).float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2

