@@ -156,14 +156,23 @@ def with_step_time(url, run) -> dict:
     return out
 
 
+def loadavg() -> str | None:
+    """The 1/5/15-minute load averages (other processes on a shared machine skew every number)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
+
+
 def run_round(name, url, model, args, prompts, single: bool) -> dict:
     """One round against one server: (optionally) the one-at-a-time run, then the concurrent run."""
-    out = {"server": name}
+    out = {"server": name, "loadavg_before": loadavg()}
     if single:
         out["one_at_a_time"] = with_step_time(
             url, lambda: asyncio.run(load(url, model, prompts[:args.sequential], args.max_tokens, 1)))
     out[f"{args.clients}_concurrent"] = with_step_time(
         url, lambda: asyncio.run(load(url, model, prompts, args.max_tokens, args.clients)))
+    out["loadavg_after"] = loadavg()
     print(json.dumps(out, indent=2), flush=True)
     return out
 
@@ -186,6 +195,7 @@ def main():
     ap.add_argument("--skip-qwen2", action="store_true")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on kill, too
     model = args.model or str(random_checkpoint(Path(args.random_dir)))
     import random
     rng = random.Random(0)

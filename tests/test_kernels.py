@@ -440,6 +440,43 @@ def test_f32_threads_agree(ops):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_f32_pool_concurrent_callers_and_fork(ops):
+    """The serving kernels' thread pool: callers on several Python threads (one job at a time),
+    more torch threads than workers, and a forked child (no workers there: the caller does all
+    chunks) all give the single-threaded results exactly."""
+    import os
+    import threading
+    g = torch.Generator().manual_seed(12)
+    w, x = torch.randn(700, 96, generator=g), torch.randn(5, 96, generator=g)
+    packed = kernels.f32_pack(w)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = ops.f32_linear(x, packed, 700, None), ops.f32_linear(x[:1], packed, 700, None)
+        torch.set_num_threads(3)
+        errors = []
+
+        def hammer():
+            for _ in range(100):
+                got = ops.f32_linear(x, packed, 700, None), ops.f32_linear(x[:1], packed, 700, None)
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    errors.append("mismatch")
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        if hasattr(os, "fork"):
+            pid = os.fork()
+            if pid == 0:  # the child: exit status 0 only if the pool still computes the same
+                ok = torch.equal(ops.f32_linear(x, packed, 700, None), want[0])
+                os._exit(0 if ok else 1)
+            assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------- serving helpers
 def test_silu_mul(ops):
     g = torch.Generator().manual_seed(2)

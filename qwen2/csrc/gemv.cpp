@@ -26,11 +26,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
@@ -698,6 +706,139 @@ at::Tensor bf16_gemv(const at::Tensor& x_, const at::Tensor& weight) {
   return y;
 }
 
+// ----------------------------------------------------------------------------- thread pool
+// The serving kernels below split their work over qwen2's own threads instead of OpenMP's.
+// With OMP_WAIT_POLICY=PASSIVE (what `qwen2 serve` runs under, for shared machines), every OpenMP
+// region wakes its sleeping worker and, at the end, the waiting caller: in this VM that measured
+// ~0.2 ms a region, ~23 ms of a 70 ms one-row decode step (97 regions). Spinning OpenMP threads
+// avoid that on an idle machine but made steps 5-10x slower when other processes held the cores
+// (a spinning thread holds a core the caller needs, and a static split waits for a descheduled
+// thread's whole half). Here instead:
+//   * workers spin between jobs (pause, and sched_yield so that anything else runnable goes
+//     first), and sleep after 2 ms without work (between requests);
+//   * a job is cut into chunks that participants claim one at a time (one atomic word: job
+//     generation | chunk count | next chunk), the caller included: a worker that is not running
+//     takes no chunk, the caller does the work itself and waits for at most one chunk in flight.
+// Chunks are whole output tiles, each computed by one thread in a fixed order, so results do not
+// depend on who ran what. One job at a time (a mutex); workers: torch's intra-op thread count - 1.
+namespace pool {
+
+using Fn = void (*)(const void*, int64_t, int64_t);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+struct Pool {
+  std::atomic<uint64_t> state{0};  // generation (32 bits) | chunks (16) | next chunk (16)
+  std::atomic<int64_t> done{0};    // chunks finished in the current job
+  std::atomic<Fn> fn{nullptr};
+  std::atomic<const void*> ctx{nullptr};
+  std::atomic<int64_t> n{0}, csize{1};
+  std::atomic<int> sleepers{0}, allowed{0};
+  std::mutex m, run_mu;
+  std::condition_variable cv;
+  int nworkers = 0;
+  pid_t pid = getpid();
+  uint32_t gen = 0;
+};
+
+Pool& get() {
+  static Pool* p = new Pool();  // never destroyed: workers may still wait on it at exit
+  return *p;
+}
+
+// claim and run chunks of job g until none is left (or another job has started)
+inline void participate(Pool& p, uint32_t g) {
+  for (;;) {
+    uint64_t s = p.state.load(std::memory_order_acquire);
+    if ((uint32_t)(s >> 32) != g) return;
+    const int64_t chunks = (s >> 16) & 0xFFFF, idx = s & 0xFFFF;
+    if (idx >= chunks) return;
+    const Fn f = p.fn.load(std::memory_order_relaxed);
+    const void* c = p.ctx.load(std::memory_order_relaxed);
+    const int64_t n = p.n.load(std::memory_order_relaxed), cs = p.csize.load(std::memory_order_relaxed);
+    // the fields belong to job g if the claim succeeds: a new job is only posted once every chunk
+    // of this one is claimed and finished, which changes the word compared here
+    if (!p.state.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+    f(c, idx * cs, std::min(n, idx * cs + cs));
+    p.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void worker(Pool* p, int id) {
+  uint32_t seen = (uint32_t)(p->state.load() >> 32);
+  for (;;) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0;; ++i) {
+      const uint32_t g = (uint32_t)(p->state.load(std::memory_order_acquire) >> 32);
+      if (g != seen) {
+        seen = g;
+        break;
+      }
+      if (i % 64 != 63) {
+        cpu_relax();
+        continue;
+      }
+      sched_yield();
+      // no job for 2 ms, or not one of this job's threads (torch's thread count went down): sleep
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(2) ||
+          id >= p->allowed.load(std::memory_order_relaxed)) {
+        std::unique_lock<std::mutex> lk(p->m);
+        p->sleepers.fetch_add(1);
+        p->cv.wait(lk, [&] { return (uint32_t)(p->state.load() >> 32) != seen; });
+        p->sleepers.fetch_sub(1);
+        t0 = std::chrono::steady_clock::now();
+      }
+    }
+    if (id < p->allowed.load(std::memory_order_relaxed)) participate(*p, seen);
+  }
+}
+
+// fn(ctx, b, e) over [b, e) chunks of [0, n) of csize items each, on this thread and the workers
+void run(int64_t n, int64_t csize, Fn fn, const void* ctx) {
+  Pool& p = get();
+  csize = std::max<int64_t>(csize, (n + 0xFFFE) / 0xFFFF);
+  const int64_t chunks = (n + csize - 1) / csize;
+  const int threads = at::get_num_threads();
+  if (chunks <= 1 || threads <= 1 || getpid() != p.pid) {
+    fn(ctx, 0, n);
+    return;
+  }
+  std::lock_guard<std::mutex> run_lock(p.run_mu);
+  while (p.nworkers < threads - 1) std::thread(worker, &p, p.nworkers++).detach();
+  p.allowed.store(threads - 1, std::memory_order_relaxed);
+  p.fn.store(fn, std::memory_order_relaxed);
+  p.ctx.store(ctx, std::memory_order_relaxed);
+  p.n.store(n, std::memory_order_relaxed);
+  p.csize.store(csize, std::memory_order_relaxed);
+  p.done.store(0, std::memory_order_relaxed);
+  const uint32_t g = ++p.gen;
+  p.state.store(((uint64_t)g << 32) | ((uint64_t)chunks << 16));  // seq_cst: before the sleepers check
+  if (p.sleepers.load() > 0) {
+    std::lock_guard<std::mutex> lk(p.m);
+    p.cv.notify_all();
+  }
+  participate(p, g);
+  for (int i = 0; p.done.load(std::memory_order_acquire) < chunks; ++i) {  // a chunk in flight
+    if (i % 64 != 63) cpu_relax();
+    else sched_yield();
+  }
+}
+
+// parallel_for-like: fn(b, e) over [0, n), chunks of at least `grain` items (about 16 per thread)
+template <typename F>
+void parallel(int64_t n, int64_t grain, const F& fn) {
+  if (n <= 0) return;
+  const int64_t per = (n + 16 * at::get_num_threads() - 1) / (16 * at::get_num_threads());
+  run(n, std::max<int64_t>({grain, per, 1}),
+      [](const void* c, int64_t b, int64_t e) { (*static_cast<const F*>(c))(b, e); }, &fn);
+}
+
+}  // namespace pool
+
 // ----------------------------------------------------------------------------- fp32, any rows
 // f32_linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for fp32 x [M, K] and a weight packed
 // (kernels.f32_pack) into k16 blocks, [ceil(N/16), K, 16]: block b holds columns 16b..16b+15, the
@@ -812,7 +953,7 @@ void f32_run(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, c
   const int64_t NB = (N + F32_BLOCK - 1) / F32_BLOCK, tiles = (NB + NV - 1) / NV;
   // at least ~64 KiB of weights per task, so that small matrices do not pay for a fork
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NV * K * 64));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  pool::parallel(tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * NV, c0 = b0 * F32_BLOCK;
       const float* w = wp + b0 * K * F32_BLOCK;
@@ -914,7 +1055,7 @@ at::Tensor silu_mul(const at::Tensor& x_) {
   if (y.numel() == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M * F, 16384, [&](int64_t i0, int64_t i1) {
+  pool::parallel(M * F, 16384, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t m = i / F, j = i % F, n = std::min(i1 - i, F - j);
       const float* g = xp + m * 2 * F + j;
@@ -956,7 +1097,7 @@ at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / D), [&](int64_t m0, int64_t m1) {
+  pool::parallel(M, std::max<int64_t>(1, 16384 / D), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = xp + m * D;
       float* o = yp + m * D;
@@ -995,7 +1136,7 @@ at::Tensor f32_rows(const at::Tensor& packed_, const at::Tensor& ids_) {
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "f32_rows: id ", ip[i], " out of range");
   const float* pp = packed.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t i0, int64_t i1) {
+  pool::parallel(n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* src = pp + (ip[i] / F32_BLOCK) * K * F32_BLOCK + ip[i] % F32_BLOCK;
       float* dst = op + i * K;
@@ -1015,7 +1156,7 @@ at::Tensor argmax_rows(const at::Tensor& x, int64_t n) {
   at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / n), [&](int64_t b0, int64_t b1) {
+  pool::parallel(B, std::max<int64_t>(1, 65536 / n), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* r = xp + b * ld;
       float best = -INFINITY;
@@ -1081,7 +1222,7 @@ at::Tensor paged_attention(const at::Tensor& q_, const at::Tensor& kpool, const 
   float* opt = out.data_ptr<float>();
   const float sc = (float)scale;
   const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, 2 * S * D * G));
-  at::parallel_for(0, n * KV, grain, [&](int64_t t0, int64_t t1) {
+  pool::parallel(n * KV, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> p;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t / KV, h = t % KV, len = lp[i];
