@@ -8,7 +8,8 @@ Each request: a fixed-length token-id prompt, greedy, `max_tokens` new tokens, i
 every request generates the same amount). Runs the same requests one at a time, then with N
 concurrent streaming clients, and reports requests/s, generated tokens/s, p50/p99 time to first
 token and latency, and the batching speed-up (for qwen2 also the mean decode-step time, from its
-/metrics). With --vllm-python, the same load against `vllm serve` (same checkpoint, dtype) and
+/metrics) and each server's resident memory after the runs (all its processes, KV cache
+included). With --vllm-python, the same load against `vllm serve` (same checkpoint, dtype) and
 the ratios against it: both servers stay up and the runs alternate between them, round after
 round (--rounds), so that the load of a shared machine falls on both alike.
 """
@@ -156,6 +157,26 @@ def with_step_time(url, run) -> dict:
     return out
 
 
+def session_rss_mb(pid: int) -> int | None:
+    """Resident memory (MB) of a server: every process of its session (vLLM runs an API server,
+    an engine core and a worker), KV cache included."""
+    total, found = 0, False
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[3]) != pid:  # field 6: session id
+                continue
+            for line in (d / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total // 1024 if found else None
+
+
 def loadavg() -> str | None:
     """The 1/5/15-minute load averages (other processes on a shared machine skew every number)."""
     try:
@@ -221,10 +242,13 @@ def main():
         rounds = []
         for r in range(args.rounds):
             rounds.append([run_round(name, url, "m", args, prompts, r < args.single_rounds) for name, url in servers])
+        rss = {name: session_rss_mb(proc.pid) for (name, _), proc in zip(servers, procs)}
     finally:
         for proc in procs:
             stop(proc)
     summary = summarize_rounds(rounds, [n for n, _ in servers], args)
+    for name in rss:
+        summary[name]["rss_mb_after_runs"] = rss[name]
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2))

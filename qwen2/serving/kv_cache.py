@@ -9,10 +9,12 @@ itself on (no copy), and the attention wrapper gathers from it what each sequenc
 
 Packing breaks the model's position-only masking (two sequences share the row), so the engine
 swaps each layer's attention kernel for `PackedAttention`, which runs the original kernel per
-sequence (prefills) and once for all decoding sequences: their keys are gathered from the pool
-straight into a padded [n, kv_heads, S, head_dim] batch, one gather per layer, and with the plain
-SDPA kernel each group of query heads is folded onto its KV head instead of copying the keys once
-per query head. Masks and slot indices are built once per step, not per layer.
+sequence (prefills) and once for all decoding sequences. For float32 with qwen2's kernels built,
+decode attention reads each row's keys and values in place from their pool slots
+(`torch.ops.qwen2.paged_attention`); otherwise their keys are gathered from the pool straight into
+a padded [n, kv_heads, S, head_dim] batch, one gather per layer, and with the plain SDPA kernel
+each group of query heads is folded onto its KV head instead of copying the keys once per query
+head. Masks and slot indices are built once per step, not per layer.
 """
 from __future__ import annotations
 
