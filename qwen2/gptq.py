@@ -1,9 +1,10 @@
 """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers"): weight-only quantization that corrects, column by column, the error
 of rounding each weight by updating the not yet quantized weights of the same row, weighted by
-the inputs' second moments H = X^T X measured on calibration text. Same grid and same file
+the inputs' second moments H = X^T X measured on calibration text. Same grids and same file
 layout as round-to-nearest (qwen2.quant: symmetric or asymmetric groups, desc_act false,
-g_idx = i // group_size), so nothing changes at load or run time.
+g_idx = i // group_size), so nothing changes at load or run time. int4 defaults to asymmetric
+groups, which measured best on the demo model (docs/performance.md).
 
     model = qwen2.load_model(path, dtype="bfloat16")
     ids = calibration_ids(qwen2.load_tokenizer(path))        # [n_samples, seq_len]
@@ -15,9 +16,10 @@ layer i once, and a forward pre-hook on each linear quantizes it the first time 
 with the quantized weight. So each linear's H comes from inputs that the already quantized
 linears before it produced (AutoGPTQ's "true sequential" order), the layer's output, computed
 with all of its weights quantized, is the next layer's input, and each layer runs once. The whole
-calibration batch goes through a layer in one call: memory grows with n_samples * seq_len *
-intermediate_size (about 0.5 GB for 16 x 512 tokens on a 7B model), besides the model itself; the
-only float32 copies are one linear's weight and its H.
+calibration batch goes through a layer in one call, so memory grows with n_samples * seq_len *
+intermediate_size; besides the model itself, the only float32 copies are one linear's weight, its
+H and H's inverse factor (down_proj's: intermediate_size^2 floats each). Estimated, not measured,
+for Qwen2-7B at 16 x 512 tokens: about 1 GB of activations and 4 GB for down_proj's H and factor.
 
 The algorithm per linear (`gptq_quantize`, the reference implementation's order of operations):
 dead inputs (H_ii = 0) get H_ii = 1 and zero weights; H += 0.01 * mean(diag H) * I; U = the upper
@@ -38,7 +40,7 @@ from torch import nn
 
 from .errors import Qwen2Error
 from .memory import trim
-from .quant import INT4_GROUPS, QuantLinear, _targets, dequantize, grid, stored_scales
+from .quant import INT4_GROUPS, QuantLinear, _targets, dequantize, grid, is_fused, stored_scales
 
 # Calibration text: Python standard-library source of these modules. Disjoint from the modules
 # that benchmarks/quality.py (and tests/test_quant_quality.py) score perplexity on, so the
@@ -262,7 +264,7 @@ def gptq_model(model, bits: int, group_size: int, calib_ids: torch.Tensor, lm_he
         raise Qwen2Error(f"int4 group size must be one of {INT4_GROUPS}")
     if getattr(model, "quant", None) or any(isinstance(m, QuantLinear) for m in model.modules()):
         raise Qwen2Error("GPTQ needs a float model (this one is already quantized)")
-    if getattr(model, "fused", False) or getattr(model, "decode_step", None) is not None:
+    if is_fused(model) or getattr(model, "decode_step", None) is not None:
         raise Qwen2Error("GPTQ needs the model as loaded (quantize before fuse() / compile_decode)")
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise Qwen2Error("calib_ids must be a non-empty [n_samples, seq_len] tensor of token ids")

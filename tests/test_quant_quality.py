@@ -5,8 +5,8 @@ The issue's bounds: int8 within 1% of bf16, int4 within 5%. int4 (group 32, int8
 5% with GPTQ (`qwen2 quantize --method gptq`: asymmetric groups, calibrated on standard-library
 modules that share nothing with the scored text); round-to-nearest int4 does not (held to what it
 reaches, 8%). benchmarks/quality.py prints the full table (more tokens, more group sizes,
-llama.cpp); numbers in docs/performance.md. Costs about 3 minutes on 2 cores (2.5 GB peak RSS above
-the bf16 model), 2 of them GPTQ."""
+llama.cpp); numbers in docs/performance.md. Costs about 3 minutes on 2 cores, 2 of them GPTQ
+(5.5 GB peak RSS)."""
 import sys
 from pathlib import Path
 
