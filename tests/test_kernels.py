@@ -425,6 +425,11 @@ def test_f32_bad_inputs(ops):
         ops.f32_linear(torch.randn(2, 8), packed, 20, torch.randn(19))
 
 
+def _f32_batch_and_row(ops, x, packed, n):
+    """f32_linear of the whole batch and of its first row alone (two different kernel paths)."""
+    return ops.f32_linear(x, packed, n, None), ops.f32_linear(x[:1], packed, n, None)
+
+
 def test_f32_threads_agree(ops):
     g = torch.Generator().manual_seed(9)
     w, x = torch.randn(3000, 896, generator=g), torch.randn(16, 896, generator=g)
@@ -432,9 +437,9 @@ def test_f32_threads_agree(ops):
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = ops.f32_linear(x, packed, 3000, None), ops.f32_linear(x[:1], packed, 3000, None)
+        a = _f32_batch_and_row(ops, x, packed, 3000)
         torch.set_num_threads(2)
-        b = ops.f32_linear(x, packed, 3000, None), ops.f32_linear(x[:1], packed, 3000, None)
+        b = _f32_batch_and_row(ops, x, packed, 3000)
     finally:
         torch.set_num_threads(n)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -452,13 +457,13 @@ def test_f32_pool_concurrent_callers_and_fork(ops):
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        want = ops.f32_linear(x, packed, 700, None), ops.f32_linear(x[:1], packed, 700, None)
+        want = _f32_batch_and_row(ops, x, packed, 700)
         torch.set_num_threads(3)
         errors = []
 
         def hammer():
             for _ in range(100):
-                got = ops.f32_linear(x, packed, 700, None), ops.f32_linear(x[:1], packed, 700, None)
+                got = _f32_batch_and_row(ops, x, packed, 700)
                 if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
                     errors.append("mismatch")
         threads = [threading.Thread(target=hammer) for _ in range(3)]
