@@ -270,9 +270,10 @@ def test_cli_gptq_end_to_end(ckpt, tmp_path, capsys):
     text.write_text("def add(a, b):\n    return a + b\n\n" * 60)
     out2 = tmp_path / "g4b"
     assert cli(["quantize", str(ckpt), str(out2), "--bits", "4", "--method", "gptq", "--calib", str(text),
-                "--calib-samples", "2", "--calib-len", "32", "--dtype", "float32"]) == 0
+                "--calib-samples", "2", "--calib-len", "32", "--dtype", "float32", "--sym"]) == 0
+    assert json.loads((out2 / "config.json").read_text())["quantization_config"]["sym"] is True
     mem2 = gptq_model(qwen2.load_model(ckpt, dtype="float32"), 4, 32,
-                      calibration_ids(qwen2.load_tokenizer(ckpt), 2, 32, text.read_text()), progress=False)
+                      calibration_ids(qwen2.load_tokenizer(ckpt), 2, 32, text.read_text()), sym=True, progress=False)
     torch.testing.assert_close(qwen2.load_model(out2, dtype="float32")(test_ids), mem2(test_ids), atol=0, rtol=0)
     capsys.readouterr()
     assert cli(["quantize", str(ckpt), str(tmp_path / "x"), "--bits", "4", "--calib", str(text)]) == 1
