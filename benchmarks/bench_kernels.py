@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwen2 import kernels  # noqa: E402
-from qwen2.quant import pack_int4_halves  # noqa: E402
+from qwen2.quant.linear import pack_int4_halves  # noqa: E402
 
 OURS = None  # the op namespace measured (torch.ops.qwen2 for the native build)
 

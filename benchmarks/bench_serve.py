@@ -44,7 +44,7 @@ def random_checkpoint(path: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from qwen2.commands.convert_tokenizer import convert
+    from qwen2.cli.convert_tokenizer import convert
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_05B)).float()
     model.save_pretrained(path)

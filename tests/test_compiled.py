@@ -1,4 +1,4 @@
-"""Compiled decode (qwen2.compiled) against the eager path: same logits at the fast path's own
+"""Compiled decode (qwen2.engine.compiled) against the eager path: same logits at the fast path's own
 tolerance, same greedy tokens, across float dtypes, int8/int4 weights, padded batches and cache
 lengths that cross attention-span blocks. Each test compiles a tiny model (a few seconds)."""
 import copy
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import qwen2
-import qwen2.compiled as compiled
-from qwen2.compiled import GemvLinear, compile_decode
-from qwen2.generate import generate
-from qwen2.quant import QuantLinear, pack_linears, quantize_model
-from qwen2.sampling import SamplingParams
+import qwen2.engine.compiled as compiled
+from qwen2.engine.compiled import GemvLinear, compile_decode
+from qwen2.engine.generate import generate
+from qwen2.quant.linear import QuantLinear, pack_linears, quantize_model
+from qwen2.engine.sampling import SamplingParams
 from util import TINY_MOE, make_hf_checkpoint
 
 
@@ -157,7 +157,7 @@ def test_cli_generate_compile_flag(ckpt, llm):
 
 def test_hugepage_weights_keep_values_and_ties(tiny_ckpt):
     """Weights moved into the huge-page mapping: same tensors (ties kept), same logits."""
-    from qwen2.memory import hugepage_weights
+    from qwen2.kernels.memory import hugepage_weights
     m = qwen2.load_model(tiny_ckpt[1], dtype="float32")
     ref = copy.deepcopy(m)
     params = {n: p for n, p in m.named_parameters()}

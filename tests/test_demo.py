@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2 import demo
+from qwen2.io import demo
 from qwen2.errors import Qwen2Error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_concurrent_first_use(tmp_path):
     """Two processes assembling at once: both get the path, the file is whole, no temp files."""
     parts, blob, sha = make_parts(tmp_path / "parts", sizes=(20_000_000, 20_000_000, 5_000_000))
     dest = tmp_path / "cache" / "model.gguf"
-    code = ("import sys; from pathlib import Path; from qwen2.demo import assemble; "
+    code = ("import sys; from pathlib import Path; from qwen2.io.demo import assemble; "
             f"print(assemble([Path(p) for p in {[str(p) for p in parts]!r}], Path({str(dest)!r}), "
             f"{len(blob)}, {sha!r}))")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -81,7 +81,8 @@ def test_concurrent_first_use(tmp_path):
 def test_not_installed_and_partly_installed(monkeypatch):
     monkeypatch.setattr(demo, "DEMO_PACKAGES", [f"qwen2_no_such_package_{i}" for i in range(6)])
     assert demo.demo_parts() is None and demo.demo_model_path() is None
-    from qwen2.commands._common import NO_MODEL_HELP, model_path
+    from qwen2.cli._common import model_path
+    from qwen2.io.demo import NO_MODEL_HELP
     with pytest.raises(Qwen2Error, match="qwen2\\[demo\\]") as e:
         model_path(Namespace(model=None))
     assert str(e.value) == NO_MODEL_HELP
@@ -101,7 +102,7 @@ def test_real_demo_model():
             h.update(chunk)
     assert h.hexdigest() == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
     assert demo.demo_model_path() == path
-    from qwen2.commands._common import model_path
+    from qwen2.cli._common import model_path
     assert model_path(Namespace(model=None)) == str(path)
     assert model_path(Namespace(model="other")) == "other"
 

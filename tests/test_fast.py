@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwen2
-from qwen2.quant import PackedLinear, pack_linears
+from qwen2.quant.linear import PackedLinear, pack_linears
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""qwen2.generate against transformers' generate on random-weight checkpoints."""
+"""qwen2.engine.generate against transformers' generate on random-weight checkpoints."""
 import codecs
 
 import pytest
@@ -7,8 +7,8 @@ from util import TINY, TINY_MOE, make_hf_checkpoint
 
 import qwen2
 from qwen2.errors import Qwen2Error
-from qwen2.generate import generate, stream_generate
-from qwen2.sampling import SamplingParams
+from qwen2.engine.generate import generate, stream_generate
+from qwen2.engine.sampling import SamplingParams
 
 CONFIGS = {
     "tiny": TINY,

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as Q
 
 import qwen2
 from qwen2.errors import CheckpointError
-from qwen2.gguf import load_gguf_model, open_gguf, read_gguf_config
+from qwen2.io.gguf import load_gguf_model, open_gguf, read_gguf_config
 from util import TINY, TINY_MOE, hf_model
 
 # ----------------------------------------------------------------------------- synthetic files
@@ -180,7 +180,7 @@ def test_every_type_dequantizes_like_independent_references(mixed):
 
 
 def _hf_layer_name(gname: str) -> str:
-    from qwen2.gguf import _LAYER
+    from qwen2.io.gguf import _LAYER
     _, i, rest = gname.split(".", 2)
     return f"model.layers.{i}.{_LAYER[rest]}"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import test_tokenizer_refs as R
-from qwen2.demo import demo_model_path
-from qwen2.gguf import load_gguf_model, load_gguf_tokenizer, read_gguf_config
+from qwen2.io.demo import demo_model_path
+from qwen2.io.gguf import load_gguf_model, load_gguf_tokenizer, read_gguf_config
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,9 @@ from safetensors import safe_open
 import qwen2
 from qwen2.cli import main as cli
 from qwen2.errors import Qwen2Error
-from qwen2.gptq import calibration_ids, gptq_model, gptq_quantize, hessian, inverse_factor
-from qwen2.quant import QuantLinear, dequantize, quantize_model, quantize_tensor, save_quantized
+from qwen2.quant.gptq import calibration_ids, gptq_model, gptq_quantize, hessian, inverse_factor
+from qwen2.quant.linear import QuantLinear, dequantize, quantize_model, quantize_tensor
+from qwen2.io.gptq import save_quantized
 from util import TINY, TINY_MOE, make_hf_checkpoint
 
 # (bits, group size, sym, full_range)
@@ -60,7 +61,7 @@ def test_output_error_below_round_to_nearest(bits, group, sym, full):
 def sequential_gptq(w, u, bits, g, sym, full):
     """GPTQ without lazy blocks, the paper's Algorithm 1 as written: one column at a time, its error
     passed to all later columns at once; a group's grid from its weights when it is reached."""
-    from qwen2.quant import grid
+    from qwen2.quant.linear import grid
     w = w.clone()
     out = torch.zeros_like(w)
     for i in range(w.shape[1]):

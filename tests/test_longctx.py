@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qwen2 import KVCache, load_model, preset
-from qwen2.longctx import (DualChunkAttention, apply_config, dual_chunk_attention, enable_dual_chunk_attention,
+from qwen2.model.longctx import (DualChunkAttention, apply_config, dual_chunk_attention, enable_dual_chunk_attention,
                            kv_cache_bytes, prefill)
-from qwen2.rope import rotate_half
+from qwen2.model.rope import rotate_half
 
 
 def _rope(x, pos, inv_freq):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwen2
-from qwen2.config import PRESETS
+from qwen2.model.config import PRESETS
 from util import TINY, hf_model, make_hf_checkpoint
 
 

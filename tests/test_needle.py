@@ -14,7 +14,7 @@ from util import TINY, make_hf_checkpoint
 from qwen2 import load_tokenizer
 from qwen2.cli import main
 from qwen2.errors import Qwen2Error
-from qwen2.needle import (NEEDLE, QUESTION, NeedleCase, auto_chunk, build_prompt, heatmap, parse_depths,
+from qwen2.eval.needle import (NEEDLE, QUESTION, NeedleCase, auto_chunk, build_prompt, heatmap, parse_depths,
                           parse_lengths, score, table)
 
 
@@ -106,7 +106,9 @@ def test_32k_prompt_runs_within_memory(ckpt):
     script = textwrap.dedent(f"""
         import resource, torch
         torch.set_num_threads(2)
-        from qwen2 import load_model, load_tokenizer, needle
+        from qwen2 import load_model
+        from qwen2 import load_tokenizer
+        from qwen2.eval import needle
         model = load_model({str(ckpt)!r}, dtype="float32")
         tok = load_tokenizer({str(ckpt)!r})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -9,8 +9,8 @@ from safetensors import safe_open
 
 import qwen2
 from qwen2.cli import main as cli
-from qwen2.quant import (QuantLinear, dequantize, from_gptq, kernels_ready, pack_linears, quantize_model,
-                         quantize_tensor, stored_scales, to_gptq)
+from qwen2.quant.linear import QuantLinear, dequantize, kernels_ready, pack_linears, quantize_model, quantize_tensor, stored_scales
+from qwen2.io.gptq import from_gptq, to_gptq
 
 
 @pytest.mark.parametrize("bits,group,sym,full", [(8, -1, True, False), (4, 32, True, False), (4, 128, True, False),

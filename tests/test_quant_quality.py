@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 @pytest.fixture(scope="module")
 def rows():
-    from qwen2.demo import demo_model_path
+    from qwen2.io.demo import demo_model_path
     assert demo_model_path() is not None, "the demo model is needed: pip install 'qwen2[demo]'"
     from quality import evaluate
     return evaluate(tokens=1024, window=512, groups=(32,), gptq=(32,), log=lambda s: None)

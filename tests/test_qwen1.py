@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from qwen2 import CheckpointError, load_model
 from qwen2.cli import main
-from qwen2.longctx import LOGN_MAX_POSITION, logn_factor, prefill
-from qwen2.qwen1 import load_qwen1
+from qwen2.model.longctx import LOGN_MAX_POSITION, logn_factor, prefill
+from qwen2.io.qwen1 import load_qwen1
 
 CFG = dict(model_type="qwen", architectures=["QWenLMHeadModel"], vocab_size=300, hidden_size=64,
            num_hidden_layers=2, num_attention_heads=4, kv_channels=16, intermediate_size=192,
@@ -171,8 +171,8 @@ def test_dynamic_ntk_and_logn_match_reference_with_alpha_kept():
     """seq_length 8, prompt 15 tokens (alpha 3), decoding to 21 tokens (alpha would be 7 if it were
     recomputed): every step equals the reference that keeps the prefill alpha."""
     w = qwen1_weights(CFG, seed=1)
-    from qwen2.checkpoint import build_model
-    from qwen2.qwen1 import enable_qwen1_long_context, qwen1_config, qwen1_to_qwen2_tensors
+    from qwen2.io.checkpoint import build_model
+    from qwen2.io.qwen1 import enable_qwen1_long_context, qwen1_config, qwen1_to_qwen2_tensors
     config, lc = qwen1_config(CFG)
     model = enable_qwen1_long_context(build_model(config, qwen1_to_qwen2_tensors(w.items(), config), torch.float32), **lc)
 

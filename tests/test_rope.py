@@ -9,8 +9,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from util import TINY, make_hf_checkpoint
 
 from qwen2 import CheckpointError, load_model
-from qwen2.config import ModelConfig
-from qwen2.rope import ntk_alpha, rope_init
+from qwen2.model.config import ModelConfig
+from qwen2.model.rope import ntk_alpha, rope_init
 
 BASE = dict(TINY, max_position_embeddings=256)
 

@@ -1,4 +1,4 @@
-"""qwen2.sampling against transformers' logits processors, plus a chi-square check that sampling
+"""qwen2.engine.sampling against transformers' logits processors, plus a chi-square check that sampling
 draws from the analytic distribution."""
 import json
 
@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
 
 import qwen2
 from qwen2.errors import Qwen2Error
-from qwen2.sampling import SamplingParams, make_generator, process_logits, sample
+from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, sample
 
 
 def same_filtered(a, b):

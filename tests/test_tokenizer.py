@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import test_tokenizer_refs as R
 from qwen2.errors import Qwen2Error
-from qwen2.tokenizer import (QWEN_PATTERN, TIKTOKEN_SAFE_MERGES, Tokenizer, load_tiktoken_ranks, load_tokenizer,
+from qwen2.io.checkpoint import load_tokenizer
+from qwen2.text.tokenizer import (QWEN_PATTERN, TIKTOKEN_SAFE_MERGES, Tokenizer, load_tiktoken_ranks,
                              merges_fingerprint, tiktoken_merges, token_str)
 
 CORPUS = list(R.LANGUAGES.values()) + R.TRAPS

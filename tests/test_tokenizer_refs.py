@@ -32,7 +32,7 @@ def tiktoken_path() -> Path:
 
 @lru_cache(None)
 def qwen1():
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.io.checkpoint import load_tokenizer
     return load_tokenizer(tiktoken_path())
 
 
@@ -41,7 +41,7 @@ def ref_tiktoken():
     """tiktoken itself over the same file with the Qwen regex and the 208 specials."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
-    from qwen2.tokenizer import QWEN1_SPECIALS, QWEN_PATTERN
+    from qwen2.text.tokenizer import QWEN1_SPECIALS, QWEN_PATTERN
     ranks = load_tiktoken_bpe(str(tiktoken_path()))
     return tiktoken.Encoding("qwen-ref", pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
                              special_tokens={s: 151643 + k for k, s in enumerate(QWEN1_SPECIALS)})
@@ -74,7 +74,7 @@ def hf(path) -> object:
 
 @lru_cache(None)
 def ours(path):
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.io.checkpoint import load_tokenizer
     return load_tokenizer(path)
 
 

@@ -1,0 +1,45 @@
+"""The `qwen2` command: a thin shell over the Python API.
+
+Each subcommand lives in its own module in this package and exposes `register(subparsers)`,
+which adds its parser and sets `func=run(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from qwen2 import __version__
+from qwen2.errors import Qwen2Error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2", description="Run, serve, quantize and evaluate Qwen2 models.")
+    parser.add_argument("--version", action="version", version=f"qwen2 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Qwen2Error as e:
+        print(f"qwen2: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("qwen2: error: out of memory; try --dtype bfloat16, a quantized model or a smaller model",
+              file=sys.stderr)
+        return 1
+

@@ -1,0 +1,126 @@
+"""`qwen2 info`: architecture, parameter count, dtype, memory and context length of a checkpoint,
+read from its config (no weights are loaded)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qwen2.errors import CheckpointError
+from qwen2.cli import _common
+
+
+def register(subparsers):
+    p = subparsers.add_parser("info", help="architecture, parameters, dtype, memory, context length",
+                              description=__doc__)
+    _common.add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def read_config(path: Path):
+    """(ModelConfig, checkpoint dtype name, format) without touching the weights."""
+    from qwen2.model.config import ModelConfig
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
+        from qwen2.io.gguf import find_gguf, open_gguf, read_gguf_config
+        f = find_gguf(path)
+        reader, _ = open_gguf(f)
+        ftype = _gguf_file_type(reader)
+        return read_gguf_config(f), ftype, "gguf", [f]
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise CheckpointError(f"{path}: not a Qwen2 checkpoint (no config.json or .gguf file)")
+    try:
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+    if isinstance(d, dict) and d.get("model_type") == "qwen":
+        from qwen2.io.qwen1 import qwen1_config
+        config = qwen1_config(d, str(cfg))[0]
+    else:
+        config = ModelConfig.from_file(cfg)
+    q = (d.get("quantization_config") or {}) if isinstance(d, dict) else {}
+    fmt = f"safetensors, {q.get('quant_method')} int{q.get('bits')}" if q.get("quant_method") else "safetensors"
+    files = sorted(path.glob("*.safetensors"))
+    return config, config.torch_dtype or "bfloat16", fmt, files
+
+
+def _gguf_file_type(reader) -> str:
+    try:
+        from qwen2.io.gguf import _field
+        ft = _field(reader, "general.file_type", None)
+        import gguf
+        return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_") if ft is not None else "gguf"
+    except Exception:
+        return "gguf"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(path: Path, dtype_arg="auto", device="cpu") -> dict:
+    import torch
+
+    from qwen2.io.checkpoint import parse_dtype
+    from qwen2.model.decoder import Qwen2
+    config, stored, fmt, files = read_config(path)
+    if fmt == "gguf" and dtype_arg in (None, "auto"):
+        from qwen2.io.gguf import auto_dtype
+        dt = auto_dtype(config, device)
+    else:
+        dt = parse_dtype(dtype_arg, config)
+    with torch.device("meta"):
+        model = Qwen2(config)
+    n_params = model.num_parameters()
+    embed = config.vocab_size * config.hidden_size
+    size = torch.finfo(dt).bits // 8
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
+    ctx = config.max_position_embeddings
+    arch = "Qwen2MoeForCausalLM" if config.is_moe else "Qwen2ForCausalLM"
+    info = {
+        "model": str(path), "architecture": arch, "model_type": config.model_type, "format": fmt,
+        "parameters": n_params, "parameters_without_embeddings": n_params - embed * (1 if config.tie_word_embeddings else 2),
+        "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+        "attention_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size, "tied_embeddings": config.tie_word_embeddings,
+        "context_length": ctx, "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+        "sliding_window": config.sliding_window,
+        "checkpoint_dtype": stored, "compute_dtype": str(dt).removeprefix("torch."),
+        "weights_bytes": n_params * size, "file_bytes": sum(f.stat().st_size for f in files),
+        "kv_cache_bytes_per_token": kv_per_token, "kv_cache_bytes_full_context": kv_per_token * ctx,
+    }
+    if config.is_moe:
+        info.update(experts=config.num_experts, experts_per_token=config.num_experts_per_tok,
+                    moe_intermediate_size=config.moe_intermediate_size,
+                    shared_expert_intermediate_size=config.shared_expert_intermediate_size)
+    return info
+
+
+def run(args) -> int:
+    from qwen2.io.checkpoint import resolve
+    info = describe(resolve(_common.model_path(args)), args.dtype, args.device)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    heads = f"{info['attention_heads']} heads, {info['kv_heads']} kv heads, head_dim {info['head_dim']}"
+    rows = [
+        ("model", info["model"]),
+        ("architecture", f"{info['architecture']} ({info['format']})"),
+        ("parameters", f"{info['parameters'] / 1e9:.3f} B ({info['parameters']:,}; "
+                       f"{info['parameters_without_embeddings']:,} without embeddings)"),
+        ("layers", f"{info['layers']} x hidden {info['hidden_size']}, {heads}"),
+        ("mlp", f"{info['intermediate_size']}" if "experts" not in info else
+         f"{info['experts']} experts (top-{info['experts_per_token']}) x {info['moe_intermediate_size']} "
+         f"+ shared {info['shared_expert_intermediate_size']}"),
+        ("vocabulary", f"{info['vocab_size']:,} rows{' (tied lm_head)' if info['tied_embeddings'] else ''}"),
+        ("context length", f"{info['context_length']:,} tokens" +
+         (f" (rope scaling {info['rope_scaling']})" if info["rope_scaling"] else "") +
+         (f", sliding window {info['sliding_window']}" if info["sliding_window"] else "")),
+        ("dtype", f"{info['checkpoint_dtype']} on disk, runs in {info['compute_dtype']}"),
+        ("memory", f"weights {gib(info['weights_bytes'])} in {info['compute_dtype']}"
+                   f" (files {gib(info['file_bytes'])}); KV cache {info['kv_cache_bytes_per_token'] // 1024} KiB/token, "
+                   f"{gib(info['kv_cache_bytes_full_context'])} at full context"),
+    ]
+    _common.print_rows(rows)
+    return 0

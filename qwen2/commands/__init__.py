@@ -1,1 +1,0 @@
-"""One module per `qwen2` subcommand (see qwen2/cli.py)."""

@@ -1,0 +1,387 @@
+"""Continuous-batching engine: scheduler + paged KV cache + one model forward per step.
+
+Requests join and leave the running batch between steps. Each step packs, for every running
+request, either its next decode token or a chunk of its prompt (prefill of newcomers rides along
+with the decode of the others), runs the model once over the packed row, samples one token for
+every request whose prompt is fully in the cache, and hands each request its new text.
+
+KV memory is a fixed pool of blocks (kv_cache.py). A request is admitted (FIFO) only when the pool
+can hold its whole prompt; decode grows a request block by block; when the pool runs dry the most
+recently admitted request is preempted (blocks freed, recomputed later from its tokens), so the
+oldest requests always make progress and nothing deadlocks.
+
+Thread model: the engine runs in one background thread (the model forward releases the GIL);
+`add_request` / `abort` may be called from any thread; outputs are delivered through each
+request's `sink` callback, from the engine thread.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from qwen2.errors import Qwen2Error
+from qwen2.engine.generate import TokenLogprob, _Row
+from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, sample
+from qwen2.engine.stats import Histogram
+from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, install_packed_attention
+
+log = logging.getLogger("qwen2.serving")
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and not p.logprobs and not p.top_logprobs)
+
+
+def _fast_argmax(logits: torch.Tensor) -> bool:
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(-1) != 1:
+        return False
+    from qwen2 import kernels
+    return kernels.available()
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta; `finished` on the last one)."""
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None    # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[RequestOutput], None]
+    arrival: float = field(default_factory=time.monotonic)
+    num_computed: int = 0               # tokens whose keys/values are in the cache
+    blocks: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+    finished: bool = False
+    # Detokenization, stop ids/strings, held-back text and the length limit: the offline
+    # generation loop's per-row state, so that server and offline text agree by construction.
+    row: _Row | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.row.ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, eos_token_ids=(), max_batch: int = 32,
+                 max_model_len: int | None = None, kv_cache_memory: int | None = None,
+                 block_size: int = 16, max_batched_tokens: int = 1024, max_waiting: int = 1024):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_valid = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+        self.eos_token_ids = set(int(t) for t in eos_token_ids)
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_batched_tokens = max_batched_tokens
+        cfg = model.config
+        limit = int(cfg.max_position_embeddings)
+        per_block = KVPool.bytes_per_block(cfg, block_size, model.dtype)
+        if kv_cache_memory is None:
+            # Default: 2 GiB, never more than a full batch of full-length requests needs, never
+            # less than one full-length request.
+            want = -(-min(max_model_len or limit, limit) // block_size) * per_block
+            kv_cache_memory = max(min(2 << 30, want * max_batch), want)
+        num_blocks = int(kv_cache_memory) // per_block
+        if num_blocks < 1:
+            raise Qwen2Error(f"--kv-cache-memory {kv_cache_memory} bytes is less than one KV block "
+                             f"({per_block} bytes)")
+        self.max_model_len = min(max_model_len or limit, limit)
+        if num_blocks * block_size < self.max_model_len:
+            if max_model_len:
+                raise Qwen2Error(
+                    f"--kv-cache-memory {kv_cache_memory} bytes holds {num_blocks * block_size} tokens, "
+                    f"fewer than --max-model-len {max_model_len}; raise the first or lower the second")
+            self.max_model_len = num_blocks * block_size
+        self.pool = KVPool(cfg, num_blocks, block_size, model.dtype, model.device)
+        self._holder = SimpleNamespace(step=None)
+        install_packed_attention(model, self._holder)
+
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)   # (time, tokens) per step
+        # busy_seconds: time inside step() with work; decode_*: the steps that only decoded
+        # (one token per running request), the steady state of a loaded server.
+        self.stats = SimpleNamespace(prompt_tokens=0, generation_tokens=0, steps=0, preemptions=0,
+                                     finished={}, ttft=Histogram(), busy_seconds=0.0,
+                                     decode_steps=0, decode_seconds=0.0)
+
+    # ------------------------------------------------------------------ public, any thread
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + self._inbox.qsize()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.allocator.num_free
+
+    def recent_tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        return sum(n for t, n in list(self._recent) if now - t <= window) / window
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    sink: Callable[[RequestOutput], None]) -> Request:
+        if self._stopping:
+            raise EngineStopped("server is shutting down")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the maximum context length is "
+                             f"{self.max_model_len} (including at least one generated token)")
+        if self.num_waiting >= self.max_waiting:
+            raise EngineOverloaded(f"{self.num_waiting} requests are already waiting")
+        limit = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
+        req = Request(request_id, list(prompt_ids), params, sink,
+                      row=_Row(list(prompt_ids), params, limit, self.tokenizer, self.eos_token_ids),
+                      generator=make_generator(params.seed, self.model.device))
+        self._inbox.put(req)
+        self._wake.set()
+        return req
+
+    def abort(self, request_id: str):
+        """Stop a request (client gone); its blocks are freed at the next step."""
+        self._aborts.put(request_id)
+        self._wake.set()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="qwen2-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0):
+        """Stop taking requests, fail whatever is still pending, stop the thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_all("server is shutting down")
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self):
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                worked = self.step()
+            except Exception as e:  # never let one bad step kill the server
+                log.exception("engine step failed")
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+                worked = False
+            if not worked:
+                self._wake.wait(0.5)
+
+    def _drain(self):
+        self._drain_inbox_only()
+        aborted = set()
+        while True:
+            try:
+                aborted.add(self._aborts.get_nowait())
+            except queue.Empty:
+                break
+        if aborted:
+            for req in [r for r in list(self.waiting) + self.running if r.id in aborted]:
+                self._finish(req, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or not self._inbox.empty())
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduling step + one forward. Returns False when there was nothing to do."""
+        self._drain()
+        plan = self._schedule()
+        if not plan:
+            return False
+        t0 = time.perf_counter()
+        packed = PackedStep(self.pool, [s for _, s in plan], self.model.device)
+        self._holder.step = packed
+        try:
+            logits = self.model(packed.input_ids, position_ids=packed.position_ids, cache=packed,
+                                logits_to_keep=max(packed.num_logits, 1))[0]
+        finally:
+            self._holder.step = None
+        sampling = []
+        for req, s in plan:
+            req.num_computed += len(s.token_ids)
+            if s.sample:
+                sampling.append(req)
+        if sampling:
+            self._sample(sampling, logits[:len(sampling)])
+            self._recent.append((time.monotonic(), len(sampling)))
+        dt = time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.busy_seconds += dt
+        if not packed.prefills:
+            self.stats.decode_steps += 1
+            self.stats.decode_seconds += dt
+        return True
+
+    def _schedule(self) -> list[tuple[Request, SeqSlice]]:
+        budget = self.max_batched_tokens
+        plan = []
+        alloc = self.pool.allocator
+        for req in list(self.running):
+            if req not in self.running or budget <= 0:
+                continue
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self.pool.blocks_for(req.num_computed + n) - len(req.blocks)
+            while need > alloc.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req not in self.running:
+                continue
+            req.blocks += alloc.allocate(max(need, 0))
+            plan.append((req, self._slice(req, n)))
+            budget -= n
+        while self.waiting and len(self.running) < self.max_batch and budget > 0:
+            req = self.waiting[0]
+            # Admit only if the whole prompt (+ its first token) fits: no thrashing on arrival.
+            if self.pool.blocks_for(req.num_tokens + 1) > alloc.num_free:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            n = min(req.num_tokens - req.num_computed, budget)
+            req.blocks += alloc.allocate(self.pool.blocks_for(req.num_computed + n) - len(req.blocks))
+            plan.append((req, self._slice(req, n)))
+            budget -= n
+        return plan
+
+    @staticmethod
+    def _slice(req: Request, n: int) -> SeqSlice:
+        start = req.num_computed
+        ids = [req.token(i) for i in range(start, start + n)]
+        return SeqSlice(ids, start, req.blocks, sample=start + n == req.num_tokens)
+
+    def _preempt(self, req: Request):
+        """Free a running request's blocks; it recomputes from its tokens when readmitted."""
+        self.running.remove(req)
+        self.pool.allocator.release(req.blocks)
+        req.blocks, req.num_computed = [], 0
+        self.waiting.appendleft(req)
+        self.stats.preemptions += 1
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor):
+        params = [r.params for r in reqs]
+        n_valid = self.n_valid if self.n_valid is not None and self.n_valid < logits.shape[-1] else logits.shape[-1]
+        if all(_plain_greedy(p) for p in params) and _fast_argmax(logits):
+            # Greedy without penalties or logprobs: the argmax over the valid vocabulary, which
+            # is all process_logits + sample would compute (torch's argmax is single-threaded
+            # and slow on [16, 151936]).
+            tokens, lp = torch.ops.qwen2.argmax_rows(logits, n_valid), None
+        else:
+            # Embedding rows past the tokenizer's vocabulary are padding: never sample them (as the
+            # offline loop does).
+            if n_valid < logits.shape[-1]:
+                logits[:, n_valid:] = float("-inf")
+            logits = process_logits(logits, params, [r.output_ids for r in reqs], [r.prompt_ids for r in reqs])
+            tokens, lp = sample(logits, params, [r.generator for r in reqs])
+        now = time.monotonic()
+        for i, (req, tok) in enumerate(zip(reqs, tokens.tolist())):
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.stats.prompt_tokens += len(req.prompt_ids)
+                self.stats.ttft.observe(now - req.arrival)
+            self.stats.generation_tokens += 1
+            tlp = None
+            if req.row.logprobs is not None:
+                k = req.params.top_logprobs
+                top = [(a, v) for a, v in zip(lp.top_ids[i, :k].tolist(), lp.top_values[i, :k].tolist())
+                       if v != float("-inf")]
+                tlp = TokenLogprob(tok, float(lp.token[i]), top)
+            try:
+                text = req.row.add(tok, tlp)
+            except Exception as e:  # one request's failure must not end the others
+                log.exception("request %s: detokenization failed", req.id)
+                self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
+                continue
+            out = RequestOutput(req.id, text=text, token_ids=[tok], logprobs=[tlp] if tlp else [])
+            if req.row.finish:
+                self._finish(req, req.row.finish, out)
+            else:
+                out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+                self._deliver(req, out)
+
+    def _finish(self, req: Request, reason: str, out: RequestOutput | None = None, error: str | None = None):
+        if req.finished:
+            return
+        req.finished = True
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.pool.allocator.release(req.blocks)
+        req.blocks = []
+        out = out or RequestOutput(req.id)
+        out.finished, out.finish_reason, out.error = True, reason, error
+        out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self._deliver(req, out)
+
+    def _deliver(self, req: Request, out: RequestOutput):
+        try:
+            req.sink(out)
+        except Exception:  # a broken consumer must not stop the engine
+            log.exception("request %s: output sink failed", req.id)
+
+    def _fail_all(self, message: str):
+        self._drain_inbox_only()
+        for req in list(self.waiting) + list(self.running):
+            self._finish(req, "error", error=message)
+
+    def _drain_inbox_only(self):
+        while True:
+            try:
+                self.waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    # ------------------------------------------------------------------ offline helper
+    def run_until_done(self):
+        """Drive the engine in the calling thread until every request has finished (tests,
+        benchmarks without a server). Not to be mixed with start()."""
+        while self.has_work():
+            self.step()

@@ -1,0 +1,289 @@
+"""Paged KV cache for the serving engine.
+
+Keys and values live in one pool per layer, cut into fixed-size blocks; each sequence owns a
+block table (list of block ids), so memory is taken block by block as a sequence grows and is
+returned the moment it ends. A `PackedStep` is the per-step view the model sees through the
+cache protocol of docs/ARCHITECTURE.md: all tokens of all scheduled sequences are packed into one
+row ([1, N]); `update` writes this step's keys and values into their slots and hands the pool
+itself on (no copy), and the attention wrapper gathers from it what each sequence needs.
+
+Packing breaks the model's position-only masking (two sequences share the row), so the engine
+swaps each layer's attention kernel for `PackedAttention`, which runs the original kernel per
+sequence (prefills) and once for all decoding sequences. For float32 with qwen2's kernels built,
+decode attention reads each row's keys and values in place from their pool slots
+(`torch.ops.qwen2.paged_attention`); otherwise their keys are gathered from the pool straight into
+a padded [n, kv_heads, S, head_dim] batch, one gather per layer, and with the plain SDPA kernel
+each group of query heads is folded onto its KV head instead of copying the keys once per query
+head. Masks and slot indices are built once per step, not per layer.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qwen2.errors import Qwen2Error
+from qwen2.model.decoder import build_mask, sdpa_attention
+
+
+class BlockAllocator:
+    """Free list of block ids; FIFO reuse keeps allocation O(1)."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache: {n} blocks requested, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def release(self, blocks: list[int]):
+        self._free.extend(blocks)
+
+
+class KVPool:
+    """Per layer a key and a value tensor [num_blocks * block_size, n_kv, head_dim]: slot-major,
+    so that one slot (all KV heads of one position) is one contiguous run of memory and gathering
+    a batch of slots is one pass."""
+
+    def __init__(self, config, num_blocks: int, block_size: int, dtype, device=None):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(config, block_size: int, dtype) -> int:
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Pool slots of positions start..end-1 of a sequence."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def slot(self, block_table: list[int], pos: int) -> int:
+        return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of a step: new tokens at positions start..start+n-1."""
+    token_ids: list[int]      # the n new tokens
+    start: int                # position of the first new token (= tokens already cached)
+    block_table: list[int]
+    sample: bool              # logits of the last new token are wanted
+
+
+@dataclass
+class _Prefill:
+    q_index: torch.Tensor     # where this sequence's queries sit in the packed row
+    key_slots: torch.Tensor   # [S] pool slots of its keys, positions 0..S-1
+    q_pos: torch.Tensor       # [1, T]
+    k_pos: torch.Tensor       # [1, S]
+    fresh: bool               # whole sequence in this step: plain causal attention
+
+
+@dataclass
+class _Decode:
+    q_index: torch.Tensor | None  # [n] packed index of each decoding token (None: the whole row, in order)
+    key_slots: torch.Tensor   # [n * S_max] pool slots, row-major (padding -> slot 0, masked)
+    n: int
+    s_max: int
+    q_pos: torch.Tensor       # [n, 1]
+    k_pos: torch.Tensor       # [n, S_max] (-1 = padding)
+    padded: bool              # some row is shorter than S_max
+    lens: torch.Tensor        # [n] keys per row (q_pos + 1)
+
+
+class PackedStep:
+    """The cache object for one engine step (see the module docstring).
+
+    Packed order: the tokens of each sequence except its last sampled one, then the last tokens
+    of all sampling sequences, in `slices` order, so `logits_to_keep=num_logits` yields exactly
+    one logits row per sampling sequence. A step of decodes only is just their tokens in order.
+    """
+
+    def __init__(self, pool: KVPool, slices: list[SeqSlice], device=None):
+        self.pool = pool
+        bs = pool.block_size
+        body_ids, body_pos, body_slots, tail_ids, tail_pos, tail_slots = [], [], [], [], [], []
+        dec, self.prefills = [], []
+        nbody = sum(len(s.token_ids) - s.sample for s in slices)
+        for s in slices:
+            n = len(s.token_ids)
+            end = s.start + n
+            nb = n - s.sample
+            b0 = len(body_ids)
+            if nb:
+                body_ids += s.token_ids[:nb]
+                body_pos += range(s.start, s.start + nb)
+                body_slots += [pool.slot(s.block_table, p) for p in range(s.start, s.start + nb)]
+            tail = None
+            if s.sample:
+                tail = nbody + len(tail_ids)
+                tail_ids.append(s.token_ids[-1])
+                tail_pos.append(end - 1)
+                tail_slots.append(pool.slot(s.block_table, end - 1))
+            if n == 1 and s.sample:
+                dec.append((tail, end, s.block_table))
+                continue
+            idx = list(range(b0, b0 + nb)) + ([tail] if tail is not None else [])
+            self.prefills.append(_Prefill(
+                q_index=torch.tensor(idx, device=device), key_slots=pool.slots(s.block_table, 0, end).to(device),
+                q_pos=torch.arange(s.start, end, device=device)[None],
+                k_pos=torch.arange(end, device=device)[None], fresh=s.start == 0))
+
+        self.num_tokens = nbody + len(tail_ids)
+        self.num_logits = len(tail_ids)
+        self.input_ids = torch.tensor([body_ids + tail_ids], dtype=torch.long, device=device)
+        self.position_ids = torch.tensor([body_pos + tail_pos], dtype=torch.long, device=device)
+        self.new_slots = torch.tensor(body_slots + tail_slots, dtype=torch.long, device=device)
+        self.next_pos = self.position_ids.max(dim=1).values + 1
+
+        self.decode = None
+        if dec:
+            n, lens = len(dec), [e for _, e, _ in dec]
+            smax, nblk = max(lens), max(len(bt) for _, _, bt in dec)
+            tables = torch.tensor([bt + [0] * (nblk - len(bt)) for _, _, bt in dec], dtype=torch.long)
+            slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(n, nblk * bs)[:, :smax]
+            ar = torch.arange(smax)
+            lens_t = torch.tensor(lens)
+            valid = ar[None] < lens_t[:, None]
+            padded = min(lens) != smax
+            if padded:
+                slots = torch.where(valid, slots, 0)
+            in_order = not self.prefills and [t for t, _, _ in dec] == list(range(n))
+            self.decode = _Decode(
+                q_index=None if in_order else torch.tensor([t for t, _, _ in dec], device=device),
+                key_slots=slots.reshape(-1).to(device), n=n, s_max=smax,
+                q_pos=(lens_t - 1)[:, None].to(device),
+                k_pos=torch.where(valid, ar[None], -1).to(device), padded=padded, lens=lens_t.to(device))
+        self._masks: dict = {}
+
+    # -- the cache protocol -------------------------------------------------------------------
+    def begin(self, positions: torch.Tensor) -> torch.Tensor:
+        """The model's own masks are not used in a packed step (PackedAttention builds its own);
+        returning the query positions as key positions keeps the model on its no-mask path."""
+        assert positions.shape == self.position_ids.shape, "PackedStep drives its own positions"
+        return self.position_ids
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's keys/values ([1, n_kv, N, head_dim]) into their slots; returns the
+        layer's pools [slots, n_kv, head_dim] for PackedAttention to gather from."""
+        pk, pv = self.pool.k[layer], self.pool.v[layer]
+        pk.index_copy_(0, self.new_slots, k[0].transpose(0, 1))
+        pv.index_copy_(0, self.new_slots, v[0].transpose(0, 1))
+        return pk, pv
+
+    # -- used by PackedAttention ----------------------------------------------------------------
+    def decode_mask(self, window):
+        """Padding (and window) mask [n, 1, 1, S_max] of the decode group; None when no row is
+        padded and there is no window (the kernel's fast path)."""
+        key = ("d", window)
+        if key not in self._masks:
+            d = self.decode
+            self._masks[key] = None if not d.padded and window is None else \
+                build_mask(d.q_pos, d.k_pos, window)
+        return self._masks[key]
+
+    def prefill_mask(self, i: int, window):
+        """(mask, is_causal) of prefill i."""
+        key = (i, window)
+        if key not in self._masks:
+            p = self.prefills[i]
+            if p.fresh and (window is None or p.k_pos.shape[1] <= window):
+                self._masks[key] = (None, p.q_pos.shape[1] > 1)
+            else:
+                self._masks[key] = (build_mask(p.q_pos, p.k_pos, window), True)
+        return self._masks[key]
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor, rows: int, s: int) -> torch.Tensor:
+    """Keys (or values) at `slots` as [rows, n_kv, s, head_dim] (a transposed view of one gather)."""
+    return pool.index_select(0, slots).view(rows, s, pool.shape[1], pool.shape[2]).transpose(1, 2)
+
+
+class PackedAttention:
+    """Wraps a layer's attention kernel: outside a packed step it is the kernel itself; inside,
+    it splits the packed row back into sequences (see the module docstring)."""
+
+    def __init__(self, inner, window, holder):
+        self.inner, self.window, self.holder = inner, window, holder
+
+    def __call__(self, q, k, v, mask, is_causal, q_pos=None, k_pos=None):
+        step = getattr(self.holder, "step", None)
+        if not isinstance(step, PackedStep):
+            return self.inner(q, k, v, mask, is_causal, q_pos, k_pos)
+        d = step.decode
+        if d is not None and d.q_index is None:
+            # Decodes only, in packed order: q [1, H, n, D] -> [n, H, 1, D] is a view.
+            od = self._decode(q[0].transpose(0, 1)[:, :, None], k, v, step)       # [n, H, 1, D]
+            return od[:, :, 0].transpose(0, 1)[None]
+        out = torch.empty_like(q)
+        for i, p in enumerate(step.prefills):
+            qi = q.index_select(2, p.q_index)
+            s = p.key_slots.shape[0]
+            ki, vi = _gather(k, p.key_slots, 1, s), _gather(v, p.key_slots, 1, s)
+            m, causal = step.prefill_mask(i, self.window)
+            out.index_copy_(2, p.q_index, self.inner(qi, ki, vi, m, causal, p.q_pos, p.k_pos))
+        if d is not None:
+            qd = q[0].index_select(1, d.q_index).transpose(0, 1)[:, :, None]      # [n, H, 1, D]
+            od = self._decode(qd, k, v, step)
+            out[0].index_copy_(1, d.q_index, od[:, :, 0].transpose(0, 1))
+        return out
+
+    def _decode(self, qd, pk, pv, step):
+        """One query per row against its own keys: [n, H, 1, D] -> [n, H, 1, D]."""
+        d = step.decode
+        if self.inner is sdpa_attention and _paged_kernel(qd, pk):
+            # qwen2's kernel reads the keys and values in place from their pool slots.
+            o = torch.ops.qwen2.paged_attention(qd[:, :, 0], pk, pv, d.key_slots.view(d.n, d.s_max), d.lens,
+                                                qd.shape[-1] ** -0.5, self.window or 0)
+            return o[:, :, None]
+        kd, vd = _gather(pk, d.key_slots, d.n, d.s_max), _gather(pv, d.key_slots, d.n, d.s_max)
+        mask = step.decode_mask(self.window)
+        n, h, _, dim = qd.shape
+        kv = kd.shape[1]
+        if self.inner is sdpa_attention:
+            # Fold each group of query heads onto its KV head (queries of one row become the
+            # group's "sequence"): the gathered keys are read in place, never repeated per head.
+            o = F.scaled_dot_product_attention(qd.reshape(n, kv, h // kv, dim), kd, vd, attn_mask=mask)
+            return o.view(n, h, 1, dim)
+        return self.inner(qd, kd, vd, mask, False, d.q_pos, d.k_pos)
+
+
+def _paged_kernel(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether decode attention can run on qwen2's paged kernel (float32 on the CPU, kernels built)."""
+    if q.dtype != torch.float32 or pool.dtype != torch.float32 or q.device.type != "cpu":
+        return False
+    from qwen2 import kernels
+    return kernels.available()
+
+
+def install_packed_attention(model, holder):
+    """Wrap every layer's attention kernel once; `holder.step` selects packed mode. A model serves
+    one engine at a time: installing again re-points the wrappers at the new holder."""
+    from qwen2.model.decoder import Attention
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if type(attn).forward is not Attention.forward:
+            # e.g. dual chunk attention: its own kernel reads positions across the packed row.
+            raise Qwen2Error(f"serving does not support {type(attn).__name__} layers")
+        if isinstance(attn.attn_fn, PackedAttention):
+            attn.attn_fn.holder = holder
+        else:
+            window = model.config.sliding_window if attn.sliding else None
+            attn.attn_fn = PackedAttention(attn.attn_fn, window, holder)

@@ -1,0 +1,1 @@
+"""Evaluations run on the engine (needle-in-a-haystack)."""

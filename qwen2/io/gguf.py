@@ -1,0 +1,355 @@
+"""GGUF checkpoints (llama.cpp's format): config, tensors and tokenizer from one file.
+
+Reading and dequantizing use the `gguf` package (llama.cpp's own reader and reference
+dequantizers), so every type it knows (F32/F16/BF16, Q4_0..Q8_0, Q2_K..Q6_K, IQ*) loads here.
+llama.cpp's converter keeps Qwen2's q/k rows in the HF order (it permutes q/k only for llama-style
+architectures), and the reader already returns tensors in row-major [out, in] order, so a
+llama.cpp name maps to exactly one HF name with the same shape; only MoE experts, stored
+stacked [n_expert, out, in], are split into per-expert tensors.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from qwen2.model.config import ModelConfig
+from qwen2.errors import CheckpointError
+
+ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
+
+# llama.cpp tensor name -> HF name ({} = layer index)
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    # qwen2moe
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+}
+_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+            "ffn_down_exps.weight": "down_proj"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+# Rows dequantized at a time: bounds the float32 temporaries of the numpy dequantizers to a
+# few tens of MB instead of several copies of the largest tensor (the 151936-row embedding).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+# ----------------------------------------------------------------------------- file access
+def find_gguf(path: str | os.PathLike) -> Path:
+    """A .gguf file, or the single .gguf file in a directory."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.gguf") if f.is_file())
+        if not files:
+            raise CheckpointError(f"{p}: no .gguf file in this directory")
+        if len(files) > 1:
+            names = ", ".join(f.name for f in files)
+            raise CheckpointError(f"{p}: several .gguf files ({names}); pass the one to load")
+        return files[0]
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    return p
+
+
+def _reader_class():
+    from gguf import GGUFReader
+
+    class Reader(GGUFReader):
+        """GGUFReader over a plain ndarray view of its memmap: np.memmap adds Python-level work
+        (__array_finalize__) to every slice, which made reading the 300k tokenizer strings and
+        the dequantizers' 16-row groups take seconds."""
+
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, value):
+            self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return Reader
+
+
+def open_gguf(path: str | os.PathLike):
+    """(GGUFReader, file path), with every way a file can be broken turned into one clear line."""
+    f = find_gguf(path)
+    try:
+        with open(f, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot read ({e})") from None
+    if magic != b"GGUF":
+        raise CheckpointError(f"{f}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        reader = _reader_class()(f, "r")
+    except ValueError as e:
+        # The reader raises ValueError for unknown tensor/value types and for data past the
+        # end of the file (its memmap views come out short).
+        msg = str(e)
+        if "is not a valid GGMLQuantizationType" in msg:
+            raise CheckpointError(f"{f}: unknown tensor type ({msg}); this gguf package cannot read it, "
+                                  "try upgrading it: pip install -U gguf") from None
+        raise CheckpointError(f"{f}: corrupt or truncated GGUF file ({msg})") from None
+    except (IndexError, KeyError, OSError, OverflowError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+    _check_sizes(reader, f)
+    return reader, f
+
+
+def _check_sizes(reader, f: Path):
+    """Every tensor's bytes must lie inside the file; a truncated download otherwise surfaces
+    later as a confusing reshape error (or silently short data)."""
+    from gguf import GGML_QUANT_SIZES
+    end = os.path.getsize(f)
+    for t in reader.tensors:
+        block, type_size = GGML_QUANT_SIZES.get(t.tensor_type, (1, 0))
+        need = int(t.n_elements) // block * type_size
+        if t.data_offset + need > end or (type_size and t.n_bytes != need):
+            raise CheckpointError(f"{f}: truncated GGUF file (tensor {t.name!r} needs bytes up to "
+                                  f"{t.data_offset + need:,}, the file has {end:,})")
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def architecture(reader, f: Path) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{f}: GGUF architecture {arch!r} is not supported "
+                              f"(expected {' or '.join(ARCHITECTURES)})")
+    return arch
+
+
+# ----------------------------------------------------------------------------- config
+def _config_dict(reader, f: Path) -> dict:
+    """An HF-style config.json dict from the GGUF metadata."""
+    arch = architecture(reader, f)
+
+    def need(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise CheckpointError(f"{f}: metadata key {arch}.{key} is missing")
+        return v
+
+    tensors = {t.name: t for t in reader.tensors}
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise CheckpointError(f"{f}: missing tensor 'token_embd.weight'")
+    vocab = int(_field(reader, f"{arch}.vocab_size", int(embd.shape[-1])))  # shape is [in, out]
+    heads = int(need("attention.head_count"))
+    d = {
+        "model_type": ARCHITECTURES[arch],
+        "architectures": ["Qwen2MoeForCausalLM" if arch == "qwen2moe" else "Qwen2ForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": int(need("embedding_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 32768)),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        # llama.cpp drops `output.weight` when the checkpoint ties it to the embedding.
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "hidden_act": "silu",
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if (ff := _field(reader, f"{arch}.feed_forward_length")) is not None:
+        d["intermediate_size"] = int(ff)
+    if (kl := _field(reader, f"{arch}.attention.key_length")) is not None:
+        d["head_dim"] = int(kl)
+    if (sw := _field(reader, f"{arch}.attention.sliding_window")) is not None:
+        d.update(use_sliding_window=True, sliding_window=int(sw), max_window_layers=0)
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none", "linear") or (scaling == "linear" and
+                                                   _field(reader, f"{arch}.rope.scaling.factor", 1.0) != 1.0):
+        d["rope_scaling"] = {"rope_type": scaling,
+                             "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))}
+        if (orig := _field(reader, f"{arch}.rope.scaling.original_context_length")) is not None:
+            d["rope_scaling"]["original_max_position_embeddings"] = int(orig)
+    if arch == "qwen2moe":
+        d.update(
+            num_experts=int(need("expert_count")),
+            num_experts_per_tok=int(need("expert_used_count")),
+            moe_intermediate_size=int(need("expert_feed_forward_length")),
+            shared_expert_intermediate_size=int(need("expert_shared_feed_forward_length")),
+            # llama.cpp's qwen2moe graph does not renormalize the top-k weights
+            norm_topk_prob=bool(_field(reader, f"{arch}.expert_weights_norm", False)),
+        )
+    return d
+
+
+def read_gguf_config(path) -> ModelConfig:
+    """The model configuration stored in a GGUF file's metadata."""
+    reader, f = open_gguf(path)
+    return ModelConfig.from_hf_dict(_config_dict(reader, f), source=str(f))
+
+
+# ----------------------------------------------------------------------------- tensors
+def _dequantize(t, dtype: torch.dtype, f: Path) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor [out, in] of `dtype`, dequantized in row chunks straight
+    into the result (float32 temporaries stay small; no float32 copy of a bf16 tensor)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import dequantize
+    data = t.data
+    if data.ndim < 2 or data.shape[0] == 1:
+        chunks = [data]
+    else:
+        per_row = max(1, int(t.n_elements) // data.shape[0])
+        step = max(1, _CHUNK_ELEMENTS // per_row)
+        chunks = [data[i:i + step] for i in range(0, data.shape[0], step)]
+    out, row = None, 0
+    for c in chunks:
+        try:
+            x = dequantize(c, t.tensor_type) if t.tensor_type not in (Q.F32, Q.F16) else c
+        except NotImplementedError:
+            raise CheckpointError(f"{f}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf "
+                                  "package cannot dequantize") from None
+        with warnings.catch_warnings():  # F32/F16 data is a read-only view of the mmap
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        if out is None:
+            if len(chunks) == 1:
+                return x.to(dtype, copy=True)  # never keep a view of the file's read-only mmap
+            out = torch.empty((data.shape[0],) + tuple(x.shape[1:]), dtype=dtype)
+        out[row:row + x.shape[0]] = x
+        row += x.shape[0]
+    return out
+
+
+def _hf_tensors(reader, f: Path, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for t in reader.tensors:
+        name = t.name
+        if name in _GLOBAL:
+            yield _GLOBAL[name], _as_param(t, dtype, f)
+            continue
+        m = _BLOCK.fullmatch(name)
+        if m and m[2] in _LAYER:
+            x = _as_param(t, dtype, f)
+            if m[2] == "ffn_gate_inp_shexp.weight":
+                x = x.reshape(1, -1)  # llama.cpp stores the [1, hidden] gate as a vector
+            yield f"model.layers.{m[1]}.{_LAYER[m[2]]}", x
+        elif m and m[2] in _EXPERTS:
+            stacked = _as_param(t, dtype, f)  # [n_expert, out, in]
+            for e in range(stacked.shape[0]):
+                yield f"model.layers.{m[1]}.mlp.experts.{e}.{_EXPERTS[m[2]]}.weight", stacked[e].clone()
+            del stacked
+        else:
+            raise CheckpointError(f"{f}: unexpected tensor {name!r} for architecture {config.model_type}")
+
+
+def _as_param(t, dtype, f) -> torch.Tensor:
+    return _dequantize(t, dtype, f).contiguous()
+
+
+def _tensor_count(reader, config: ModelConfig) -> int:
+    n = 0
+    for t in reader.tensors:
+        m = _BLOCK.fullmatch(t.name)
+        n += config.num_experts if m and m[2] in _EXPERTS else 1
+    return n
+
+
+def auto_dtype(config: ModelConfig, device) -> torch.dtype:
+    """GGUF weights are quantized, so the compute dtype is ours to choose. On CPU float32: x86
+    CPUs without AVX512-BF16 run bf16 matmuls several times slower than fp32 (SPEC section 8:
+    prefill 21 vs 119 tok/s), and fp32 holds the dequantized values exactly. bfloat16 on
+    accelerators, and on CPU when the fp32 weights would take more than half the RAM."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    params = _param_count(config)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = None
+    if ram and params * 4 > ram / 2:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _param_count(c: ModelConfig) -> int:
+    attn = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    if c.is_moe:
+        mlp = 3 * c.hidden_size * (c.num_experts * c.moe_intermediate_size + c.shared_expert_intermediate_size)
+    else:
+        mlp = 3 * c.hidden_size * c.intermediate_size
+    emb = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_hidden_layers * (attn + mlp) + emb
+
+
+def load_gguf_model(path, dtype="auto", device="cpu"):
+    """A `qwen2.model.decoder.Qwen2` from a GGUF file (or a directory holding one), dequantized tensor by
+    tensor into `dtype` ("auto": see `auto_dtype`)."""
+    from qwen2.io.checkpoint import build_model, parse_dtype
+    reader, f = open_gguf(path)
+    config = ModelConfig.from_hf_dict(_config_dict(reader, f), source=str(f))
+    dt = auto_dtype(config, device) if dtype in (None, "auto") else parse_dtype(dtype, config)
+    config.torch_dtype = str(dt).removeprefix("torch.")
+    return build_model(config, _hf_tensors(reader, f, config, dt), dt, device, source=str(f),
+                       total=_tensor_count(reader, config))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+
+def load_gguf_tokenizer(path):
+    """The byte-level BPE tokenizer described by `tokenizer.ggml.*` and `tokenizer.chat_template`.
+
+    Control tokens (`<|im_end|>`, ...) become special added tokens, user-defined ones (Qwen2.5's
+    `<tool_call>`) plain added tokens, as in transformers; the unused `[PAD...]` rows stay in the
+    vocabulary (no merge reaches them) so that every id the model can emit decodes.
+    The split regex is Qwen2's whatever `tokenizer.ggml.pre` says (qwen2, deepseek-r1-qwen, ...:
+    the same regex), and text is NFC-normalized like Qwen2's own tokenizer.json (the GGUF file
+    does not record the normalizer; transformers' and llama.cpp's GGUF paths skip it).
+    """
+    from qwen2.text.tokenizer import Tokenizer
+    reader, f = open_gguf(path)
+    architecture(reader, f)
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise CheckpointError(f"{f}: tokenizer.ggml.model is {model!r}; Qwen2 uses byte-level BPE ('gpt2')")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise CheckpointError(f"{f}: no tokenizer in the metadata (tokenizer.ggml.tokens/merges missing)")
+    types = _field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{f}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    vocab, added = {}, []
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        if ty == _CONTROL or ty == _USER_DEFINED:
+            added.append({"id": i, "content": tok, "special": ty == _CONTROL})
+        else:
+            vocab[tok] = i
+
+    def name(key):
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    return Tokenizer.from_vocab_merges(
+        vocab, merges, added, chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token=name("bos_token_id"), eos_token=name("eos_token_id"), pad_token=name("padding_token_id"),
+        normalize_nfc=True)

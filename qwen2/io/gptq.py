@@ -1,0 +1,189 @@
+"""The GPTQ checkpoint layout, read and written: official GPTQ releases and what
+`qwen2 quantize` writes load through here onto `qwen2.quant.linear.QuantLinear`.
+
+Saved layout (one entry per linear, named like the HF weight it replaces):
+    <name>.qweight  int32 [in * bits / 32, out]   q packed along `in`, lowest bits first
+    <name>.qzeros   int32 [n_groups, out * bits / 32]   (z - 1) packed along `out` (classic AutoGPTQ)
+    <name>.scales   float16 [n_groups, out]
+    <name>.g_idx    int32 [in]                     group of each input (i // group_size)
+    <name>.bias     as in the float checkpoint
+config.json gets "quantization_config": {"quant_method": "gptq", "bits", "group_size", "sym",
+"desc_act": false, "lm_head": bool}. Embeddings and norms stay in the float dtype; so does the
+lm_head of int4 files (GPTQ has one `bits` per file), which loading quantizes to int8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qwen2.errors import CheckpointError, Qwen2Error
+from qwen2.io.checkpoint import build_model
+from qwen2.quant.linear import QuantLinear, _targets, is_fused, quantize_tensor
+
+
+def _pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint values [R, C] -> int32 [R * bits / 32, C], lowest bits first along R."""
+    per = 32 // bits
+    v = v.to(torch.int64).reshape(-1, per, v.shape[-1])
+    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    packed = (v << shifts).sum(1)  # < 2**32, as int64
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+def _unpack_rows(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R', C] -> uint8 [R' * 32 / bits, C]."""
+    per = 32 // bits
+    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    v = (p.to(torch.int64)[:, None, :] & 0xFFFFFFFF) >> shifts
+    return (v & (2 ** bits - 1)).reshape(-1, p.shape[-1]).to(torch.uint8)
+
+
+def to_gptq(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+            zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """QuantLinear inputs (q [out, in], scales and zeros [n_groups, out]) -> the four GPTQ
+    tensors; the stored zero point is z - 1 (classic AutoGPTQ), so z = 0 cannot be stored."""
+    out_f, in_f = q.shape
+    g = in_f if group_size in (-1, None) else group_size
+    if zeros is None:
+        zeros = torch.full((scales.shape[0], out_f), 2 ** (bits - 1), dtype=torch.uint8)
+    stored = zeros.to(torch.int16) - 1
+    if bool((stored < 0).any()):
+        raise Qwen2Error("GPTQ layout cannot store a zero point of 0 (it stores z - 1)")
+    return {"qweight": _pack_rows(q.T.contiguous(), bits),
+            "qzeros": _pack_rows(stored.T.contiguous(), bits).T.contiguous(),
+            "scales": scales.to(torch.float16).contiguous(),
+            "g_idx": (torch.arange(in_f) // g).to(torch.int32)}
+
+
+def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str):
+    """The four GPTQ tensors -> (q uint8 [out, in], scales float32 [n_groups, out], zeros uint8
+    [n_groups, out])."""
+    try:
+        q = _unpack_rows(t["qweight"], bits).T.contiguous()
+        zeros = _unpack_rows(t["qzeros"].T.contiguous(), bits).T.to(torch.int16) + 1
+        scales = t["scales"].float()
+    except KeyError as e:
+        raise CheckpointError(f"{name}: missing GPTQ tensor {e}") from None
+    out_f, in_f = q.shape
+    g = in_f if group_size in (-1, None) else group_size
+    if "g_idx" in t and not torch.equal(t["g_idx"].long(), torch.arange(in_f) // g):
+        raise CheckpointError(f"{name}: act-order GPTQ (desc_act, permuted g_idx) is not supported")
+    if bits == 8 and not bool((zeros == 2 ** (bits - 1)).all()):
+        raise CheckpointError(f"{name}: asymmetric int8 GPTQ is not supported (the int8 kernel has no zero point)")
+    return q, scales, zeros.to(torch.uint8)
+
+
+def save_quantized(model, out_dir, bits: int | None = None, group_size: int | None = None,
+                   lm_head: bool | None = None, sym: bool | None = None):
+    """Write a model in the GPTQ layout (HF names: save before fuse()).
+
+    A float model is quantized here, round-to-nearest (bits, group_size (default 128), sym
+    (default True)). A model that
+    quantize_model (either method) already quantized is written as it is: its QuantLinears' own
+    q / scales / zeros, with bits, group_size and sym taken from it (the arguments may be left
+    out, and must agree if given); a target linear still float is rounded to nearest.
+
+    The lm_head is stored int8 in int8 files and, by default, float in int4 files (GPTQ has one
+    `bits` per file; loading requantizes a float head to int8, see load_gptq): an int4 file of an
+    untied model therefore needs the head float in memory (quantize_model(..., lm_head=False))."""
+    if is_fused(model):
+        raise Qwen2Error("save the model before fuse(): the fused projections have no checkpoint names")
+    quant = getattr(model, "quant", None)
+    if quant:
+        given = {"bits": bits, "group_size": None if quant["bits"] == 8 else group_size,
+                 "sym": None if quant["bits"] == 8 else sym}
+        for k, v in given.items():
+            if v is not None and v != quant[k]:
+                raise Qwen2Error(f"the model is already quantized with {k}={quant[k]}, not {v}")
+        bits, gs, sym = quant["bits"], quant["group_size"], quant["sym"]
+    else:
+        if bits is None:
+            raise Qwen2Error("save_quantized: bits is needed for a float model")
+        gs = -1 if bits == 8 else (group_size or 128)
+        sym = sym is not False or bits == 8
+    if lm_head is None:
+        lm_head = bits == 8
+    tied = model.config.tie_word_embeddings
+    if not lm_head and not tied and isinstance(model.lm_head, QuantLinear):
+        raise Qwen2Error("this file keeps the lm_head float, but the model's lm_head is quantized: "
+                         "quantize with lm_head=False (or save with lm_head=True)")
+    targets = {full: lin for full, _, _, lin in _targets(model, lm_head, quantized=True)}
+    tensors: dict[str, torch.Tensor] = {}
+    for mod, lin in targets.items():
+        if isinstance(lin, QuantLinear):
+            if lin.bits != bits or (bits == 4 and lin.group_size != gs):
+                raise Qwen2Error(f"{mod} is int{lin.bits} group {lin.group_size}; the file is int{bits} group {gs}")
+            q, s, z = lin.quantized()
+        else:
+            q, s, z = quantize_tensor(lin.weight.data, bits, gs, sym=sym)
+        tensors.update({f"{mod}.{k}": v for k, v in to_gptq(q, s, bits, gs, z).items()})
+        if lin.bias is not None:
+            tensors[f"{mod}.bias"] = lin.bias.data.contiguous()
+    for name, t in model.state_dict().items():
+        mod = name.rpartition(".")[0]
+        if mod in targets or (mod == "lm_head" and (tied or isinstance(model.lm_head, QuantLinear))):
+            continue
+        tensors[name] = t.contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_hf_dict(str(model.dtype).removeprefix("torch."))
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": sym,
+                                  "desc_act": False, "lm_head": lm_head, "checkpoint_format": "gptq"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint"):
+    """Build a model from a GPTQ-layout tensor stream: float tensors go through the usual
+    name/shape checks, each quantized linear becomes a QuantLinear once its tensors are in."""
+    qc = config.raw.get("quantization_config") or {}
+    if qc.get("quant_method") != "gptq":
+        raise CheckpointError(f"{source}: quantization method {qc.get('quant_method')!r} is not supported (gptq only)")
+    bits, gs = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    if bits not in (4, 8) or qc.get("desc_act"):
+        raise CheckpointError(f"{source}: GPTQ bits={bits} desc_act={qc.get('desc_act')} "
+                              "is not supported (4 or 8 bits, no act-order)")
+    lm_head = bool(qc.get("lm_head", False))
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    quantized: dict[str, tuple] = {}
+
+    def float_tensors():
+        for name, t in tensors:
+            mod, _, leaf = name.rpartition(".")
+            if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+                pending.setdefault(mod, {})[leaf] = t
+                if len(pending[mod]) == 4:
+                    quantized[mod] = from_gptq(pending.pop(mod), bits, gs, f"{source}: {mod}")
+                    yield f"{mod}.weight", torch.empty(quantized[mod][0].shape, device="meta")
+                continue
+            yield name, t
+
+    # Tied embeddings with a quantized head: load as untied (the head is its own tensor).
+    cfg = config
+    if lm_head and config.tie_word_embeddings:
+        cfg = dataclasses.replace(config, tie_word_embeddings=False)
+    # Quantized linears arrive as meta placeholders, which build_model leaves unallocated.
+    model = build_model(cfg, float_tensors(), dtype, device, source=source)
+    if pending:
+        raise CheckpointError(f"{source}: incomplete GPTQ tensors for {', '.join(sorted(pending))[:200]}")
+    if set(quantized) and not lm_head:
+        quantized.pop("lm_head", None)
+    for full, mod, attr, lin in _targets(model, lm_head):
+        if full not in quantized:
+            raise CheckpointError(f"{source}: {full} is not quantized (expected GPTQ tensors)")
+        q, s, z = quantized.pop(full)
+        bias = None if lin.bias is None else lin.bias.data
+        setattr(mod, attr, QuantLinear(q, s, bits, gs, bias, dtype, z))
+    model.config = config
+    if not lm_head:  # float head in the file (GPTQ's default): int8 at run time, +0.03% perplexity
+        model.lm_head = QuantLinear.from_linear(model.lm_head, 8, -1, dtype)
+    model.quant = {"bits": bits, "group_size": gs, "sym": bool(qc.get("sym", True)),
+                   "lm_head": 8 if not lm_head else bits}
+    return model

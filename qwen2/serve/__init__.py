@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: protocol models, routes, metrics. A thin shell over the engine."""
