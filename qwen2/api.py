@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from qwen2.errors import Qwen2Error
-from qwen2.engine.generate import Completion, Delta, generate, stream_generate
+from qwen2.engine.generate import generate, stream_generate
+from qwen2.engine.request import Completion, Delta
 from qwen2.engine.sampling import SamplingParams
 
 DEFAULT_SYSTEM = "You are a helpful assistant."

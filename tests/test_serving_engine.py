@@ -7,7 +7,7 @@ import torch
 import qwen2
 from qwen2.engine.sampling import SamplingParams
 from qwen2.engine.core import Engine
-from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, install_packed_attention
+from qwen2.engine.paged import KVPool, PackedStep, SeqSlice
 from util import TINY, make_hf_checkpoint
 
 
@@ -31,30 +31,24 @@ def prompts(k, seed=0):
             for _ in range(k)]
 
 
-def run_step(model, pool, holder, slices):
+def run_step(model, pool, slices):
     """One packed engine step over `slices`: (the PackedStep, logits of its logit rows)."""
     step = PackedStep(pool, slices)
-    holder.step = step
     with torch.no_grad():
         out = model(step.input_ids, position_ids=step.position_ids, cache=step,
                     logits_to_keep=step.num_logits)[0]
-    holder.step = None
     return step, out
 
 
 def test_packed_step_matches_plain_forward(model):
     """One packed step mixing a fresh prompt, a continued chunk and a decode token gives the same
     logits as running each sequence alone."""
-    class Holder:
-        step = None
-    holder = Holder()
-    install_packed_attention(model, holder)
     pool = KVPool(model.config, 32, 4, torch.float32)
     a, b, c = prompts(3, seed=1)
     blocks = {}
 
     def run(slices):
-        return run_step(model, pool, holder, slices)[1]
+        return run_step(model, pool, slices)[1]
 
     for name, seq in (("a", a), ("b", b), ("c", c)):
         blocks[name] = pool.allocator.allocate(pool.blocks_for(len(seq) + 1))
@@ -72,10 +66,6 @@ def test_packed_step_matches_plain_forward(model):
 def test_decode_only_step_matches_plain_forward(model):
     """A step of decodes only (rows of different lengths, so the gathered keys are padded, and
     blocks scattered through the pool) gives each sequence's plain next-token logits."""
-    class Holder:
-        step = None
-    holder = Holder()
-    install_packed_attention(model, holder)
     pool = KVPool(model.config, 64, 4, torch.float32)
     seqs = prompts(4, seed=4)
     pool.allocator.allocate(3)  # blocks do not start at slot 0
@@ -85,7 +75,7 @@ def test_decode_only_step_matches_plain_forward(model):
         pool.allocator.allocate(1)  # a gap between sequences
 
     def run(slices):
-        return run_step(model, pool, holder, slices)
+        return run_step(model, pool, slices)
 
     run([SeqSlice(seq[:-1], 0, t, False) for seq, t in zip(seqs, tables)])
     step, got = run([SeqSlice(seq[-1:], len(seq) - 1, t, True) for seq, t in zip(seqs, tables)])

@@ -28,10 +28,11 @@ from typing import Callable
 import torch
 
 from qwen2.errors import Qwen2Error
-from qwen2.engine.generate import TokenLogprob, _Row
+from qwen2.engine.request import Row, TokenLogprob
 from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, sample
 from qwen2.engine.stats import Histogram
-from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, install_packed_attention
+from qwen2.model.rope import Rotary
+from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, unsupported
 
 log = logging.getLogger("qwen2.serving")
 
@@ -83,7 +84,7 @@ class Request:
     finished: bool = False
     # Detokenization, stop ids/strings, held-back text and the length limit: the offline
     # generation loop's per-row state, so that server and offline text agree by construction.
-    row: _Row | None = None
+    row: Row | None = None
     generator: torch.Generator | None = None
 
     @property
@@ -129,8 +130,14 @@ class Engine:
                     f"fewer than --max-model-len {max_model_len}; raise the first or lower the second")
             self.max_model_len = num_blocks * block_size
         self.pool = KVPool(cfg, num_blocks, block_size, model.dtype, model.device)
-        self._holder = SimpleNamespace(step=None)
-        install_packed_attention(model, self._holder)
+        why = unsupported(model)
+        if why:
+            raise Qwen2Error(f"the engine cannot run this model: {why}")
+        # A rotary that depends on each sequence's prompt length (first-generation Qwen's dynamic
+        # NTK) is told that length per step, so such a model runs one sequence per step.
+        self._per_sequence_rotary = type(model.rotary).begin_prompt is not Rotary.begin_prompt
+        if self._per_sequence_rotary:
+            self.max_batch = 1
 
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -176,7 +183,7 @@ class Engine:
             raise EngineOverloaded(f"{self.num_waiting} requests are already waiting")
         limit = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
         req = Request(request_id, list(prompt_ids), params, sink,
-                      row=_Row(list(prompt_ids), params, limit, self.tokenizer, self.eos_token_ids),
+                      row=Row(list(prompt_ids), params, limit, self.tokenizer, self.eos_token_ids),
                       generator=make_generator(params.seed, self.model.device))
         self._inbox.put(req)
         self._wake.set()
@@ -236,12 +243,10 @@ class Engine:
             return False
         t0 = time.perf_counter()
         packed = PackedStep(self.pool, [s for _, s in plan], self.model.device)
-        self._holder.step = packed
-        try:
-            logits = self.model(packed.input_ids, position_ids=packed.position_ids, cache=packed,
-                                logits_to_keep=max(packed.num_logits, 1))[0]
-        finally:
-            self._holder.step = None
+        if self._per_sequence_rotary:
+            self.model.rotary.begin_prompt(packed, torch.tensor([len(plan[0][0].prompt_ids)]))
+        logits = self.model(packed.input_ids, position_ids=packed.position_ids, cache=packed,
+                            logits_to_keep=max(packed.num_logits, 1))[0]
         sampling = []
         for req, s in plan:
             req.num_computed += len(s.token_ids)

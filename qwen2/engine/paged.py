@@ -55,6 +55,7 @@ class KVPool:
 
     def __init__(self, config, num_blocks: int, block_size: int, dtype, device=None):
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.sliding_window = config.sliding_window
         shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -175,20 +176,64 @@ class PackedStep:
 
     # -- the cache protocol -------------------------------------------------------------------
     def begin(self, positions: torch.Tensor) -> torch.Tensor:
-        """The model's own masks are not used in a packed step (PackedAttention builds its own);
+        """The model's own masks are not used in a packed step (`attend` builds its own);
         returning the query positions as key positions keeps the model on its no-mask path."""
         assert positions.shape == self.position_ids.shape, "PackedStep drives its own positions"
         return self.position_ids
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's keys/values ([1, n_kv, N, head_dim]) into their slots; returns the
-        layer's pools [slots, n_kv, head_dim] for PackedAttention to gather from."""
+        layer's pools [slots, n_kv, head_dim] for `attend` to gather from."""
         pk, pv = self.pool.k[layer], self.pool.v[layer]
         pk.index_copy_(0, self.new_slots, k[0].transpose(0, 1))
         pv.index_copy_(0, self.new_slots, v[0].transpose(0, 1))
         return pk, pv
 
-    # -- used by PackedAttention ----------------------------------------------------------------
+    attends = True  # the model hands each layer's attention to `attend` (one row, many sequences)
+
+    def attend(self, attn, q, k, v):
+        """A layer's attention over the packed row: each prefill against its own keys, all
+        decoding rows at once. q [1, H, N, D]; k, v: the layer's pools from `update`."""
+        inner = attn.attn_fn
+        window = self.pool.sliding_window if attn.sliding else None
+        d = self.decode
+        if d is not None and d.q_index is None:
+            # Decodes only, in packed order: q [1, H, n, D] -> [n, H, 1, D] is a view.
+            od = self._decode(inner, window, q[0].transpose(0, 1)[:, :, None], k, v)       # [n, H, 1, D]
+            return od[:, :, 0].transpose(0, 1)[None]
+        out = torch.empty_like(q)
+        for i, p in enumerate(self.prefills):
+            qi = q.index_select(2, p.q_index)
+            s = p.key_slots.shape[0]
+            ki, vi = _gather(k, p.key_slots, 1, s), _gather(v, p.key_slots, 1, s)
+            m, causal = self.prefill_mask(i, window)
+            out.index_copy_(2, p.q_index, inner(qi, ki, vi, m, causal, p.q_pos, p.k_pos))
+        if d is not None:
+            qd = q[0].index_select(1, d.q_index).transpose(0, 1)[:, :, None]      # [n, H, 1, D]
+            od = self._decode(inner, window, qd, k, v)
+            out[0].index_copy_(1, d.q_index, od[:, :, 0].transpose(0, 1))
+        return out
+
+    def _decode(self, inner, window, qd, pk, pv):
+        """One query per row against its own keys: [n, H, 1, D] -> [n, H, 1, D]."""
+        d = self.decode
+        if inner is sdpa_attention and _paged_kernel(qd, pk):
+            # qwen2's kernel reads the keys and values in place from their pool slots.
+            o = torch.ops.qwen2.paged_attention(qd[:, :, 0], pk, pv, d.key_slots.view(d.n, d.s_max), d.lens,
+                                                qd.shape[-1] ** -0.5, window or 0)
+            return o[:, :, None]
+        kd, vd = _gather(pk, d.key_slots, d.n, d.s_max), _gather(pv, d.key_slots, d.n, d.s_max)
+        mask = self.decode_mask(window)
+        n, h, _, dim = qd.shape
+        kv = kd.shape[1]
+        if inner is sdpa_attention:
+            # Fold each group of query heads onto its KV head (queries of one row become the
+            # group's "sequence"): the gathered keys are read in place, never repeated per head.
+            o = F.scaled_dot_product_attention(qd.reshape(n, kv, h // kv, dim), kd, vd, attn_mask=mask)
+            return o.view(n, h, 1, dim)
+        return inner(qd, kd, vd, mask, False, d.q_pos, d.k_pos)
+
+    # -- masks, built once per step ---------------------------------------------------------------
     def decode_mask(self, window):
         """Padding (and window) mask [n, 1, 1, S_max] of the decode group; None when no row is
         padded and there is no window (the kernel's fast path)."""
@@ -216,55 +261,6 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor, rows: int, s: int) -> torch
     return pool.index_select(0, slots).view(rows, s, pool.shape[1], pool.shape[2]).transpose(1, 2)
 
 
-class PackedAttention:
-    """Wraps a layer's attention kernel: outside a packed step it is the kernel itself; inside,
-    it splits the packed row back into sequences (see the module docstring)."""
-
-    def __init__(self, inner, window, holder):
-        self.inner, self.window, self.holder = inner, window, holder
-
-    def __call__(self, q, k, v, mask, is_causal, q_pos=None, k_pos=None):
-        step = getattr(self.holder, "step", None)
-        if not isinstance(step, PackedStep):
-            return self.inner(q, k, v, mask, is_causal, q_pos, k_pos)
-        d = step.decode
-        if d is not None and d.q_index is None:
-            # Decodes only, in packed order: q [1, H, n, D] -> [n, H, 1, D] is a view.
-            od = self._decode(q[0].transpose(0, 1)[:, :, None], k, v, step)       # [n, H, 1, D]
-            return od[:, :, 0].transpose(0, 1)[None]
-        out = torch.empty_like(q)
-        for i, p in enumerate(step.prefills):
-            qi = q.index_select(2, p.q_index)
-            s = p.key_slots.shape[0]
-            ki, vi = _gather(k, p.key_slots, 1, s), _gather(v, p.key_slots, 1, s)
-            m, causal = step.prefill_mask(i, self.window)
-            out.index_copy_(2, p.q_index, self.inner(qi, ki, vi, m, causal, p.q_pos, p.k_pos))
-        if d is not None:
-            qd = q[0].index_select(1, d.q_index).transpose(0, 1)[:, :, None]      # [n, H, 1, D]
-            od = self._decode(qd, k, v, step)
-            out[0].index_copy_(1, d.q_index, od[:, :, 0].transpose(0, 1))
-        return out
-
-    def _decode(self, qd, pk, pv, step):
-        """One query per row against its own keys: [n, H, 1, D] -> [n, H, 1, D]."""
-        d = step.decode
-        if self.inner is sdpa_attention and _paged_kernel(qd, pk):
-            # qwen2's kernel reads the keys and values in place from their pool slots.
-            o = torch.ops.qwen2.paged_attention(qd[:, :, 0], pk, pv, d.key_slots.view(d.n, d.s_max), d.lens,
-                                                qd.shape[-1] ** -0.5, self.window or 0)
-            return o[:, :, None]
-        kd, vd = _gather(pk, d.key_slots, d.n, d.s_max), _gather(pv, d.key_slots, d.n, d.s_max)
-        mask = step.decode_mask(self.window)
-        n, h, _, dim = qd.shape
-        kv = kd.shape[1]
-        if self.inner is sdpa_attention:
-            # Fold each group of query heads onto its KV head (queries of one row become the
-            # group's "sequence"): the gathered keys are read in place, never repeated per head.
-            o = F.scaled_dot_product_attention(qd.reshape(n, kv, h // kv, dim), kd, vd, attn_mask=mask)
-            return o.view(n, h, 1, dim)
-        return self.inner(qd, kd, vd, mask, False, d.q_pos, d.k_pos)
-
-
 def _paged_kernel(q: torch.Tensor, pool: torch.Tensor) -> bool:
     """Whether decode attention can run on qwen2's paged kernel (float32 on the CPU, kernels built)."""
     if q.dtype != torch.float32 or pool.dtype != torch.float32 or q.device.type != "cpu":
@@ -273,17 +269,12 @@ def _paged_kernel(q: torch.Tensor, pool: torch.Tensor) -> bool:
     return kernels.available()
 
 
-def install_packed_attention(model, holder):
-    """Wrap every layer's attention kernel once; `holder.step` selects packed mode. A model serves
-    one engine at a time: installing again re-points the wrappers at the new holder."""
+def unsupported(model) -> str | None:
+    """Why packed steps cannot drive this model (None: they can)."""
     from qwen2.model.decoder import Attention
     for layer in model.model.layers:
         attn = layer.self_attn
         if type(attn).forward is not Attention.forward:
             # e.g. dual chunk attention: its own kernel reads positions across the packed row.
-            raise Qwen2Error(f"serving does not support {type(attn).__name__} layers")
-        if isinstance(attn.attn_fn, PackedAttention):
-            attn.attn_fn.holder = holder
-        else:
-            window = model.config.sliding_window if attn.sliding else None
-            attn.attn_fn = PackedAttention(attn.attn_fn, window, holder)
+            return f"{type(attn).__name__} layers"
+    return None

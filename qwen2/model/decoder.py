@@ -150,7 +150,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        o = self.attn_fn(q, k, v, mask, is_causal, q_pos, k_pos)
+        if getattr(cache, "attends", False):
+            # A cache that packs several sequences into one row (qwen2.engine.paged) knows which
+            # keys each query may see: it runs this layer's kernel per sequence itself.
+            o = cache.attend(self, q, k, v)
+        else:
+            o = self.attn_fn(q, k, v, mask, is_causal, q_pos, k_pos)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
