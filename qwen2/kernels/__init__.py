@@ -38,9 +38,14 @@ result differs from the exact product of the dequantized weight with x by at mos
 sum_b amax_b / 254 * sum_{k in b} |w[n, k]| plus fp32 rounding (~0.3% relative for Gaussian x;
 tests/test_kernels.py holds both bounds).
 
-The C++ source (qwen2/kernels/csrc/gemv.cpp) is compiled once per machine with -O3 -march=native by
-torch.utils.cpp_extension (cached in the torch extensions directory, ~/.cache/torch_extensions);
-`available()` says whether that worked and `unavailable_reason()` why not. Nothing here raises at
+The C++ sources (qwen2/kernels/csrc: common.h, the instruction-set selection and shared helpers;
+gemv_int8.cpp, gemv_int4.cpp and gemv_quant.h/.cpp, their int8 activations; gemv_bf16.cpp;
+f32_linear.cpp; elementwise.cpp, silu_mul / rms_norm / argmax_rows; attention.cpp,
+paged_attention; threadpool.h/.cpp, the serving kernels' threads; ops.cpp, the op registrations)
+are compiled into one library once per machine with -O3 -march=native by torch.utils.cpp_extension
+(cached in the torch extensions directory, ~/.cache/torch_extensions, under a name that hashes the
+CPU's flags and every source file). `available()` is the one answer to "are the kernels built and
+loaded?" (every caller asks it) and `unavailable_reason()` says why not. Nothing here raises at
 import, and nothing is built before the first `available()` / `load()`. QWEN2_NO_KERNELS=1 turns
 the kernels off.
 """
@@ -54,7 +59,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.glob("*.cpp"))  # compiled and linked into one library
+HEADERS = sorted(CSRC.glob("*.h"))
 NAMESPACE = "qwen2"
 # test/benchmark variants of the same source: namespace -> -march (None: the native build)
 VARIANTS = {"native": ("qwen2", "native"), "avx2": ("qwen2_avx2", "x86-64-v3"), "scalar": ("qwen2_scalar", "x86-64")}
@@ -83,18 +90,26 @@ def _openmp_flags() -> list[str]:
     return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 
 
+def _source_tag() -> str:
+    """A hash of every C++ source and header: a changed file builds under a new name."""
+    h = hashlib.sha1()
+    for f in SOURCES + HEADERS:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:10]
+
+
 def _build(variant: str) -> None:
     ns, march = VARIANTS[variant]
     from torch.utils import cpp_extension
     tag = _cpu_tag() if march == "native" else march.replace("-", "_")
-    name = f"{ns}_gemv_{tag}"
+    name = f"{ns}_kernels_{tag}_{_source_tag()}"
     omp = _openmp_flags()
     so = Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
-    if not so.exists() or so.stat().st_mtime < SOURCE.stat().st_mtime:
+    if not so.exists():
         print(f"qwen2: building CPU kernels{'' if variant == 'native' else f' ({variant})'} (once)...",
               file=sys.stderr, flush=True)
     cpp_extension.load(
-        name=name, sources=[str(SOURCE)],
+        name=name, sources=[str(f) for f in SOURCES],
         extra_cflags=["-O3", f"-march={march}", f"-DQWEN2_NS={ns}", "-DNDEBUG", *omp],
         extra_ldflags=omp, is_python_module=False, verbose=bool(os.environ.get("QWEN2_KERNELS_VERBOSE")))
     _register_fake(ns)
@@ -136,11 +151,19 @@ def load(variant: str = "native") -> bool:
                 except Exception as e:  # no compiler, no ninja, a compile error: fall back
                     msg = str(e).strip().splitlines()
                     _state[variant] = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:2000]
+                if variant == "native" and _state[variant] is not True:
+                    print(f"qwen2: CPU kernels unavailable ({_state[variant]}); the PyTorch paths run instead",
+                          file=sys.stderr)
         return _state[variant] is True
 
 
 def available() -> bool:
-    return load("native")
+    """Whether qwen2's CPU kernels (torch.ops.qwen2.*) are built and loaded: the one check every
+    caller makes. Built on the first ask (minutes, once per machine); False with QWEN2_NO_KERNELS=1
+    or without a working compiler (one line on stderr says why), and the callers take their
+    PyTorch paths. Cheap after the first call."""
+    r = _state.get("native")
+    return load("native") if r is None else r is True
 
 
 def unavailable_reason() -> str | None:
