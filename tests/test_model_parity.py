@@ -190,7 +190,7 @@ def test_logits_to_keep_and_float_output(tiny_ckpt):
         full, last = model(ids), model(ids, logits_to_keep=1)
     assert full.dtype == torch.float32 and last.shape == (1, 1, TINY["vocab_size"])
     torch.testing.assert_close(last[0, 0], full[0, -1])
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert not model.training and all(p.requires_grad for p in model.parameters())  # eval mode, trainable
 
 
 def test_tied_embeddings_share_storage(tiny_ckpt):

@@ -160,13 +160,13 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     if config.dual_chunk_attention_config:
         from qwen2.model.longctx import apply_config
         apply_config(model)
-    return model.eval().requires_grad_(False)
+    return model.eval()
 
 
 def _set_param(model: torch.nn.Module, name: str, t: torch.Tensor):
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
-    setattr(mod, attr, torch.nn.Parameter(t, requires_grad=False))
+    setattr(mod, attr, torch.nn.Parameter(t))
 
 
 def is_hf_checkpoint(path: Path) -> bool:

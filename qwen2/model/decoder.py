@@ -10,6 +10,8 @@ causal prefill, cached decode, left-padded batches and caches gathered from bloc
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -237,8 +239,28 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+IGNORE_INDEX = -100  # label of a position that is not scored (transformers' convention)
+
+
+class CausalLMOutput(NamedTuple):
+    """What `Qwen2.forward` returns when given labels (a tuple: `logits, loss = model(ids, labels=y)`)."""
+    logits: torch.Tensor  # float32 [B, T, vocab]
+    loss: torch.Tensor    # float32 scalar
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t is scored against labels[:, t + 1], in float32, averaged
+    over the labels that are not IGNORE_INDEX (as transformers' causal LM loss). Every such label
+    counts, including one that follows a padding position: mark those IGNORE_INDEX too."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 class Qwen2(nn.Module):
-    """The causal LM. `model(input_ids)` -> float32 logits [B, T, vocab]."""
+    """The causal LM. `model(input_ids)` -> float32 logits [B, T, vocab]; with `labels` it returns
+    `CausalLMOutput(logits, loss)`. A plain nn.Module: parameters are trainable (run inference under
+    torch.inference_mode(), as the engine does)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -272,13 +294,22 @@ class Qwen2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, labels: torch.Tensor | None = None):
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding); position_ids [B, T]
         (-1 = padding) override the mask-derived positions; logits_to_keep > 0 computes logits for
-        the last N positions only."""
+        the last N positions only. labels [B, T] (IGNORE_INDEX = not scored): return
+        CausalLMOutput(logits, loss) with the shifted next-token loss (causal_lm_loss)."""
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+            logits = self(input_ids, attention_mask, position_ids, cache)
+            return CausalLMOutput(logits, causal_lm_loss(logits, labels))
         if (self.decode_step is not None and cache is not None and input_ids.shape[1] == 1
                 and attention_mask is None and position_ids is None and not torch.compiler.is_compiling()):
-            return self.decode_step(input_ids, cache)
+            # The compiled step is inference only (it writes the cache in place, and its kernels
+            # have no backward): it is traced without autograd even for trainable weights.
+            with torch.no_grad():
+                return self.decode_step(input_ids, cache)
         if position_ids is None:
             position_ids = self.positions_for(input_ids, attention_mask, cache)
         k_pos = cache.begin(position_ids) if cache is not None else position_ids
@@ -337,10 +368,10 @@ def _cat_linears(parts: list[nn.Module]) -> nn.Module | None:
         out = sum(p.out_features for p in parts)
         has_bias = any(p.bias is not None for p in parts)
         lin = nn.Linear(parts[0].in_features, out, bias=has_bias, device="meta")
-        lin.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        lin.weight = nn.Parameter(torch.cat([p.weight for p in parts]))
         if has_bias:
             lin.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else w.new_zeros(p.out_features)
-                                               for p in parts]), requires_grad=False)
+                                               for p in parts]))
         return lin
     # Other linear kinds (quantized ones) fuse if their class knows how to concatenate itself.
     kind = type(parts[0])
