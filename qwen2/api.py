@@ -12,7 +12,6 @@ as in transformers); every SamplingParams field can be overridden per call by ke
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Iterator, Sequence
 
 from qwen2.errors import Qwen2Error
@@ -46,13 +45,14 @@ class LLM:
     """A model, its tokenizer and its default sampling parameters."""
 
     def __init__(self, model, tokenizer, defaults: SamplingParams | None = None, eos_token_ids=None,
-                 source: str | None = None):
+                 source: str | None = None, mode: str = "eager"):
         self.model, self.tokenizer = model, tokenizer
         self.defaults = defaults or SamplingParams(temperature=0)
         ids = eos_token_ids if eos_token_ids is not None else tokenizer.stop_token_ids
         self.eos_token_ids = list(dict.fromkeys(int(i) for i in ids))
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.source = source
+        self.mode = mode  # the speed path the model was prepared with (qwen2.engine.runner.prepare)
 
     def __repr__(self):
         c = self.model.config
@@ -156,19 +156,17 @@ class LLM:
             yield text
 
 
-def load(path_or_id=None, dtype="auto", device="cpu", compile: bool = False) -> LLM:
+def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto") -> LLM:
     """Load model + tokenizer + generation defaults from a checkpoint dir, a .gguf file or a hub
-    id (None: the embedded demo model, when installed). compile=True: fused projections and the
-    torch.compile'd decode step (qwen2.engine.compiled), the fastest way to decode on a CPU."""
-    from qwen2.io.checkpoint import load_model, resolve
-    from qwen2.io.checkpoint import load_tokenizer
+    id (None: the embedded demo model, when installed). mode: the speed passes
+    (qwen2.engine.runner.prepare): "auto" picks the fastest path for the machine, "eager" none."""
+    from qwen2.engine.runner import prepare
+    from qwen2.io.checkpoint import load_model, load_tokenizer, resolve
     from qwen2.io.demo import model_or_demo
     path_or_id = model_or_demo(path_or_id)
     path = resolve(path_or_id)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device)
-    if compile:
-        from qwen2.engine.compiled import compile_decode
-        compile_decode(model)
-    defaults = SamplingParams.from_generation_config(path if path.is_dir() else None)
-    return LLM(model, tokenizer, defaults, source=str(path_or_id))
+    path_taken = prepare(model, mode)
+    return LLM(model, tokenizer, SamplingParams.from_generation_config(path if path.is_dir() else None),
+               source=str(path_or_id), mode=path_taken)

@@ -144,15 +144,17 @@ def test_one_graph_for_any_cache(tiny_ckpt):
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(comp.decode_step.step_fn.__code__)) == 2
 
 
-def test_cli_generate_compile_flag(ckpt, llm):
-    """`--compile` on the command line: same greedy text as the eager API, and no fallback note."""
+def test_cli_default_path_equals_eager(ckpt, llm):
+    """The command line takes the fastest path by default, `--eager` none: the same greedy text as
+    the eager API either way, and no fallback note."""
     from test_cli import qwen2_cmd
     want = llm.generate("Once upon a time", max_new_tokens=10, temperature=0)
-    r = qwen2_cmd("generate", "-m", ckpt, "--dtype", "float32", "--compile", "--json", "--temperature", 0,
-                  "--max-new-tokens", 10, "--prompt", "Once upon a time")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["token_ids"] == want.token_ids
-    assert "eagerly" not in r.stderr
+    for flags in ([], ["--eager"]):
+        r = qwen2_cmd("generate", "-m", ckpt, "--dtype", "float32", *flags, "--json", "--temperature", 0,
+                      "--max-new-tokens", 10, "--prompt", "Once upon a time")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["token_ids"] == want.token_ids
+        assert "eagerly" not in r.stderr
 
 
 def test_hugepage_weights_keep_values_and_ties(tiny_ckpt):

@@ -1,20 +1,24 @@
 """`qwen2 bench`: load time, prefill and decode speed, peak RSS and the bandwidth roofline.
 
 With --preset it builds random weights of a released size (no download), so the numbers measure
-the engine, not a checkpoint. Decode is batch 1, greedy, static KV cache, logits for the last
-position only: the loop a chat user waits on.
+the engine, not a checkpoint. Decode is batch 1, greedy, through the same engine and speed path
+as `qwen2 chat` (--mode auto, the default): the loop a chat user waits on.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 
-from qwen2.errors import Qwen2Error
 from qwen2.cli._common import print_rows
+from qwen2.engine.generate import generate
+from qwen2.engine.paged import KVPool
+from qwen2.engine.runner import MODES
+from qwen2.engine.runner import prepare as prepare_runner
+from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import Qwen2Error
 
 
 def register(sub):
@@ -25,9 +29,9 @@ def register(sub):
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (compute dtype)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights at load (int8/int4)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
-    p.add_argument("--mode", default="compiled", choices=("exact", "fast", "compiled"),
-                   help="exact: the reference path; fast: fused projections and pre-packed weights "
-                        "(eager); compiled: fused projections and the torch.compile'd decode step")
+    p.add_argument("--mode", default="auto", choices=MODES,
+                   help="speed passes: auto (the fastest path for the machine, as every command uses), "
+                        "compiled (the torch.compile'd decode step) or eager (none)")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     p.add_argument("--tokens", type=int, default=128, help="tokens to decode")
     p.add_argument("--prefill", type=int, default=512, help="tokens for the prefill measurement (0: skip)")
@@ -133,52 +137,41 @@ def random_model(preset_name: str, dtype: torch.dtype, seed: int = 0, **override
     return model.eval().requires_grad_(False)
 
 
-def prepare(model, mode: str = "fast", bits: int | None = None, group_size: int = 32):
-    """Apply the speed transforms: quantize (optional), then fuse and pre-pack (fast) or fuse and
-    compile the decode step (compiled)."""
-    from qwen2.engine.compiled import compile_decode
-    from qwen2.quant.linear import pack_linears, quantize_model
+def prepare(model, mode: str = "auto", bits: int | None = None, group_size: int = 32) -> str:
+    """Quantize (optional), then the runner's speed passes for `mode`; returns the path taken."""
+    from qwen2.quant.linear import quantize_model
     if bits and getattr(model, "quant", None) is None:
         quantize_model(model, bits, group_size)
-    if mode == "fast":
-        pack_linears(model.fuse())
-    elif mode == "compiled":
-        compile_decode(model)
-    return model
+    return prepare_runner(model, mode)
+
+
+def _run(model, ids: list[int], tokens: int) -> dict:
+    p = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
+    return generate(model, [ids], p)[0].timings
 
 
 @torch.inference_mode()
 def time_generation(model, prompt: int = 32, tokens: int = 128, prefill: int = 512, seed: int = 0) -> dict:
     """Prefill `prefill` tokens (timed once, after a warm-up), then a `prompt`-token prompt and
-    `tokens` greedy decode steps, batch 1. Returns seconds and tok/s."""
+    `tokens` greedy decode steps, batch 1, all through the engine. Returns seconds and tok/s."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     res = {}
     if prefill:
-        ids = torch.randint(0, vocab, (1, prefill), generator=g)
-        model(ids[:, :16], cache=model.new_cache(1, 16), logits_to_keep=1)  # warm-up
-        cache = model.new_cache(1, prefill)
-        t = time.perf_counter()
-        model(ids, cache=cache, logits_to_keep=1)
-        res["prefill_s"] = time.perf_counter() - t
+        ids = torch.randint(0, vocab, (prefill,), generator=g).tolist()
+        _run(model, ids[:16], 1)  # warm-up
+        t = _run(model, ids, 1)
+        res["prefill_s"] = t["prefill_s"]
         res["prefill_tok_s"] = prefill / res["prefill_s"]
-        del cache
-    ids = torch.randint(0, vocab, (1, prompt), generator=g)
-    # Warm-up decode (compiles, if compiled), then the measured run on a fresh cache.
-    cache = model.new_cache(1, prompt + 8)
-    nxt = model(ids, cache=cache, logits_to_keep=1).argmax(-1)
-    for _ in range(4):
-        nxt = model(nxt, cache=cache, logits_to_keep=1).argmax(-1)
-    cache = model.new_cache(1, prompt + tokens)
+    ids = torch.randint(0, vocab, (prompt,), generator=g).tolist()
+    _run(model, ids, 8)  # warm-up decode (compiles, if compiled)
     peak_rss_reset()
-    nxt = model(ids, cache=cache, logits_to_keep=1).argmax(-1)
-    t = time.perf_counter()
-    for _ in range(tokens - 1):
-        nxt = model(nxt, cache=cache, logits_to_keep=1).argmax(-1)
-    res["decode_s"] = time.perf_counter() - t
-    res["decode_tok_s"] = (tokens - 1) / res["decode_s"]
+    t = _run(model, ids, tokens)
+    res["decode_s"] = t["decode_s"]
+    res["decode_tok_s"] = t["decode_tokens_per_s"] or 0.0
     res["peak_rss_gen"] = peak_rss()
-    res["kv_cache_bytes"] = cache.nbytes()
+    block = 16
+    res["kv_cache_bytes"] = -(-(prompt + tokens) // block) * KVPool.bytes_per_block(model.config, block, model.dtype)
     return res
 
 
@@ -192,6 +185,8 @@ def run(args) -> int:
             args.preset = "Qwen2-0.5B"
         else:
             raise Qwen2Error("give --model or --preset, not both")
+    if args.tokens < 2 or args.prompt < 1 or args.prefill < 0:
+        raise Qwen2Error("--tokens must be at least 2, --prompt at least 1 and --prefill at least 0")
     base_rss = current_rss()  # the interpreter + torch, before any weights
     t = time.perf_counter()
     if args.preset:
@@ -201,7 +196,7 @@ def run(args) -> int:
         from qwen2.io.checkpoint import load_model
         model = load_model(args.model, dtype=dtype)
         source = args.model
-    prepare(model, args.mode, args.bits, args.group_size)
+    path = prepare(model, args.mode, args.bits, args.group_size)
     load_s = time.perf_counter() - t
     r = time_generation(model, args.prompt, args.tokens, args.prefill)
     bw = measure_bandwidth()
@@ -209,7 +204,7 @@ def run(args) -> int:
     weights = model_bytes(model)
     bits = getattr(model, "quant", None)
     out = {
-        "model": source, "mode": args.mode, "dtype": str(dtype).removeprefix("torch."),
+        "model": source, "mode": args.mode, "path": path, "dtype": str(dtype).removeprefix("torch."),
         "quant": bits, "threads": torch.get_num_threads(), "load_s": load_s,
         **r, "weights_bytes": weights, "bytes_per_token": per_tok,
         "bandwidth_gb_s": bw / 1e9, "roofline_tok_s": bw / per_tok,
@@ -223,7 +218,7 @@ def run(args) -> int:
         return 0
     q = f"int{bits['bits']} (group {bits['group_size']})" if bits else out["dtype"]
     rows = [
-        ("model", source), ("weights", f"{q}, {weights / 2**20:.0f} MiB, mode {args.mode}"),
+        ("model", source), ("weights", f"{q}, {weights / 2**20:.0f} MiB, mode {args.mode} ({path})"),
         ("threads", out["threads"]), ("load", f"{load_s:.2f} s"),
     ]
     if "prefill_tok_s" in r:

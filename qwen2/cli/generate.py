@@ -25,9 +25,10 @@ SAMPLING_FLAGS = [
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (fastest decoding on CPU; the first run compiles "
-                        "for 30-60 s, later runs reuse Inductor's on-disk cache)")
+    p.add_argument("--eager", action="store_true",
+                   help="no speed passes (by default the fastest path for the machine is chosen: packed "
+                        "fp32 kernels, or the compiled decode step, whose first run compiles for 30-60 s "
+                        "and later runs reuse Inductor's on-disk cache)")
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
     for flag, typ, dest, help_ in SAMPLING_FLAGS:
         g.add_argument(flag, type=typ, dest=dest, default=None, help=help_)
@@ -44,7 +45,7 @@ def sampling_overrides(args) -> dict:
 
 def load_llm(args):
     from qwen2.api import load
-    return load(_common.model_path(args), dtype=args.dtype, device=args.device, compile=args.compile)
+    return load(_common.model_path(args), dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto")
 
 
 def register(subparsers):

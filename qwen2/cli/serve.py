@@ -31,6 +31,8 @@ def register(subparsers):
     p.add_argument("--max-batched-tokens", type=int, default=1024,
                    help="tokens per engine step (long prompts are prefilled in chunks of this size)")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 429")
+    p.add_argument("--eager", action="store_true",
+                   help="no speed passes (default: the fastest path for the machine; see qwen2 bench)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -50,7 +52,6 @@ def build_server(args):
     from qwen2.engine.sampling import SamplingParams, read_generation_config
     from qwen2.serve.app import build_app
     from qwen2.engine.core import Engine
-    from qwen2.engine.fast import prepare_for_serving
 
     for name in ("max_batch", "max_batched_tokens", "max_waiting"):
         if getattr(args, name) < 1:
@@ -58,8 +59,13 @@ def build_server(args):
     if args.max_model_len is not None and args.max_model_len < 2:
         raise Qwen2Error("--max-model-len must be at least 2")
     path = model_path(args)
-    llm = qwen2.load(path, dtype=args.dtype, device=args.device)
-    prepare_for_serving(llm.model)  # fused projections, packed fp32 / oneDNN matmuls (serving/fast.py)
+    llm = qwen2.load(path, dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto")
+    if llm.mode == "compiled":
+        # Trace the decode step for one row and for several before the first client waits on it.
+        print("qwen2 serve: compiling the decode step (30-60 s the first time on this machine, then "
+              "cached by Inductor)", file=sys.stderr, flush=True)
+        for batch in ([[0, 1], [2, 3]], [[0, 1]]):
+            llm.generate(batch, max_new_tokens=3, temperature=0, ignore_eos=True)
     # Sampling defaults as vLLM: the checkpoint's generation_config.json, else OpenAI's.
     p = Path(path)
     has_gc = bool(read_generation_config(p)) if p.is_dir() else False

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2 import kernels
 from qwen2.kernels.memory import hugepage_weights, trim
-from qwen2.quant.linear import PackedLinear, QuantLinear, gemv_input, kernels_ready
+from qwen2.quant.linear import PackedLinear, QuantLinear, gemv_input
 
 # Attention spans the cache in blocks of this many slots: new views of the cache only every
 # SLOT_BLOCK tokens, and at most SLOT_BLOCK - 1 empty slots read per step.
@@ -48,7 +49,7 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x):
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
-            if self.weight.dtype == torch.bfloat16 and kernels_ready():
+            if self.weight.dtype == torch.bfloat16 and kernels.available():
                 y = torch.ops.qwen2.bf16_gemv(x.reshape(1, -1), self.weight)[0]
             else:
                 y = (gemv_input(x) * self.weight.float()).sum(-1)
@@ -74,6 +75,30 @@ class _StepCache:
         return self.k[layer], self.v[layer]
 
 
+class _PagedStepCache:
+    """The engine's paged KV pool as the traced step sees it: this step's keys are written at
+    their pool slots, and each row reads its keys from the pool at its own slots (padding rows of
+    the span point at slot 0 and are masked by position -1); Inductor folds that gather into the
+    attention it feeds, so no copy of the keys is made."""
+    fixed_shape = True
+
+    def __init__(self, pk, pv, kpos, write_slots, key_slots):
+        self.pk, self.pv, self.kpos, self.write, self.keys = pk, pv, kpos, write_slots, key_slots
+
+    def begin(self, positions):
+        return self.kpos
+
+    def update(self, layer, k, v):
+        pk, pv = self.pk[layer], self.pv[layer]
+        pk.index_copy_(0, self.write, k[:, :, 0])
+        pv.index_copy_(0, self.write, v[:, :, 0])
+        return pk[self.keys].transpose(1, 2), pv[self.keys].transpose(1, 2)   # [n, KV, S, D]
+
+
+def _paged_step(model, ids, pos, write_slots, key_slots, kpos, pk, pv):
+    return model(ids, position_ids=pos, cache=_PagedStepCache(pk, pv, kpos, write_slots, key_slots), logits_to_keep=1)
+
+
 def _step(model, ids, pos, slot, k, v, kpos):
     return model(ids, position_ids=pos, cache=_StepCache(k, v, kpos, slot), logits_to_keep=1)
 
@@ -90,11 +115,47 @@ class CompiledDecode:
         code = _step.__code__.replace(co_name=f"decode_step_{id(self):x}")
         self.step_fn = types.FunctionType(code, _step.__globals__, code.co_name)
         self._fn = torch.compile(self.step_fn, options=_INDUCTOR_OPTIONS)
+        pcode = _paged_step.__code__.replace(co_name=f"paged_step_{id(self):x}")
+        self._paged_fn = torch.compile(types.FunctionType(pcode, _paged_step.__globals__, pcode.co_name),
+                                       options=_INDUCTOR_OPTIONS)
 
     def _unchanged(self) -> bool:
         attrs, items = self._watch
         return (all(getattr(o, a) is v for o, a, v in attrs)
                 and all(d.get(k) is v for d, k, v in items))
+
+    def paged(self, step, pool):
+        """One decode-only engine step (qwen2.engine.paged.PackedStep) through the traced graph:
+        logits [n, vocab] for the step's n rows, or None when the step must run eagerly (the
+        model changed after compiling, or compiling failed: said once on stderr)."""
+        if not self._unchanged():
+            print("qwen2: the model changed after compile_decode; decoding eagerly "
+                  "(call compile_decode again to recompile)", file=sys.stderr)
+            self.model.decode_step = None
+            return None
+        d = step.decode
+        n = d.n
+        span = -(-d.s_max // SLOT_BLOCK) * SLOT_BLOCK
+        key_slots = F.pad(d.key_slots.view(n, d.s_max), (0, span - d.s_max))
+        kpos = F.pad(d.k_pos, (0, span - d.s_max), value=-1)
+        ids, pos = step.input_ids.view(n, 1), step.position_ids.view(n, 1)
+        for t in (key_slots, kpos):
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        for t in pool.k + pool.v:  # pools are sized per engine: one graph for any size
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        try:
+            logits = self._paged_fn(self.model, ids, pos, step.new_slots, key_slots, kpos, pool.k, pool.v)
+        except Exception as e:  # noqa: BLE001 - only the first call: compiling failed, not the model
+            if self.calls:
+                raise
+            print(f"qwen2: compiled decode unavailable ({type(e).__name__}: {str(e).strip()[:300]}); "
+                  "decoding eagerly", file=sys.stderr)
+            self.model.decode_step = None
+            return None
+        if not self.calls:
+            trim()  # hand back the compiler's scratch memory (hundreds of MB) after the first step
+        self.calls += 1
+        return logits[:, 0]
 
     def __call__(self, ids, cache):
         if not self._unchanged():
@@ -182,7 +243,7 @@ def compile_decode(model, hugepages: bool = True):
         return model
     model.fuse()
     if model.dtype == torch.bfloat16 or any(isinstance(m, QuantLinear) for m in model.modules()):
-        kernels_ready()  # build/load the CPU kernels now, not while tracing
+        kernels.available()  # build/load the CPU kernels now, not while tracing
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear:

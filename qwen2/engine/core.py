@@ -32,6 +32,7 @@ from qwen2.engine.request import Row, TokenLogprob
 from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, sample
 from qwen2.engine.stats import Histogram
 from qwen2.model.rope import Rotary
+from qwen2.engine import runner
 from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, unsupported
 
 log = logging.getLogger("qwen2.serving")
@@ -243,10 +244,8 @@ class Engine:
             return False
         t0 = time.perf_counter()
         packed = PackedStep(self.pool, [s for _, s in plan], self.model.device)
-        if self._per_sequence_rotary:
-            self.model.rotary.begin_prompt(packed, torch.tensor([len(plan[0][0].prompt_ids)]))
-        logits = self.model(packed.input_ids, position_ids=packed.position_ids, cache=packed,
-                            logits_to_keep=max(packed.num_logits, 1))[0]
+        logits = runner.forward(self.model, packed, self.pool,
+                                len(plan[0][0].prompt_ids) if self._per_sequence_rotary else None)
         sampling = []
         for req, s in plan:
             req.num_computed += len(s.token_ids)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwen2.errors import Qwen2Error
 from qwen2.model.decoder import build_mask, sdpa_attention
 
 
