@@ -1,4 +1,5 @@
-"""Counters the engine keeps about itself (the server exports them)."""
+"""Counters the engine keeps about itself. Plain numbers: the server turns them into metrics
+when scraped, so the engine depends on no metrics library."""
 from __future__ import annotations
 
 import bisect
@@ -6,6 +7,8 @@ import threading
 
 
 class Histogram:
+    """Counts of observations per bucket (upper bounds, as Prometheus' `le`), their sum and count."""
+
     def __init__(self, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)):
         self.buckets = list(buckets)
         self.counts = [0] * (len(self.buckets) + 1)
@@ -19,11 +22,13 @@ class Histogram:
             self.sum += v
             self.count += 1
 
-    def lines(self, name: str) -> list[str]:
+    def snapshot(self) -> tuple[list[tuple[float, int]], float]:
+        """([(upper bound, observations <= it), ..., (inf, count)], sum), all from one moment:
+        read under the lock so the buckets, count and sum of one scrape agree."""
+        with self._lock:
+            counts, total = list(self.counts), self.sum
         out, acc = [], 0
-        for b, c in zip(self.buckets, self.counts):
+        for bound, c in zip(self.buckets + [float("inf")], counts):
             acc += c
-            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        out += [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
-        return out
+            out.append((float(bound), acc))
+        return out, total

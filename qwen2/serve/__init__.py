@@ -1,1 +1,3 @@
-"""The OpenAI-compatible HTTP server: protocol models, routes, metrics. A thin shell over the engine."""
+"""The OpenAI-compatible HTTP server, a thin shell over the engine: app.py (routes, API key),
+protocol.py (pydantic wire models), errors.py, inputs.py, jobs.py, responses.py (bodies, SSE),
+metrics.py (Prometheus /metrics)."""
