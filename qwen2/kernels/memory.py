@@ -1,4 +1,5 @@
-"""Give freed heap memory back to the OS.
+"""Process memory: freed heap given back to the OS (trim), and weights in transparent huge pages
+(hugepage_mapping, the one mapping every huge-page user takes; hugepage_weights).
 
 Loading, quantizing or fusing replaces big weights with new ones. Tensors of a few MB come from
 glibc's heap (its mmap threshold rises to 32 MB after the first large free), and the freed
@@ -23,22 +24,37 @@ _HUGE = 2 << 20          # x86-64 transparent huge page
 _MADV_HUGEPAGE = 14
 
 
-def hugepage_weights(model, min_bytes: int = _HUGE) -> int:
-    """Move the model's large parameters and buffers into one anonymous mapping advised with
-    MADV_HUGEPAGE, so decode streams them through 2 MB pages (fewer TLB misses: +8-10% streaming
-    bandwidth on this project's machines, whose THP mode is `madvise`). Ties and aliases stay
-    shared. Linux only; elsewhere, or where THP is off, nothing moves. Returns the bytes moved."""
+def hugepage_mapping(nbytes: int):
+    """(mapping, buffer, advised): one anonymous mapping, `buffer` a uint8 tensor of its first
+    nbytes from a 2 MB boundary, advised MADV_HUGEPAGE (`advised`) where Linux has transparent huge
+    pages (not `[never]`), so that what is stored there streams through 2 MB pages (fewer TLB
+    misses: +8-10% streaming bandwidth on this project's machines, whose THP mode is `madvise`);
+    plain pages elsewhere. The tensors viewing the buffer need the mapping: keep it with them."""
     import mmap
 
     import torch
+    total = -(-nbytes // _HUGE) * _HUGE
+    buf = mmap.mmap(-1, total + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % _HUGE  # 2 MB aligned
+    advised = False
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" in f.read():
-                return 0
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            if "[never]" not in f.read():
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                advised = libc.madvise(raw.data_ptr() + start, total, _MADV_HUGEPAGE) == 0
     except (OSError, AttributeError):
-        return 0
+        pass
+    return buf, raw[start:start + nbytes], advised
+
+
+def hugepage_weights(model, min_bytes: int = _HUGE) -> int:
+    """Move the model's large parameters and buffers into one mapping advised with MADV_HUGEPAGE
+    (hugepage_mapping), so decode streams them through 2 MB pages. Ties and aliases stay shared.
+    Linux only; elsewhere, or where THP is off, nothing moves. Returns the bytes moved (rounded up
+    to whole huge pages)."""
+    import torch
     slots: dict[tuple, list] = {}  # (data_ptr, nbytes) -> [(module, kind, name, tensor)]
     for mod in model.modules():
         for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
@@ -52,14 +68,10 @@ def hugepage_weights(model, min_bytes: int = _HUGE) -> int:
     # Packed back to back (64-byte aligned), not one 2 MB page each: a huge page is resident as a
     # whole once touched, so page-rounding every 2.1 MB int4 weight would waste ~40% of its size.
     sizes = [-(-n // 64) * 64 for _, n in slots]
-    total = -(-sum(sizes) // _HUGE) * _HUGE
-    buf = mmap.mmap(-1, total + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(buf, dtype=torch.uint8)
-    base = raw.data_ptr()
-    start = (-base) % _HUGE  # 2 MB aligned
-    if libc.madvise(base + start, total, _MADV_HUGEPAGE) != 0:
+    buf, raw, advised = hugepage_mapping(sum(sizes))
+    if not advised:
         return 0
-    off = start
+    off = 0
     with torch.no_grad():
         for (key, users), size in zip(slots.items(), sizes):
             t = users[0][3]
@@ -73,4 +85,4 @@ def hugepage_weights(model, min_bytes: int = _HUGE) -> int:
             off += size
     model._hugepage_buffer = buf  # the tensors view it; it lives as long as the model
     trim()
-    return total
+    return -(-sum(sizes) // _HUGE) * _HUGE

@@ -30,32 +30,18 @@ asymmetric files only, zeros `uint8 [out, n_groups]`. Three ways to run them:
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2 import kernels
 from qwen2.errors import Qwen2Error
 from qwen2.kernels.memory import trim
 
 INT4_GROUPS = (32, 64, 128, 256)
 # Above this many rows (prefill), an int8 matmul is faster as dequantize + bf16 GEMM.
 _DEQUANT_ROWS = 32
-_KERNELS: bool | None = None
-
-
-def kernels_ready() -> bool:
-    """Whether qwen2.kernels' one-row int8/int4 ops are built and loaded (built on first ask;
-    QWEN2_NO_KERNELS=1 or a missing compiler: False, and the pure-PyTorch paths run)."""
-    global _KERNELS
-    if _KERNELS is None:
-        from qwen2 import kernels
-        _KERNELS = kernels.available()
-        if not _KERNELS:
-            print(f"qwen2: CPU kernels unavailable ({kernels.unavailable_reason()}); "
-                  "quantized decode uses the PyTorch paths", file=sys.stderr)
-    return _KERNELS
+kernels_ready = kernels.available  # the one "are the kernels built?" answer, under its old name here
 
 
 def grid(wg: torch.Tensor, bits: int, sym: bool = True, full_range: bool = False):
@@ -215,8 +201,9 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(self.dtype)
         rows = x.shape[0]
-        if rows == 1 and not self.packed and kernels_ready():
-            # decode: int8-activation integer dot products (qwen2/kernels/csrc/gemv.cpp), eager or traced
+        if rows == 1 and not self.packed and kernels.available():
+            # decode: int8-activation integer dot products (qwen2/kernels/csrc/gemv_int8.cpp, gemv_int4.cpp),
+            # eager or traced
             if self.bits == 8:
                 y = torch.ops.qwen2.int8_gemv(x, self.qweight, self.scales)
             else:
@@ -304,19 +291,22 @@ def unpack_int4_halves(p: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat([h & 15, h >> 4], dim=2).reshape(n, -1)
 
 
-class PackedLinear(nn.Module):
-    """A float linear with its weight pre-packed for oneDNN (the layout its bf16 kernels want,
-    done once at load instead of on every call). Same results as F.linear; on AVX512 CPUs about
-    twice the speed for bf16 matrix-vector products, which is what decoding is made of."""
+class OneDNNLinear(nn.Module):
+    """A float linear with its weight reordered once into oneDNN's layout (the layout its kernels
+    want, done once at load instead of on every call; a copy: the original weight is dropped unless
+    something else, e.g. a tied embedding, still holds it). Same results as F.linear; on AVX512 CPUs
+    about twice the speed for bf16 matrix-vector products, which is what decoding is made of.
+    batch_hint: the row count oneDNN picks the layout for (1 here, for decode: pack_linears;
+    qwen2.engine.fast packs for serving batches of 16 rows)."""
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear, batch_hint: int = 1):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         w = lin.weight.detach()
         self.dtype = w.dtype
-        # a buffer (not a plain attribute), so that it counts in model.buffers() like any weight
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
-        self.bias = None if lin.bias is None else lin.bias.detach().contiguous()
+        # buffers (not plain attributes), so that they count in model.buffers() like any weight
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint))
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().contiguous())
 
     @staticmethod
     def supported(dtype) -> bool:
@@ -324,15 +314,20 @@ class PackedLinear(nn.Module):
             torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
     def forward(self, x):
+        if not x.is_contiguous():
+            x = x.contiguous()
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, packed {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.in_features}, {self.out_features}, oneDNN {str(self.dtype).removeprefix('torch.')}"
+
+
+PackedLinear = OneDNNLinear  # pack_linears' name for it
 
 
 def pack_linears(model, lm_head: bool = True):
     """In place, for eager decoding: int4 QuantLinears take the aten kernel's tiles, and every float
-    nn.Linear becomes a PackedLinear (bf16 on AVX512 only; elsewhere float layers stay as they
+    nn.Linear becomes a OneDNNLinear (bf16 on AVX512 only; elsewhere float layers stay as they
     are). A tied lm_head gets its own packed copy, while the
     embedding keeps the original table for lookups."""
     for m in model.modules():
