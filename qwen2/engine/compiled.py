@@ -1,21 +1,21 @@
-"""Compiled decode: the one-token step through torch.compile (Inductor's generated C++).
+"""Compiled decode: the engine's decode-only step through torch.compile (Inductor's generated C++).
 
-    model = qwen2.load_model(path, dtype="bfloat16").fuse()
-    compile_decode(model)      # or qwen2.load(path, compile=True), `--compile` on the CLI
-    model(next_ids, cache=cache, logits_to_keep=1)   # decode steps now run compiled
+    compile_decode(model)      # what qwen2.engine.runner.prepare does for bf16 / int8 / int4
+    # the engine then runs every decode-only step through model.decode_step.paged(step, pool)
 
 Why it pays on a CPU: batch-1 decoding streams every weight once per token, so its speed is the
 memory bandwidth, and eager PyTorch falls short of it in two ways: ~300 small dispatches per token,
-and matrix-vector products at ~60% of the bandwidth. Traced once, the step becomes one C++ function
-per shape; each projection is written as multiply-and-sum over the (dequantized) weight, which
-Inductor turns into a single vectorized pass that converts bf16 / int8 / int4 to float32 in
-registers and accumulates in float32, so the weight is read exactly once at streaming speed; bf16, int8
-and int4 weights use our C++ GEMV kernels (qwen2/kernels/__init__.py) inside the graph instead.
+and matrix-vector products well below the bandwidth. Traced once, the step becomes one C++
+function per shape; each projection is written as multiply-and-sum over the (dequantized) weight,
+which Inductor turns into a single vectorized pass that converts bf16 / int8 / int4 to float32 in
+registers and accumulates in float32, so the weight is read exactly once at streaming speed; bf16,
+int8 and int4 weights use our C++ GEMV kernels (qwen2.kernels) inside the graph instead.
 
-Fixed shapes make it traceable: the step attends over a prefix of the static KV cache rounded up
-to a block of slots, with the positions mask hiding empty ones, and writes its keys at a slot
-given as a tensor, so one compiled graph serves every step and every cache length (the length is
-a dynamic dimension). Prefill, and any call that is not a plain one-token cached step, run eagerly.
+Fixed shapes make it traceable: each row attends over its keys in the engine's paged KV pool,
+read at their pool slots inside the graph, padded to a block of SLOT_BLOCK slots with the
+positions mask hiding the padding; this step's keys are written at slots given as a tensor. The
+span and the pool size are dynamic dimensions, so one graph serves every step of every
+generation (one for a single row, one for several). Prefill and mixed steps run eagerly.
 Compiling takes 30-60 s the first time on 2 cores (Inductor caches it on disk for later runs); if
 no C++ compiler is there, the first step says so on stderr and decoding stays eager.
 """
@@ -59,22 +59,6 @@ class GemvLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-class _StepCache:
-    """The KV cache as the traced step sees it: fixed-shape views, writes at a slot tensor."""
-    fixed_shape = True
-
-    def __init__(self, k, v, positions, slot):
-        self.k, self.v, self.positions, self.slot = k, v, positions, slot
-
-    def begin(self, positions):
-        return self.positions  # already holds this step's positions (written before the call)
-
-    def update(self, layer, k, v):
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
-        return self.k[layer], self.v[layer]
-
-
 class _PagedStepCache:
     """The engine's paged KV pool as the traced step sees it: this step's keys are written at
     their pool slots, and each row reads its keys from the pool at its own slots (padding rows of
@@ -99,12 +83,8 @@ def _paged_step(model, ids, pos, write_slots, key_slots, kpos, pk, pv):
     return model(ids, position_ids=pos, cache=_PagedStepCache(pk, pv, kpos, write_slots, key_slots), logits_to_keep=1)
 
 
-def _step(model, ids, pos, slot, k, v, kpos):
-    return model(ids, position_ids=pos, cache=_StepCache(k, v, kpos, slot), logits_to_keep=1)
-
-
 class CompiledDecode:
-    """Callable installed as `model.decode_step`: (ids [B, 1], KVCache) -> logits [B, 1, vocab]."""
+    """Installed as `model.decode_step` by compile_decode; the engine calls `paged(step, pool)`."""
 
     def __init__(self, model):
         self.model = model
@@ -112,12 +92,9 @@ class CompiledDecode:
         self._watch = _structure(model)
         # Dynamo keeps compiled graphs per code object, with a small limit: give each instance
         # its own code object, so that several models in one process never share (or exhaust) it.
-        code = _step.__code__.replace(co_name=f"decode_step_{id(self):x}")
-        self.step_fn = types.FunctionType(code, _step.__globals__, code.co_name)
-        self._fn = torch.compile(self.step_fn, options=_INDUCTOR_OPTIONS)
-        pcode = _paged_step.__code__.replace(co_name=f"paged_step_{id(self):x}")
-        self._paged_fn = torch.compile(types.FunctionType(pcode, _paged_step.__globals__, pcode.co_name),
-                                       options=_INDUCTOR_OPTIONS)
+        self._paged_code = _paged_step.__code__.replace(co_name=f"paged_step_{id(self):x}")
+        self._paged_fn = torch.compile(types.FunctionType(self._paged_code, _paged_step.__globals__,
+                                                          self._paged_code.co_name), options=_INDUCTOR_OPTIONS)
 
     def _unchanged(self) -> bool:
         attrs, items = self._watch
@@ -156,50 +133,6 @@ class CompiledDecode:
             trim()  # hand back the compiler's scratch memory (hundreds of MB) after the first step
         self.calls += 1
         return logits[:, 0]
-
-    def __call__(self, ids, cache):
-        if not self._unchanged():
-            # modules, weights or the attention kernel were swapped after compiling: the traced
-            # step no longer describes this model (its module guards are off, see above)
-            print("qwen2: the model changed after compile_decode; decoding eagerly "
-                  "(call compile_decode again to recompile)", file=sys.stderr)
-            self.model.decode_step = None
-            return self.model(ids, cache=cache, logits_to_keep=1)
-        n = cache.length
-        if n + 1 > cache.max_len:
-            raise ValueError(f"KV cache full: {n} + 1 tokens > {cache.max_len}")
-        span = min(cache.max_len, -(-(n + 1) // SLOT_BLOCK) * SLOT_BLOCK)
-        pos = cache.next_pos[:, None].clone()
-        views = getattr(cache, "_step_views", None)
-        if views is None or views[0] != span:
-            # fixed view objects per span, kept on the cache (they live and die with it)
-            k = [t[:, :, :span] for t in cache.k]
-            v = [t[:, :, :span] for t in cache.v]
-            for t in k + v:
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-            cache._step_views = views = (span, k, v)
-        _, k, v = views
-        cache.positions[:, n] = pos[:, 0]
-        # a copy with standard strides at every span (.contiguous() would hand back the view itself
-        # for batch 1, whose row stride is the cache length: a second graph)
-        kpos = cache.positions[:, :span].clone(memory_format=torch.contiguous_format)
-        torch._dynamo.maybe_mark_dynamic(kpos, 1)
-        try:
-            logits = self._fn(self.model, ids, pos, torch.tensor([n]), k, v, kpos)
-        except Exception as e:  # noqa: BLE001 - only the first call: compiling failed, not the model
-            if self.calls:
-                raise
-            print(f"qwen2: compiled decode unavailable ({type(e).__name__}: {str(e).strip()[:300]}); "
-                  "decoding eagerly", file=sys.stderr)
-            self.model.decode_step = None
-            cache.positions[:, n] = -1
-            return self.model(ids, cache=cache, logits_to_keep=1)
-        if not self.calls:
-            trim()  # hand back the compiler's scratch memory (hundreds of MB) after the first step
-        self.calls += 1
-        cache.length = n + 1
-        cache.next_pos = pos[:, 0] + 1
-        return logits
 
 
 def _structure(model) -> tuple[list, list]:
@@ -241,7 +174,6 @@ def compile_decode(model, hugepages: bool = True):
     if why:
         print(f"qwen2: compiled decode not used: {why}; decoding eagerly", file=sys.stderr)
         return model
-    model.fuse()
     if model.dtype == torch.bfloat16 or any(isinstance(m, QuantLinear) for m in model.modules()):
         kernels.available()  # build/load the CPU kernels now, not while tracing
     for mod in list(model.modules()):
