@@ -116,7 +116,7 @@ def evaluate(tokens=4096, window=512, groups=(32, 64, 128), llama=False, log=pri
         t = time.perf_counter()
         m = quantize_model(copy.deepcopy(base), bits, g, method=method, calib_ids=calib, **GRIDS[grid])
         seconds = time.perf_counter() - t
-        rows[row] = dict(score(window_logprobs(m.fuse(), ids, window), ref), seconds=seconds)
+        rows[row] = dict(score(window_logprobs(m, ids, window), ref), seconds=seconds)
         log(f"{row}: {rows[row]}")
         del m
     if llama:

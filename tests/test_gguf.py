@@ -158,15 +158,12 @@ def test_every_type_dequantizes_like_independent_references(mixed):
     quantize them (K-quants are random blocks, checked against the torch dequantizer only)."""
     src, path = mixed
     ours = load_gguf_model(path, dtype="float32")
-    params = dict(ours.named_parameters())
     original = src.state_dict()
     reader, _ = open_gguf(path)
     by_gguf = {t.name: t for t in reader.tensors}
-    hf_names = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
     checked = set()
     for gname, qt in TYPES.items():
-        hname = hf_names.get(gname) or _hf_layer_name(gname)
-        got = params[hname].detach()
+        hname, got = _loaded(ours, gname)
         assert got.dtype == torch.float32 and got.shape == original[hname].shape, gname
         if qt not in (Q.F32, Q.F16, Q.BF16, Q.Q5_0, Q.Q5_1):  # transformers' torch dequantizer lacks these
             ref = transformers_dequant(by_gguf[gname])
@@ -179,10 +176,20 @@ def test_every_type_dequantizes_like_independent_references(mixed):
     assert checked == set(TYPES.values())
 
 
-def _hf_layer_name(gname: str) -> str:
-    from qwen2.io.gguf import _LAYER
-    _, i, rest = gname.split(".", 2)
-    return f"model.layers.{i}.{_LAYER[rest]}"
+def _loaded(model, gname: str) -> tuple[str, torch.Tensor]:
+    """(transformers name, what the model holds) of a GGUF tensor, through the name tables: a
+    parameter, or its rows of a fused projection."""
+    from qwen2.io.gguf import GGUF_NAMES
+    from qwen2.io.names import HF_NAMES
+    from qwen2.model.decoder import fused_linears
+    [(pname, part, _)] = GGUF_NAMES.to_model(gname, None)
+    mod, _, leaf = pname.rpartition(".")
+    p = dict(model.named_parameters())[pname].detach()
+    if part is not None:
+        sizes = fused_linears(model)[mod]
+        lo = sum(sizes[:part])
+        p = p[lo:lo + sizes[part]]
+    return f"{HF_NAMES.to_checkpoint(mod, part)}.{leaf}", p
 
 
 def test_logits_match_transformers_gguf_loader(mixed):

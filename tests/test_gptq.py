@@ -150,14 +150,20 @@ def test_model_walk_is_sequential(tiny_ckpt):
     assert qm.quant == {"bits": 4, "group_size": 32, "sym": False, "lm_head": 8}  # asymmetric by default
     assert all(isinstance(m, QuantLinear) for n, m in qm.named_modules() if n.endswith("_proj") or n == "lm_head")
 
-    def gptq_of(linear_float, x):  # (GPTQ's default int4 grid: asymmetric)
+    def gptq_of(weight, x):  # (GPTQ's default int4 grid: asymmetric)
         u, dead = inverse_factor(hessian(x))
-        return gptq_quantize(linear_float.weight, u, 4, 32, False, dead, scale_dtype=torch.float32)
+        return gptq_quantize(weight, u, 4, 32, False, dead, scale_dtype=torch.float32)
 
+    # q/k/v are one fused linear: GPTQ of it is GPTQ of each part on the same input, bit for bit
     x0 = base.model.layers[0].input_layernorm(base.model.embed_tokens(ids))
-    q, s, z = gptq_of(base.model.layers[0].self_attn.q_proj, x0)
-    got = qm.model.layers[0].self_attn.q_proj.quantized()
-    assert torch.equal(got[0], q) and torch.equal(got[1], s) and torch.equal(got[2], z)
+    w = base.model.layers[0].self_attn.qkv_proj.weight.detach()
+    got = qm.model.layers[0].self_attn.qkv_proj.quantized()
+    lo = 0
+    for n in base.model.layers[0].self_attn.splits["qkv_proj"]:  # q, k, v
+        q, s, z = gptq_of(w[lo:lo + n], x0)
+        assert torch.equal(got[0][lo:lo + n], q) and torch.equal(got[1][:, lo:lo + n], s)
+        assert torch.equal(got[2][:, lo:lo + n], z)
+        lo += n
 
     seen = {}
 
@@ -166,7 +172,7 @@ def test_model_walk_is_sequential(tiny_ckpt):
     hook = qm.model.layers[1].mlp.down_proj.register_forward_pre_hook(record)
     qm(ids)
     hook.remove()
-    q, s, z = gptq_of(base.model.layers[1].mlp.down_proj, seen["x"])
+    q, s, z = gptq_of(base.model.layers[1].mlp.down_proj.weight, seen["x"])
     got = qm.model.layers[1].mlp.down_proj.quantized()
     assert torch.equal(got[0], q) and torch.equal(got[1], s) and torch.equal(got[2], z)
 
@@ -211,8 +217,6 @@ def test_save_refuses_inconsistent_requests(tiny_ckpt, tmp_path):
     m = quantize_model(copy.deepcopy(base), 4, 32)
     with pytest.raises(Qwen2Error, match="group_size=32, not 64"):
         save_quantized(m, tmp_path / "a", 4, 64)
-    with pytest.raises(Qwen2Error, match="before fuse"):
-        save_quantized(copy.deepcopy(m).fuse(), tmp_path / "b")
     untied = copy.deepcopy(m)
     untied.config = copy.deepcopy(m.config)
     untied.config.tie_word_embeddings = False
@@ -220,8 +224,6 @@ def test_save_refuses_inconsistent_requests(tiny_ckpt, tmp_path):
         save_quantized(untied, tmp_path / "c")
     with pytest.raises(Qwen2Error, match="already quantized"):
         gptq_model(m, 4, 32, _random_calib(512), progress=False)
-    with pytest.raises(Qwen2Error, match="before fuse"):
-        gptq_model(copy.deepcopy(base).fuse(), 4, 32, _random_calib(512), progress=False)
     with pytest.raises(Qwen2Error, match="calib_ids"):
         quantize_model(copy.deepcopy(base), 4, 32, method="gptq")
 

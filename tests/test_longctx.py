@@ -26,9 +26,8 @@ def reference_dca(attn, x, chunk_size, local_size, original_max=0):
     T = x.shape[1]
     cl = chunk_size - local_size
     nh, nkv, d = attn.n_heads, attn.n_kv, attn.head_dim
-    q = attn.q_proj(x)[0].double().view(T, nh, d)
-    k = attn.k_proj(x)[0].double().view(T, nkv, d)
-    v = attn.v_proj(x)[0].double().view(T, nkv, d)
+    q, k, v = attn.qkv_proj(x)[0].double().split([nh * d, nkv * d, nkv * d], dim=-1)
+    q, k, v = q.reshape(T, nh, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
     inv = attn.dca_inv_freq
     scale2 = max(1.0, 0.1 * math.log(T / original_max) + 1) ** 2 if original_max else 1.0
     out = torch.zeros(T, nh, d, dtype=torch.float64)

@@ -158,7 +158,7 @@ def test_prefill_dequantizes_in_row_blocks(bits, sym):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_model_close_to_float_and_fuses(tiny_ckpt, bits):
+def test_quantized_model_close_to_float_and_decodes(tiny_ckpt, bits):
     ref_model = qwen2.load_model(tiny_ckpt[1], dtype="float32")
     ids = torch.randint(0, ref_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = ref_model(ids)
@@ -168,16 +168,23 @@ def test_quantized_model_close_to_float_and_fuses(tiny_ckpt, bits):
     assert rel < (0.02 if bits == 8 else 0.3), rel  # random weights: the worst case for int4
     assert isinstance(qm.lm_head, QuantLinear) and type(qm.model.embed_tokens) is torch.nn.Embedding
     assert qm.lm_head.bits == 8 and qm.model.layers[0].mlp.down_proj.bits == bits
-    fused = copy.deepcopy(qm).fuse()
-    assert isinstance(fused.model.layers[0].self_attn.qkv_proj, QuantLinear)
-    assert isinstance(fused.model.layers[0].mlp.gate_up_proj, QuantLinear)
-    torch.testing.assert_close(fused(ids), out, atol=1e-5, rtol=1e-5)
-    # Static-cache decode in the fused quantized model = its own full forward, on the plain
+    # the fused projections are quantized whole, which is quantizing each part (rows are independent)
+    qkv = qm.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, QuantLinear) and isinstance(qm.model.layers[0].mlp.gate_up_proj, QuantLinear)
+    w = ref_model.model.layers[0].self_attn.qkv_proj.weight.detach()
+    got = qkv.quantized()
+    lo = 0
+    for n in ref_model.model.layers[0].self_attn.splits["qkv_proj"]:
+        q, sc, z = quantize_tensor(w[lo:lo + n], bits, -1 if bits == 8 else 32)
+        assert torch.equal(got[0][lo:lo + n], q) and torch.equal(got[2][:, lo:lo + n], z)
+        torch.testing.assert_close(got[1][:, lo:lo + n], stored_scales(sc, torch.float32), atol=0, rtol=0)
+        lo += n
+    # Static-cache decode in the quantized model = its own full forward, on the plain
     # layout and after repacking for the eager int4 kernel (a different kernel: looser bound).
-    packed = pack_linears(copy.deepcopy(fused))
+    packed = pack_linears(copy.deepcopy(qm))
     if bits == 4:
         assert packed.model.layers[0].mlp.down_proj.packed and packed.model.layers[0].mlp.down_proj.qweight is None
-    for m, tol in ((fused, 1e-4), (packed, 2e-3)):
+    for m, tol in ((qm, 1e-4), (packed, 2e-3)):
         cache = m.new_cache(2, 16)
         steps = [m(ids[:, :12], cache=cache, logits_to_keep=1)]
         steps += [m(ids[:, i:i + 1], cache=cache) for i in range(12, 16)]

@@ -26,7 +26,8 @@ def _batch(vocab, seed=0):
 
 def _grad(model, hf_name, config):
     """Our gradient for the transformers parameter `hf_name` (fused projections: its rows)."""
-    h, kv, d = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"] // config["num_attention_heads"]
+    h, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config["hidden_size"] // h
     rows = {"q_proj": (0, h * d), "k_proj": (h * d, (h + kv) * d), "v_proj": ((h + kv) * d, (h + 2 * kv) * d)}
     mod, _, leaf = hf_name.rpartition(".")
     parent, _, proj = mod.rpartition(".")

@@ -154,8 +154,6 @@ def prepare_for_serving(model, batch_hint: int = 16, huge_pages: bool = True):
     (lm_head included) a faster kernel (see the module docstring); packed float32 weights go into
     transparent huge pages unless `huge_pages` is False. Quantized or otherwise special linears
     are left alone. Returns the model."""
-    if hasattr(model, "fuse") and not getattr(model, "fused", False):
-        model.fuse()
     if f32_supported(model):
         _use_f32_kernels(model, huge_pages)
         _own_memory(model)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,13 +15,11 @@ from safetensors.torch import save_file
 
 from qwen2.model.config import ModelConfig
 from qwen2.errors import CheckpointError, Qwen2Error
-from qwen2.model.decoder import Qwen2
+from qwen2.io.names import HF_NAMES, NameTable
+from qwen2.model.decoder import Qwen2, fused_linears
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-# Tensors some checkpoints carry that are derived state, not weights.
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def parse_dtype(dtype, config: ModelConfig | None = None) -> torch.dtype:
@@ -112,6 +109,38 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{f}: cannot read ({e})") from None
 
 
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def release_pages(t: torch.Tensor):
+    """Tell the kernel that a tensor read by iter_safetensors (a view of the memory-mapped file)
+    will not be read again: the pages wholly inside it leave this process's resident memory
+    (MADV_PAGEOUT: the file still holds them; pages shared with other tensors stay). The fused
+    projections copy their parts out of the file, which would otherwise stay resident beside the
+    copies. A no-op where the call is unavailable."""
+    global _libc
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        _libc.madvise(start, end - start, _MADV_PAGEOUT)
+
+
+_libc = None
+
+
 def count_safetensors(files: list[Path]) -> int:
     n = 0
     for f in files:
@@ -124,43 +153,99 @@ def count_safetensors(files: list[Path]) -> int:
 
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device="cpu", source: str = "checkpoint", total: int | None = None) -> Qwen2:
-    """Create the model without allocating, then place each tensor as it arrives (one at a time,
-    converted to dtype on the fly), so peak memory stays near the size of the weights."""
+                device="cpu", source: str = "checkpoint", total: int | None = None,
+                names: NameTable = HF_NAMES, release: Callable[[torch.Tensor], None] | None = None) -> Qwen2:
+    """Create the model without allocating, then place each checkpoint tensor as it arrives (one at
+    a time, converted to dtype on the fly), where `names` (the checkpoint format's name table) says:
+    a whole parameter, or its rows of a fused projection. Peak memory stays near the size of the
+    weights: a whole parameter of the right dtype is used as it is (a view of a memory-mapped file);
+    `release(t)`, if given, is told when a checkpoint tensor has been copied into a fused
+    projection and is no longer needed.
+
+    A meta tensor is a placeholder: its parameter (all of its parts) stays unallocated, for a
+    module the caller replaces (the GPTQ loader's quantized linears)."""
     with torch.device("meta"):
         model = Qwen2(config)
     params = dict(model.named_parameters(remove_duplicate=False))
+    fused = fused_linears(model)
     tied = config.tie_word_embeddings
+    parts: dict[str, dict[int, bool]] = {}  # fused parameter -> {part: is a placeholder}
+    buffers: dict[str, torch.Tensor] = {}   # fused parameters being assembled
     loaded: set[str] = set()
     bar = _progress(total or len(params), f"loading {Path(source).name}")
     for name, t in tensors:
         bar.update(1)
-        if _IGNORED.search(name):
+        if names.ignored(name):
             continue
-        if name not in params or (tied and name == "lm_head.weight"):
-            if tied and name == "lm_head.weight":
-                continue  # some tied checkpoints also store the (identical) head
+        targets = names.to_model(name, t)
+        if targets is None:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(t.shape)})")
-        p = params[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(t.shape)}, the config "
-                                  f"expects {list(p.shape)}")
-        # A meta tensor is a placeholder for a module the caller replaces (quantized linears).
-        _set_param(model, name, t if t.is_meta else t.to(device=device, dtype=dtype))
-        loaded.add(name)
+        for pname, part, x in targets:
+            if tied and pname == "lm_head.weight":
+                continue  # some tied checkpoints also store the (identical) head
+            p = params.get(pname)
+            if p is None:
+                raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(t.shape)})")
+            if pname in loaded:
+                raise CheckpointError(f"{source}: tensor {name!r} sets {pname} a second time")
+            mod = pname.rpartition(".")[0]
+            if part is None:
+                _check_shape(source, name, x, tuple(p.shape))
+                if not x.is_meta:
+                    # a slice of a stacked tensor is copied, so that the whole stack is not kept
+                    _set_param(model, pname, x.to(device=device, dtype=dtype, copy=x is not t))
+                loaded.add(pname)
+                continue
+            sizes = fused[mod]
+            lo = sum(sizes[:part])
+            _check_shape(source, name, x, (sizes[part],) + tuple(p.shape[1:]))
+            seen = parts.setdefault(pname, {})
+            if part in seen:
+                raise CheckpointError(f"{source}: tensor {name!r} sets part {part} of {pname} a second time")
+            seen[part] = x.is_meta
+            if not x.is_meta:
+                if pname not in buffers:
+                    buffers[pname] = torch.empty(p.shape, dtype=dtype, device=device)
+                buffers[pname][lo:lo + sizes[part]].copy_(x)
+                if release is not None:
+                    release(x)
+            if len(seen) == len(sizes):
+                if len(set(seen.values())) > 1:
+                    raise CheckpointError(f"{source}: {mod} has quantized and float parts ({name!r})")
+                if pname in buffers:
+                    _set_param(model, pname, buffers.pop(pname))
+                loaded.add(pname)
     bar.close()
     expected = set(params) - ({"lm_head.weight"} if tied else set())
     missing = sorted(expected - loaded)
     if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{more}")
+        described = [d for pname in missing for d in _describe_missing(pname, parts.get(pname, {}), fused, names)]
+        more = f" and {len(described) - 5} more" if len(described) > 5 else ""
+        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(described[:5])}{more}")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.reset_parameters(device)  # buffers were created on meta
-    if config.dual_chunk_attention_config:
-        from qwen2.model.longctx import apply_config
-        apply_config(model)
     return model.eval()
+
+
+def _check_shape(source: str, name: str, t: torch.Tensor, expected: tuple):
+    if tuple(t.shape) != expected:
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {list(t.shape)}, the config "
+                              f"expects {list(expected)}")
+
+
+def _describe_missing(pname: str, seen: dict, fused: dict, names: NameTable) -> list[str]:
+    """The checkpoint names of what a parameter still lacks (with the parameter where it differs)."""
+    mod, _, leaf = pname.rpartition(".")
+    if mod not in fused or (not seen and names.has_whole(mod)):
+        wanted = [names.to_checkpoint(mod)]
+    else:
+        wanted = [names.to_checkpoint(mod, k) for k in range(len(fused[mod])) if k not in seen]
+    out = []
+    for ck in wanted:
+        ck_name = f"{ck}.{leaf}" if ck else pname
+        out.append(ck_name if ck_name == pname else f"{ck_name} (for {pname})")
+    return out
 
 
 def _set_param(model: torch.nn.Module, name: str, t: torch.Tensor):
@@ -179,9 +264,9 @@ def load_hf(ckpt: Path, dtype="auto", device="cpu") -> Qwen2:
     files = safetensors_files(ckpt)
     if config.raw.get("quantization_config"):
         from qwen2.io.gptq import load_gptq
-        return load_gptq(config, iter_safetensors(files), dt, device, source=str(ckpt))
+        return load_gptq(config, iter_safetensors(files), dt, device, source=str(ckpt), release=release_pages)
     return build_model(config, iter_safetensors(files), dt, device, source=str(ckpt),
-                       total=count_safetensors(files))
+                       total=count_safetensors(files), release=release_pages)
 
 
 def load_model(path_or_id, dtype="auto", device="cpu") -> Qwen2:
@@ -219,10 +304,12 @@ def _peek_model_type(cfg: Path):
 
 def save_model(model: Qwen2, out_dir, max_shard_bytes: int = 2 * 1024 ** 3, dtype: torch.dtype | None = None):
     """Write config.json + model.safetensors (or shards + index) in the official HF layout."""
+    if model.quant:
+        raise Qwen2Error("save_model writes float checkpoints; a quantized model is saved with "
+                         "qwen2.io.gptq.save_quantized (the GPTQ layout)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items()
-             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    state = dict(checkpoint_tensors(model))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     dt_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -253,6 +340,25 @@ def save_model(model: Qwen2, out_dir, max_shard_bytes: int = 2 * 1024 ** 3, dtyp
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(dt_name), indent=2))
     return out
+
+
+def checkpoint_tensors(model: Qwen2, names: NameTable = HF_NAMES,
+                       skip: Callable[[str], bool] = lambda module: False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state under the checkpoint format's names: fused projections split back into
+    their parts (views), a tied lm_head left out (as Hugging Face saves it), modules for which
+    `skip(model module name)` holds left out."""
+    fused = fused_linears(model)
+    for name, t in model.state_dict().items():
+        mod, _, leaf = name.rpartition(".")
+        if skip(mod) or (model.config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if mod in fused:
+            lo = 0
+            for k, n in enumerate(fused[mod]):
+                yield f"{names.to_checkpoint(mod, k)}.{leaf}", t[lo:lo + n]
+                lo += n
+        else:
+            yield f"{names.to_checkpoint(mod)}.{leaf}", t
 
 
 def load_tokenizer(path_or_id) -> "Tokenizer":

@@ -3,14 +3,13 @@
 Reading and dequantizing use the `gguf` package (llama.cpp's own reader and reference
 dequantizers), so every type it knows (F32/F16/BF16, Q4_0..Q8_0, Q2_K..Q6_K, IQ*) loads here.
 llama.cpp's converter keeps Qwen2's q/k rows in the HF order (it permutes q/k only for llama-style
-architectures), and the reader already returns tensors in row-major [out, in] order, so a
-llama.cpp name maps to exactly one HF name with the same shape; only MoE experts, stored
-stacked [n_expert, out, in], are split into per-expert tensors.
+architectures), and the reader already returns tensors in row-major [out, in] order, so each
+llama.cpp tensor maps onto one model parameter (or one part of a fused projection) with the same
+shape (GGUF_NAMES); only MoE experts, stored stacked [n_expert, out, in], are split per expert.
 """
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -20,31 +19,34 @@ import torch
 
 from qwen2.model.config import ModelConfig
 from qwen2.errors import CheckpointError
+from qwen2.io.names import NameTable
 
 ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
 
-# llama.cpp tensor name -> HF name ({} = layer index)
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+# llama.cpp module name -> model module (see qwen2.io.names)
+GGUF_NAMES = NameTable({
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": ("model.layers.{i}.self_attn.qkv_proj", 0),
+    "blk.{i}.attn_k": ("model.layers.{i}.self_attn.qkv_proj", 1),
+    "blk.{i}.attn_v": ("model.layers.{i}.self_attn.qkv_proj", 2),
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": ("model.layers.{i}.mlp.gate_up_proj", 0),
+    "blk.{i}.ffn_up": ("model.layers.{i}.mlp.gate_up_proj", 1),
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
     # qwen2moe
-    "ffn_gate_inp.weight": "mlp.gate.weight",
-    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
-    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
-    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
-    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
-}
-_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
-            "ffn_down_exps.weight": "down_proj"}
-_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+    "blk.{i}.ffn_gate_inp": "model.layers.{i}.mlp.gate",
+    "blk.{i}.ffn_gate_inp_shexp": "model.layers.{i}.mlp.shared_expert_gate",
+    "blk.{i}.ffn_gate_shexp": ("model.layers.{i}.mlp.shared_expert.gate_up_proj", 0),
+    "blk.{i}.ffn_up_shexp": ("model.layers.{i}.mlp.shared_expert.gate_up_proj", 1),
+    "blk.{i}.ffn_down_shexp": "model.layers.{i}.mlp.shared_expert.down_proj",
+    "blk.{i}.ffn_gate_exps": ("model.layers.{i}.mlp.experts.{e}.gate_up_proj", 0),  # [n_expert, out, in]
+    "blk.{i}.ffn_up_exps": ("model.layers.{i}.mlp.experts.{e}.gate_up_proj", 1),
+    "blk.{i}.ffn_down_exps": "model.layers.{i}.mlp.experts.{e}.down_proj",
+})
 
 # Rows dequantized at a time: bounds the float32 temporaries of the numpy dequantizers to a
 # few tens of MB instead of several copies of the largest tensor (the 151936-row embedding).
@@ -238,37 +240,13 @@ def _dequantize(t, dtype: torch.dtype, f: Path) -> torch.Tensor:
     return out
 
 
-def _hf_tensors(reader, f: Path, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(reader, f: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, tensor [out, in] in dtype) for every tensor of the file."""
     for t in reader.tensors:
-        name = t.name
-        if name in _GLOBAL:
-            yield _GLOBAL[name], _as_param(t, dtype, f)
-            continue
-        m = _BLOCK.fullmatch(name)
-        if m and m[2] in _LAYER:
-            x = _as_param(t, dtype, f)
-            if m[2] == "ffn_gate_inp_shexp.weight":
-                x = x.reshape(1, -1)  # llama.cpp stores the [1, hidden] gate as a vector
-            yield f"model.layers.{m[1]}.{_LAYER[m[2]]}", x
-        elif m and m[2] in _EXPERTS:
-            stacked = _as_param(t, dtype, f)  # [n_expert, out, in]
-            for e in range(stacked.shape[0]):
-                yield f"model.layers.{m[1]}.mlp.experts.{e}.{_EXPERTS[m[2]]}.weight", stacked[e].clone()
-            del stacked
-        else:
-            raise CheckpointError(f"{f}: unexpected tensor {name!r} for architecture {config.model_type}")
-
-
-def _as_param(t, dtype, f) -> torch.Tensor:
-    return _dequantize(t, dtype, f).contiguous()
-
-
-def _tensor_count(reader, config: ModelConfig) -> int:
-    n = 0
-    for t in reader.tensors:
-        m = _BLOCK.fullmatch(t.name)
-        n += config.num_experts if m and m[2] in _EXPERTS else 1
-    return n
+        x = _dequantize(t, dtype, f).contiguous()
+        if t.name.endswith("ffn_gate_inp_shexp.weight"):
+            x = x.reshape(1, -1)  # llama.cpp stores the [1, hidden] gate as a vector
+        yield t.name, x
 
 
 def auto_dtype(config: ModelConfig, device) -> torch.dtype:
@@ -306,8 +284,8 @@ def load_gguf_model(path, dtype="auto", device="cpu"):
     config = ModelConfig.from_hf_dict(_config_dict(reader, f), source=str(f))
     dt = auto_dtype(config, device) if dtype in (None, "auto") else parse_dtype(dtype, config)
     config.torch_dtype = str(dt).removeprefix("torch.")
-    return build_model(config, _hf_tensors(reader, f, config, dt), dt, device, source=str(f),
-                       total=_tensor_count(reader, config))
+    return build_model(config, _tensors(reader, f, dt), dt, device, source=str(f), total=len(reader.tensors),
+                       names=GGUF_NAMES)
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -1,7 +1,8 @@
 """The GPTQ checkpoint layout, read and written: official GPTQ releases and what
 `qwen2 quantize` writes load through here onto `qwen2.quant.linear.QuantLinear`.
 
-Saved layout (one entry per linear, named like the HF weight it replaces):
+Saved layout (one entry per linear, named like the HF weight it replaces; a fused projection of
+the model is saved, and loaded, as its parts: q_proj, k_proj, v_proj; gate_proj, up_proj):
     <name>.qweight  int32 [in * bits / 32, out]   q packed along `in`, lowest bits first
     <name>.qzeros   int32 [n_groups, out * bits / 32]   (z - 1) packed along `out` (classic AutoGPTQ)
     <name>.scales   float16 [n_groups, out]
@@ -21,8 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from qwen2.errors import CheckpointError, Qwen2Error
-from qwen2.io.checkpoint import build_model
-from qwen2.quant.linear import QuantLinear, _targets, is_fused, quantize_tensor
+from qwen2.io.checkpoint import build_model, checkpoint_tensors
+from qwen2.io.names import HF_NAMES
+from qwen2.model.decoder import fused_linears
+from qwen2.quant.linear import QuantLinear, _targets, quantize_tensor
 
 
 def _pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -79,7 +82,7 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str)
 
 def save_quantized(model, out_dir, bits: int | None = None, group_size: int | None = None,
                    lm_head: bool | None = None, sym: bool | None = None):
-    """Write a model in the GPTQ layout (HF names: save before fuse()).
+    """Write a model in the GPTQ layout (HF names: fused projections are written as their parts).
 
     A float model is quantized here, round-to-nearest (bits, group_size (default 128), sym
     (default True)). A model that
@@ -90,9 +93,7 @@ def save_quantized(model, out_dir, bits: int | None = None, group_size: int | No
     The lm_head is stored int8 in int8 files and, by default, float in int4 files (GPTQ has one
     `bits` per file; loading requantizes a float head to int8, see load_gptq): an int4 file of an
     untied model therefore needs the head float in memory (quantize_model(..., lm_head=False))."""
-    if is_fused(model):
-        raise Qwen2Error("save the model before fuse(): the fused projections have no checkpoint names")
-    quant = getattr(model, "quant", None)
+    quant = model.quant
     if quant:
         given = {"bits": bits, "group_size": None if quant["bits"] == 8 else group_size,
                  "sym": None if quant["bits"] == 8 else sym}
@@ -112,21 +113,24 @@ def save_quantized(model, out_dir, bits: int | None = None, group_size: int | No
         raise Qwen2Error("this file keeps the lm_head float, but the model's lm_head is quantized: "
                          "quantize with lm_head=False (or save with lm_head=True)")
     targets = {full: lin for full, _, _, lin in _targets(model, lm_head, quantized=True)}
+    fused = fused_linears(model)
     tensors: dict[str, torch.Tensor] = {}
     for mod, lin in targets.items():
         if isinstance(lin, QuantLinear):
             if lin.bits != bits or (bits == 4 and lin.group_size != gs):
                 raise Qwen2Error(f"{mod} is int{lin.bits} group {lin.group_size}; the file is int{bits} group {gs}")
             q, s, z = lin.quantized()
-        else:
+        else:  # rows are quantized independently: the fused weight at once is its parts one by one
             q, s, z = quantize_tensor(lin.weight.data, bits, gs, sym=sym)
-        tensors.update({f"{mod}.{k}": v for k, v in to_gptq(q, s, bits, gs, z).items()})
-        if lin.bias is not None:
-            tensors[f"{mod}.bias"] = lin.bias.data.contiguous()
-    for name, t in model.state_dict().items():
-        mod = name.rpartition(".")[0]
-        if mod in targets or (mod == "lm_head" and (tied or isinstance(model.lm_head, QuantLinear))):
-            continue
+        lo = 0
+        for name, n in _parts(mod, fused, q.shape[0]):
+            tensors.update({f"{name}.{k}": v for k, v in
+                            to_gptq(q[lo:lo + n], s[:, lo:lo + n], bits, gs, z[:, lo:lo + n]).items()})
+            if lin.bias is not None:
+                tensors[f"{name}.bias"] = lin.bias.data[lo:lo + n].contiguous()
+            lo += n
+    head_quantized = isinstance(model.lm_head, QuantLinear)
+    for name, t in checkpoint_tensors(model, skip=lambda m: m in targets or (m == "lm_head" and head_quantized)):
         tensors[name] = t.contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,9 +144,17 @@ def save_quantized(model, out_dir, bits: int | None = None, group_size: int | No
     return out
 
 
-def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint"):
+def _parts(module: str, fused: dict, rows: int) -> list[tuple[str, int]]:
+    """(checkpoint module name, output rows) of each part of a model linear (one if not fused)."""
+    if module not in fused:
+        return [(HF_NAMES.to_checkpoint(module), rows)]
+    return [(HF_NAMES.to_checkpoint(module, k), n) for k, n in enumerate(fused[module])]
+
+
+def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release=None):
     """Build a model from a GPTQ-layout tensor stream: float tensors go through the usual
-    name/shape checks, each quantized linear becomes a QuantLinear once its tensors are in."""
+    name/shape checks, each quantized linear becomes a QuantLinear once its tensors (all of its
+    parts' for a fused projection) are in. release: as build_model's."""
     qc = config.raw.get("quantization_config") or {}
     if qc.get("quant_method") != "gptq":
         raise CheckpointError(f"{source}: quantization method {qc.get('quant_method')!r} is not supported (gptq only)")
@@ -170,15 +182,19 @@ def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint"):
     if lm_head and config.tie_word_embeddings:
         cfg = dataclasses.replace(config, tie_word_embeddings=False)
     # Quantized linears arrive as meta placeholders, which build_model leaves unallocated.
-    model = build_model(cfg, float_tensors(), dtype, device, source=source)
+    model = build_model(cfg, float_tensors(), dtype, device, source=source, release=release)
     if pending:
         raise CheckpointError(f"{source}: incomplete GPTQ tensors for {', '.join(sorted(pending))[:200]}")
     if set(quantized) and not lm_head:
         quantized.pop("lm_head", None)
+    fused = fused_linears(model)
     for full, mod, attr, lin in _targets(model, lm_head):
-        if full not in quantized:
-            raise CheckpointError(f"{source}: {full} is not quantized (expected GPTQ tensors)")
-        q, s, z = quantized.pop(full)
+        parts = [name for name, _ in _parts(full, fused, lin.out_features)]
+        for name in parts:
+            if name not in quantized:
+                raise CheckpointError(f"{source}: {name} is not quantized (expected GPTQ tensors)")
+        # q [out, in], scales and zeros [n_groups, out]: the parts' rows one after the other
+        q, s, z = (torch.cat(x, dim) for x, dim in zip(zip(*(quantized.pop(n) for n in parts)), (0, 1, 1)))
         bias = None if lin.bias is None else lin.bias.data
         setattr(mod, attr, QuantLinear(q, s, bits, gs, bias, dtype, z))
     model.config = config

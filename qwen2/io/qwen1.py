@@ -2,19 +2,18 @@
 `transformer.h.*` weight layout mapped onto the Qwen2 model, plus its inference-time long-context
 tricks (dynamic NTK rotary, logn attention).
 
-The architecture is Qwen2's with all heads as kv heads: q/k/v fused in `c_attn` (with bias), no bias
-elsewhere, MLP `c_proj(w1(x) * silu(w2(x)))` so w2 is the gate and w1 the up projection.
+The architecture is Qwen2's with all heads as kv heads: q/k/v fused in `c_attn` (with bias; exactly
+the model's `qkv_proj`), no bias elsewhere, MLP `c_proj(w1(x) * silu(w2(x)))` so w2 is the gate and
+w1 the up projection (QWEN1_NAMES).
 """
 from __future__ import annotations
 
-import re
+import dataclasses
 from pathlib import Path
-from typing import Iterable, Iterator
 
-import torch
-
-from qwen2.model.config import ModelConfig, read_config_json
 from qwen2.errors import CheckpointError
+from qwen2.io.names import NameTable
+from qwen2.model.config import ModelConfig, read_config_json
 
 # Qwen (first generation) ends a document with <|endoftext|>; chat turns end with <|im_end|>.
 ENDOFTEXT, IM_START, IM_END = 151643, 151644, 151645
@@ -61,61 +60,27 @@ def qwen1_config(d: dict, source: str = "config.json") -> tuple[ModelConfig, dic
     return config, long_ctx
 
 
-_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-_SIMPLE = {
-    "ln_1.weight": "input_layernorm.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
-    "attn.c_proj.weight": "self_attn.o_proj.weight",
-    "mlp.w2.weight": "mlp.gate_proj.weight",
-    "mlp.w1.weight": "mlp.up_proj.weight",
-    "mlp.c_proj.weight": "mlp.down_proj.weight",
-}
-_TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight"}
-
-
-def qwen1_to_qwen2_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConfig,
-                           source: str = "checkpoint") -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename first-generation tensors to Qwen2 names, splitting the fused c_attn (q, k, v in that
-    order along the output dim). Unknown names pass through unchanged, so that build_model names
-    them in its error."""
-    width = config.num_attention_heads * config.head_dim
-    for name, t in tensors:
-        if name in _TOP:
-            yield _TOP[name], t
-            continue
-        m = _LAYER.match(name)
-        if not m:
-            yield name, t
-            continue
-        i, rest = m.groups()
-        prefix = f"model.layers.{i}."
-        if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
-            if t.shape[0] != 3 * width:
-                raise CheckpointError(f"{source}: tensor {name!r} has {t.shape[0]} rows, the config expects "
-                                      f"3 x {width}")
-            kind = rest.rsplit(".", 1)[1]
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), t.split(width, dim=0)):
-                yield f"{prefix}self_attn.{proj}.{kind}", part
-        elif rest in _SIMPLE:
-            yield prefix + _SIMPLE[rest], t
-        else:
-            yield name, t
+# first-generation module name -> model module (see qwen2.io.names)
+QWEN1_NAMES = NameTable({
+    "transformer.wte": "model.embed_tokens",
+    "transformer.ln_f": "model.norm",
+    "lm_head": "lm_head",
+    "transformer.h.{i}.ln_1": "model.layers.{i}.input_layernorm",
+    "transformer.h.{i}.attn.c_attn": "model.layers.{i}.self_attn.qkv_proj",  # q, k, v rows in that order
+    "transformer.h.{i}.attn.c_proj": "model.layers.{i}.self_attn.o_proj",
+    "transformer.h.{i}.ln_2": "model.layers.{i}.post_attention_layernorm",
+    "transformer.h.{i}.mlp.w2": ("model.layers.{i}.mlp.gate_up_proj", 0),
+    "transformer.h.{i}.mlp.w1": ("model.layers.{i}.mlp.gate_up_proj", 1),
+    "transformer.h.{i}.mlp.c_proj": "model.layers.{i}.mlp.down_proj",
+}, ignore=r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def enable_qwen1_long_context(model, seq_length: int, use_dynamic_ntk: bool, use_logn_attn: bool):
-    """Switch on first-generation Qwen's inference-time long-context tricks on a built model (both
-    are no-ops within seq_length)."""
-    from qwen2.model.longctx import LognAttention
-    from qwen2.model.rope import DynamicNTKRotary
-    if use_dynamic_ntk:
-        rotary = DynamicNTKRotary(model.config, seq_length)
-        model.rotary = rotary.to(model.device)
-    if use_logn_attn:
-        for layer in model.model.layers:
-            layer.self_attn.attn_fn = LognAttention(seq_length, layer.self_attn.attn_fn)
-    model.qwen1 = dict(seq_length=seq_length, use_dynamic_ntk=use_dynamic_ntk, use_logn_attn=use_logn_attn)
-    return model
+    """Switch first-generation Qwen's inference-time long-context tricks on a built model (both
+    are no-ops within seq_length): config fields the model rebuilds its rotary and attention from."""
+    c = model.config
+    c.seq_length, c.use_dynamic_ntk, c.use_logn_attn = seq_length, use_dynamic_ntk, use_logn_attn
+    return model.configure()
 
 
 def load_qwen1(path, dtype="auto", device="cpu", long_context: bool = True):
@@ -123,16 +88,15 @@ def load_qwen1(path, dtype="auto", device="cpu", long_context: bool = True):
     safetensors in the `transformer.h.*` layout) as a `qwen2.model.decoder.Qwen2`. With long_context the
     checkpoint's use_dynamic_ntk / use_logn_attn are honoured (off: plain Qwen2 math, identical
     within seq_length)."""
-    from qwen2.io.checkpoint import build_model, count_safetensors, iter_safetensors, parse_dtype, safetensors_files
+    from qwen2.io.checkpoint import (build_model, count_safetensors, iter_safetensors, parse_dtype,
+                                     release_pages, safetensors_files)
     path = Path(path)
     cfg_path = path / "config.json"
     d = read_config_json(cfg_path)
     config, long_ctx = qwen1_config(d, source=str(cfg_path))
+    if long_context:
+        config = dataclasses.replace(config, **long_ctx)
     dt = parse_dtype(dtype, config)
     files = safetensors_files(path)
-    total = count_safetensors(files) + 2 * config.num_hidden_layers * 2  # c_attn weight/bias become 3 each
-    model = build_model(config, qwen1_to_qwen2_tensors(iter_safetensors(files), config, str(path)), dt, device,
-                        source=str(path), total=total)
-    if long_context:
-        enable_qwen1_long_context(model, **long_ctx)
-    return model
+    return build_model(config, iter_safetensors(files), dt, device, source=str(path), total=count_safetensors(files),
+                       names=QWEN1_NAMES, release=release_pages)

@@ -50,6 +50,11 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001
     # Dual chunk attention (long context), e.g. {"chunk_size": 8192, "local_size": 1024}
     dual_chunk_attention_config: dict | None = None
+    # First-generation Qwen's inference-time long context (qwen2.io.qwen1), its config.json keys:
+    # past seq_length tokens, dynamic NTK rotary and logn-scaled queries. None / off for Qwen2.
+    seq_length: int | None = None
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
     # The checkpoint's own config.json, kept so that saving writes back what we read.
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -71,6 +76,8 @@ class ModelConfig:
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError("config: num_attention_heads must be a multiple of num_key_value_heads")
+        if (self.use_dynamic_ntk or self.use_logn_attn) and not self.seq_length:
+            raise CheckpointError("config: use_dynamic_ntk / use_logn_attn need seq_length")
 
     @property
     def is_moe(self) -> bool:
@@ -82,6 +89,15 @@ class ModelConfig:
             and i not in self.mlp_only_layers
             and (i + 1) % self.decoder_sparse_step == 0
         )
+
+    @property
+    def attention(self) -> str:
+        """Every layer's attention variant, a key of qwen2.model.decoder.ATTENTION."""
+        if self.dual_chunk_attention_config:
+            return "dual_chunk"
+        if self.use_logn_attn:
+            return "logn"
+        return "sdpa"
 
     @property
     def rope_type(self) -> str:
@@ -118,7 +134,8 @@ class ModelConfig:
                 rope_scaling = None
 
         kw: dict[str, Any] = {}
-        names = {f.name for f in dataclasses.fields(cls)} - {"raw", "rope_theta", "rope_scaling", "torch_dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"raw", "rope_theta", "rope_scaling", "torch_dtype"} \
+            - set(_QWEN1_FIELDS)
         for k in names:
             if d.get(k) is not None:
                 kw[k] = d[k]
@@ -144,7 +161,7 @@ class ModelConfig:
         """The config.json to save: the checkpoint's own dict, updated with our values."""
         d = copy.deepcopy(self.raw) if self.raw else {}
         for f in dataclasses.fields(self):
-            if f.name in ("raw", "rope_scaling", "torch_dtype", "dual_chunk_attention_config"):
+            if f.name in ("raw", "rope_scaling", "torch_dtype", "dual_chunk_attention_config") + _QWEN1_FIELDS:
                 continue
             if f.name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
                           "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -164,6 +181,10 @@ class ModelConfig:
         if dt is not None:
             d["dtype" if "dtype" in d else "torch_dtype"] = dt
         return d
+
+
+# Set by the first-generation Qwen loader only: a Qwen2 config.json neither carries nor gets them.
+_QWEN1_FIELDS = ("seq_length", "use_dynamic_ntk", "use_logn_attn")
 
 
 def read_config_json(path: str | Path) -> dict:

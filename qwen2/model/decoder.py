@@ -1,7 +1,11 @@
 """Qwen2 / Qwen2-MoE decoder math. Knows nothing about files, HTTP or sampling.
 
-Module names mirror the Hugging Face checkpoint names (model.layers.N.self_attn.q_proj, ...), so
-a checkpoint's state dict maps onto this module one to one; speed transforms happen after load.
+The model is built in its final shape: q/k/v are one projection (`self_attn.qkv_proj`) and so are
+each MLP's gate and up (`gate_up_proj`, experts and shared expert included), one matmul each; every
+other module is named as in the Hugging Face checkpoints. Each module holding fused projections
+declares their parts (`splits`), which the loaders' name tables (qwen2.io.names) map checkpoint
+tensors onto. What the config decides beyond the weights (rotary, each layer's attention variant,
+ATTENTION) is built from it; `Qwen2.configure()` rebuilds it after the config changes.
 
 Positions drive everything: each token carries its rotary position (-1 marks padding), and the
 cache stores the position of every key it holds. A query at position p may attend to a key at
@@ -10,14 +14,26 @@ causal prefill, cached decode, left-padded batches and caches gathered from bloc
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2.model.attention import Attention, build_mask, sdpa_attention
 from qwen2.model.config import ModelConfig
-from qwen2.model.rope import Rotary, apply_rope
+from qwen2.model.longctx import DualChunkAttention, logn_attention
+from qwen2.model.rope import make_rotary
+
+__all__ = ["ATTENTION", "IGNORE_INDEX", "Attention", "CausalLMOutput", "KVCache", "MLP", "Qwen2", "QuantInfo",
+           "RMSNorm", "SparseMoE", "build_mask", "causal_lm_loss", "fused_linears", "sdpa_attention"]
+
+# A layer's attention by name (ModelConfig.attention): a constructor (config, layer_idx) -> module.
+ATTENTION: dict[str, Callable[[ModelConfig, int], Attention]] = {
+    "sdpa": Attention,                   # plain causal attention (the sdpa_attention kernel)
+    "logn": logn_attention,              # first-generation Qwen: queries scaled past seq_length
+    "dual_chunk": DualChunkAttention,    # DCA, from config.dual_chunk_attention_config
+}
 
 
 class RMSNorm(nn.Module):
@@ -78,102 +94,18 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
-    """Boolean attention mask [B, 1, T, S] (True = attend) from query and key positions."""
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (kp <= qp) & (kp >= 0)
-    if window is not None:
-        mask &= (qp - kp) < window
-    # A padding query sees no key: let it see everything so softmax stays finite (output unused).
-    mask |= ~mask.any(dim=-1, keepdim=True)
-    return mask[:, None]
-
-
-def sdpa_attention(q, k, v, mask, is_causal: bool, q_pos=None, k_pos=None):
-    """q [B, H, T, D], k/v [B, KV, S, D] (grouped-query), mask [B, 1, T, S] bool or None.
-    q_pos [B, T] / k_pos [B, S] are the rotary positions (unused here; variants such as logn
-    attention need them)."""
-    b, h, t, d = q.shape
-    if t == 1 and torch.compiler.is_compiling():
-        # Traced decode step: spelled out, so Inductor fuses scores, softmax and the weighted sum
-        # into the layer's generated code (the sdpa kernel costs ~50 us a call at this size).
-        kv, n = k.shape[1], k.shape[2]
-        # q held in memory: otherwise its rotary is recomputed for every key in the product below
-        from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
-        qf = torch.ops.prims.inductor_force_stride_order(
-            q.reshape(b, kv, h // kv, 1, d).float() * d ** -0.5, (h * d, (h // kv) * d, d, d, 1))
-        s = (qf * k[:, :, None].float()).sum(-1)  # [B, KV, G, S]
-        if mask is not None:
-            s = s.masked_fill(~mask.reshape(b, 1, 1, n), float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        o = (p[..., None] * v[:, :, None].float()).sum(-2)  # [B, KV, G, D]
-        return o.to(q.dtype).reshape(b, h, 1, d)
-    if k.shape[1] != h and t == 1:
-        # One query per row: fold each group's query heads onto its KV head, so the cache is read
-        # in place instead of copied once per query head.
-        o = F.scaled_dot_product_attention(q.view(b, k.shape[1], h // k.shape[1], d), k, v, attn_mask=mask)
-        return o.view(b, h, 1, d)
-    if k.shape[1] != h:
-        rep = h // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        h, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.n_heads, self.n_kv, self.head_dim = h, kv, d
-        self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=True)
-        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
-        self.sliding = config.layer_types[layer_idx] == "sliding_attention"
-        # Swappable attention kernel (long-context variants replace it per layer).
-        self.attn_fn = sdpa_attention
-        self.qkv_proj = None  # set by Qwen2.fuse(): one matmul instead of three
-
-    def project_qkv(self, x):
-        """Un-rotated q [B, H, T, D] and k, v [B, KV, T, D] (fused or separate projections)."""
-        b, t, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(
-                [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return (q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2),
-                k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
-                v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2))
-
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, is_causal: bool, q_pos, k_pos):
-        b, t, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        if getattr(cache, "attends", False):
-            # A cache that packs several sequences into one row (qwen2.engine.paged) knows which
-            # keys each query may see: it runs this layer's kernel per sequence itself.
-            o = cache.attend(self, q, k, v)
-        else:
-            o = self.attn_fn(q, k, v, mask, is_causal, q_pos, k_pos)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-
-
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one projection."""
+
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
-        self.gate_up_proj = None  # set by Qwen2.fuse()
+        self.splits = {"gate_up_proj": (inner, inner)}  # gate rows, then up rows (see Attention.splits)
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -220,7 +152,7 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = ATTENTION[config.attention](config, layer_idx)
         self.mlp = SparseMoE(config) if config.is_moe_layer(layer_idx) else MLP(
             config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -257,10 +189,28 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+class QuantInfo(TypedDict):
+    """How a model's linears are quantized (qwen2.quant): int `bits`, `group_size` (-1: one group
+    per output channel), symmetric grid or not, and the lm_head's bits (None: float)."""
+    bits: int
+    group_size: int
+    sym: bool
+    lm_head: int | None
+
+
+def fused_linears(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every fused projection of `model` by module name, with the output rows of its parts."""
+    return {f"{name}.{attr}" if name else attr: sizes
+            for name, mod in model.named_modules() for attr, sizes in getattr(mod, "splits", {}).items()}
+
+
 class Qwen2(nn.Module):
     """The causal LM. `model(input_ids)` -> float32 logits [B, T, vocab]; with `labels` it returns
     `CausalLMOutput(logits, loss)`. A plain nn.Module: parameters are trainable (run inference under
     torch.inference_mode(), as the engine does)."""
+
+    # Always true: q/k/v and gate/up are built fused (for callers that ask, e.g. serving checks).
+    fused = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -269,8 +219,33 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = Rotary(config)
-        self.decode_step = None  # set by qwen2.engine.compiled.compile_decode
+        self.rotary = make_rotary(config)
+        # The compiled decode step the engine runs (qwen2.engine.compiled.compile_decode sets it);
+        # forward itself never uses it.
+        self.decode_step = None
+        # Set by qwen2.quant (quantize_model, gptq_model) and the GPTQ loader; None: float weights.
+        self.quant: QuantInfo | None = None
+
+    @property
+    def qwen1(self) -> dict | None:
+        """First-generation Qwen's long-context settings the model runs with (None: none)."""
+        c = self.config
+        if c.seq_length is None:
+            return None
+        return dict(seq_length=c.seq_length, use_dynamic_ntk=c.use_dynamic_ntk, use_logn_attn=c.use_logn_attn)
+
+    def configure(self) -> "Qwen2":
+        """Rebuild what the config decides beyond the weights after a config change (YaRN, DCA,
+        logn attention: qwen2.model.longctx): the rotary and each layer's attention module
+        (ATTENTION[config.attention]), which keeps its projections. Returns self."""
+        self.rotary = make_rotary(self.config).to(self.device)
+        for layer in self.model.layers:
+            old = layer.self_attn
+            with torch.device("meta"):  # its projections are replaced by the existing ones
+                new = ATTENTION[self.config.attention](self.config, old.layer_idx)
+            new.qkv_proj, new.o_proj = old.qkv_proj, old.o_proj
+            layer.self_attn = new.train(old.training)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -304,12 +279,6 @@ class Qwen2(nn.Module):
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
             logits = self(input_ids, attention_mask, position_ids, cache)
             return CausalLMOutput(logits, causal_lm_loss(logits, labels))
-        if (self.decode_step is not None and cache is not None and input_ids.shape[1] == 1
-                and attention_mask is None and position_ids is None and not torch.compiler.is_compiling()):
-            # The compiled step is inference only (it writes the cache in place, and its kernels
-            # have no backward): it is traced without autograd even for trainable weights.
-            with torch.no_grad():
-                return self.decode_step(input_ids, cache)
         if position_ids is None:
             position_ids = self.positions_for(input_ids, attention_mask, cache)
         k_pos = cache.begin(position_ids) if cache is not None else position_ids
@@ -337,44 +306,6 @@ class Qwen2(nn.Module):
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x)).float()
 
-    @torch.no_grad()
-    def fuse(self) -> "Qwen2":
-        """Speed transform after load: q/k/v and gate/up projections become one matmul each
-        (fewer dispatches and one weight stream per step). Same math; the fused weights replace
-        the HF-named ones, so save before fusing. Quantized linears fuse too when their packing
-        allows it. Returns self."""
-        for mod in self.modules():
-            if isinstance(mod, Attention) and mod.qkv_proj is None:
-                fused = _cat_linears([mod.q_proj, mod.k_proj, mod.v_proj])
-                if fused is not None:
-                    mod.qkv_proj = fused
-                    del mod.q_proj, mod.k_proj, mod.v_proj
-            elif isinstance(mod, MLP) and mod.gate_up_proj is None:
-                fused = _cat_linears([mod.gate_proj, mod.up_proj])
-                if fused is not None:
-                    mod.gate_up_proj = fused
-                    del mod.gate_proj, mod.up_proj
-        self.fused = True
-        return self
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-
-def _cat_linears(parts: list[nn.Module]) -> nn.Module | None:
-    """One linear computing the concatenated outputs of `parts` (None if they cannot fuse)."""
-    if all(type(p) is nn.Linear for p in parts):
-        w = parts[0].weight
-        out = sum(p.out_features for p in parts)
-        has_bias = any(p.bias is not None for p in parts)
-        lin = nn.Linear(parts[0].in_features, out, bias=has_bias, device="meta")
-        lin.weight = nn.Parameter(torch.cat([p.weight for p in parts]))
-        if has_bias:
-            lin.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else w.new_zeros(p.out_features)
-                                               for p in parts]))
-        return lin
-    # Other linear kinds (quantized ones) fuse if their class knows how to concatenate itself.
-    kind = type(parts[0])
-    if hasattr(kind, "cat") and all(type(p) is kind for p in parts):
-        return kind.cat(parts)
-    return None

@@ -1,19 +1,19 @@
 """Long context: logn attention (first-generation Qwen), Dual Chunk Attention (DCA), chunked
 prefill and KV-cache sizing. YaRN and dynamic NTK live in rope.py (they only change the rotary).
 
-Everything here plugs into a loaded `qwen2.model.decoder.Qwen2` without touching the model code: logn
-attention wraps a layer's `self_attn.attn_fn`; DCA needs the un-rotated queries and keys, so it
-swaps each layer's attention module for a `DualChunkAttention` that shares its projections.
+The variants are named in qwen2.model.decoder.ATTENTION and chosen by the config
+(`ModelConfig.attention`): logn attention is plain attention with the `LognAttention` kernel; DCA
+needs the un-rotated queries and keys, so it is its own module (`DualChunkAttention`). The
+`enable_*` functions change the config of a built model and let it rebuild (`Qwen2.configure`).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
 from qwen2.errors import Qwen2Error
-from qwen2.model.decoder import Attention, sdpa_attention
+from qwen2.model.attention import Attention, sdpa_attention
 from qwen2.model.rope import apply_rope, default_inv_freq, rope_cos_sin
 
 # Attention over long prompts is computed in query blocks so that no step holds more than about
@@ -46,10 +46,14 @@ class LognAttention:
         return self.inner(q, k, v, mask, is_causal, q_pos, k_pos)
 
 
+def logn_attention(config, layer_idx: int) -> Attention:
+    """ATTENTION["logn"]: plain attention whose kernel scales queries past config.seq_length."""
+    return Attention(config, layer_idx, kernel=LognAttention(config.seq_length))
+
+
 def enable_logn_attention(model, seq_length: int):
-    for layer in model.model.layers:
-        layer.self_attn.attn_fn = LognAttention(seq_length, layer.self_attn.attn_fn)
-    return model
+    model.config.seq_length, model.config.use_logn_attn = seq_length, True
+    return model.configure()
 
 
 # ----------------------------------------------------------------------------- dual chunk attention
@@ -98,6 +102,18 @@ def dual_chunk_attention(q_intra, q_succ, q_inter, k, v, q_pos, k_pos, chunk_len
     return out.reshape(b, h, t, d).to(v.dtype)
 
 
+def dca_settings(dca: dict | None, chunk_size: int | None = None, local_size: int | None = None,
+                 original_max_position_embeddings: int | None = None) -> dict:
+    """DCA's settings: the arguments, else `dca` (a dual_chunk_attention_config), else vLLM's
+    defaults (chunk_size 8192, local_size 1024, no length scaling)."""
+    dca = dca or {}
+    return dict(chunk_size=int(chunk_size or dca.get("chunk_size", 8192)),
+                local_size=int(local_size if local_size is not None else dca.get("local_size", 1024)),
+                original_max_position_embeddings=int(original_max_position_embeddings
+                                                     if original_max_position_embeddings is not None
+                                                     else dca.get("original_max_position_embeddings", 0)))
+
+
 class DualChunkAttention(Attention):
     """Attention with DCA (chunk_size, local_size as vLLM's `dual_chunk_attention_config`). Keys are
     rotated at k % chunk_len before caching; each query is rotated three ways. With
@@ -105,28 +121,26 @@ class DualChunkAttention(Attention):
     max(1, 0.1 ln(L / original_max_position_embeddings) + 1), L the sequence length so far (as vLLM).
     DCA uses the plain rotary frequencies of rope_theta (any rope_scaling is not applied, as vLLM)."""
 
-    def setup(self, config, chunk_size: int, local_size: int, original_max_position_embeddings: int = 0):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        dca = dca_settings(config.dual_chunk_attention_config)
+        chunk_size, local_size = dca["chunk_size"], dca["local_size"]
         if not 0 <= local_size < chunk_size:
             raise Qwen2Error(f"dual chunk attention: need 0 <= local_size ({local_size}) < chunk_size ({chunk_size})")
         if self.sliding:
             raise Qwen2Error("dual chunk attention does not support sliding-window layers")
         self.chunk_size, self.local_size = chunk_size, local_size
         self.chunk_len = chunk_size - local_size
-        self.original_max_position_embeddings = original_max_position_embeddings
-        self.dca_inv_freq = default_inv_freq(config.rope_theta, config.head_dim)
-        return self
+        self.original_max_position_embeddings = dca["original_max_position_embeddings"]
+        self.rope_theta = config.rope_theta
+        self._inv_freq = None
 
-    @classmethod
-    def from_attention(cls, attn: Attention, config, **dca) -> "DualChunkAttention":
-        with torch.device("meta"):  # the projections are shared, not re-allocated
-            new = cls(config, attn.layer_idx)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"):  # qkv_proj: after Qwen2.fuse()
-            if hasattr(new, name):
-                delattr(new, name)
-            if getattr(attn, name, None) is not None:
-                setattr(new, name, getattr(attn, name))
-        new.qkv_proj = getattr(attn, "qkv_proj", None)
-        return new.setup(config, **dca)
+    @property
+    def dca_inv_freq(self) -> torch.Tensor:
+        # computed on first use: modules are built on the meta device, where it would be a placeholder
+        if self._inv_freq is None:
+            self._inv_freq = default_inv_freq(self.rope_theta, self.head_dim)
+        return self._inv_freq
 
     def length_scale(self, k_pos: torch.Tensor) -> torch.Tensor | None:
         if not self.original_max_position_embeddings:
@@ -156,36 +170,27 @@ class DualChunkAttention(Attention):
 
 def enable_dual_chunk_attention(model, chunk_size: int | None = None, local_size: int | None = None,
                                 original_max_position_embeddings: int | None = None):
-    """Swap every layer's attention for DualChunkAttention. Arguments default to the config's
-    `dual_chunk_attention_config` (then to vLLM's defaults: chunk_size 8192, local_size 1024)."""
+    """Every layer's attention becomes DualChunkAttention (sharing its projections). Arguments
+    default to the config's `dual_chunk_attention_config` (then to vLLM's defaults: chunk_size
+    8192, local_size 1024), which is updated with them."""
     cfg = dict(model.config.dual_chunk_attention_config or {})
-    dca = dict(chunk_size=int(chunk_size or cfg.get("chunk_size", 8192)),
-               local_size=int(local_size if local_size is not None else cfg.get("local_size", 1024)),
-               original_max_position_embeddings=int(original_max_position_embeddings
-                                                    if original_max_position_embeddings is not None
-                                                    else cfg.get("original_max_position_embeddings", 0)))
-    for layer in model.model.layers:
-        layer.self_attn = DualChunkAttention.from_attention(layer.self_attn, model.config, **dca)
+    dca = dca_settings(cfg, chunk_size, local_size, original_max_position_embeddings)
     model.config.dual_chunk_attention_config = {**cfg, **dca}
-    return model
+    return model.configure()
 
 
 def apply_config(model):
-    """Enable what the config asks for that the plain model does not do by itself (DCA)."""
-    if model.config.dual_chunk_attention_config and not isinstance(model.model.layers[0].self_attn,
-                                                                   DualChunkAttention):
-        enable_dual_chunk_attention(model)
-    return model
+    """Rebuild the parts of a model that its config decides (after config fields were set by
+    hand, e.g. dual_chunk_attention_config): `Qwen2.configure`."""
+    return model.configure()
 
 
 def enable_yarn(model, factor: float, original_max_position_embeddings: int | None = None):
     """Static YaRN on a loaded model, as if config.json had `rope_scaling` {"type": "yarn", ...}
     (the Qwen2-7B/72B-Instruct recipe for 128K: factor 4 over the original 32768)."""
-    from qwen2.model.rope import Rotary
     orig = original_max_position_embeddings or model.config.max_position_embeddings
     model.config.rope_scaling = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": orig}
-    model.rotary = Rotary(model.config).to(model.device)
-    return model
+    return model.configure()
 
 
 # ---------------------------------------------------------------------------------- chunked prefill

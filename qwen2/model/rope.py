@@ -163,3 +163,11 @@ class DynamicNTKRotary(Rotary):
             return rope_cos_sin(self.inv_freq, pos, self.scaling, dtype)
         inv = torch.stack([self.inv_freq_for(float(a)) for a in alpha.tolist()])  # [B, D/2]
         return rope_cos_sin(inv, pos, self.scaling, dtype)
+
+
+def make_rotary(config) -> Rotary:
+    """The rotary the config asks for: first-generation Qwen's dynamic NTK (use_dynamic_ntk), else
+    the rope type's fixed frequencies."""
+    if config.use_dynamic_ntk:
+        return DynamicNTKRotary(config, config.seq_length)
+    return Rotary(config)

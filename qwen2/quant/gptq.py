@@ -12,7 +12,8 @@ groups, which measured best on the demo model (docs/performance.md).
 
 The walk over the model (`gptq_model`) is sequential: the calibration batch goes through decoder
 layer i once, and a forward pre-hook on each linear quantizes it the first time it sees its input
-(q/k/v share one input tensor and so one H, likewise gate/up), then lets that forward continue
+(q/k/v are one fused linear, and so are gate/up: GPTQ treats each row on its own, so quantizing
+the fused weight on the shared H is quantizing each part on it), then lets that forward continue
 with the quantized weight. So each linear's H comes from inputs that the already quantized
 linears before it produced (AutoGPTQ's "true sequential" order), the layer's output, computed
 with all of its weights quantized, is the next layer's input, and each layer runs once. The whole
@@ -40,7 +41,7 @@ from torch import nn
 
 from qwen2.errors import Qwen2Error
 from qwen2.kernels.memory import trim
-from qwen2.quant.linear import INT4_GROUPS, QuantLinear, _targets, dequantize, grid, is_fused, stored_scales
+from qwen2.quant.linear import INT4_GROUPS, QuantLinear, _targets, dequantize, grid, stored_scales
 
 # Calibration text: Python standard-library source of these modules. Disjoint from the modules
 # that benchmarks/quality.py (and tests/test_quant_quality.py) score perplexity on, so the
@@ -262,10 +263,10 @@ def gptq_model(model, bits: int, group_size: int, calib_ids: torch.Tensor, lm_he
         raise Qwen2Error(f"bits must be 8 or 4, not {bits}")
     if bits == 4 and group_size not in INT4_GROUPS:
         raise Qwen2Error(f"int4 group size must be one of {INT4_GROUPS}")
-    if getattr(model, "quant", None) or any(isinstance(m, QuantLinear) for m in model.modules()):
+    if model.quant or any(isinstance(m, QuantLinear) for m in model.modules()):
         raise Qwen2Error("GPTQ needs a float model (this one is already quantized)")
-    if is_fused(model) or getattr(model, "decode_step", None) is not None:
-        raise Qwen2Error("GPTQ needs the model as loaded (quantize before fuse() / compile_decode)")
+    if model.decode_step is not None:
+        raise Qwen2Error("GPTQ needs the model as loaded (quantize before compile_decode)")
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise Qwen2Error("calib_ids must be a non-empty [n_samples, seq_len] tensor of token ids")
     dtype = dtype or model.dtype

@@ -241,34 +241,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
-    @staticmethod
-    def cat(parts: list["QuantLinear"]) -> "QuantLinear | None":
-        """Fuse along the output dimension (qkv, gate/up); None if the parts differ in format or
-        are already repacked for the eager int4 kernel."""
-        a = parts[0]
-        if any(p.bits != a.bits or p.group_size != a.group_size or p.dtype != a.dtype or p.packed
-               for p in parts):
-            return None
-        new = object.__new__(QuantLinear)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = a.in_features, sum(p.out_features for p in parts)
-        new.bits, new.group_size = a.bits, a.group_size
-        new.register_buffer("packed_weight", None)
-        new.register_buffer("packed_scales", None)
-        new.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
-        new.register_buffer("scales", torch.cat([p.scales for p in parts]))
-        if a.bits == 4:
-            zs = [p.zeros for p in parts]
-            new.register_buffer("zeros", None if all(z is None for z in zs) else torch.cat(
-                [z if z is not None else torch.full_like(p.scales, 8, dtype=torch.uint8) for z, p in zip(zs, parts)]))
-        biases = [p.bias for p in parts]
-        if all(b is None for b in biases):
-            new.bias = None
-        else:
-            new.bias = nn.Parameter(torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=a.dtype)
-                                               for b, p in zip(biases, parts)]).detach())
-        return new
-
 
 def gemv_input(x: torch.Tensor) -> torch.Tensor:
     """The one activation row of a traced matrix-vector product, as float32 [1, K] held in memory.
@@ -398,12 +370,6 @@ def quantize_model(model, bits: int, group_size: int = 128, lm_head: bool = True
                    "lm_head": head_bits if lm_head else None}
     trim()  # the float weights just freed
     return model
-
-
-def is_fused(model) -> bool:
-    """Whether fuse() replaced the HF-named projections (q/k/v, gate/up) with fused ones."""
-    return any(getattr(m, "qkv_proj", None) is not None or getattr(m, "gate_up_proj", None) is not None
-               for m in model.modules())
 
 
 # ------------------------------------------------------------------------- GPTQ layout on disk
