@@ -55,7 +55,7 @@ def main():
     args = ap.parse_args()
 
     from tokenizers import Tokenizer as HFTokenizer
-    from qwen2.io.checkpoint import load_tokenizer
+    from qwen2.io.load import load_tokenizer
     d = args.tokenizer
     if d is None:
         from qwen2.cli.convert_tokenizer import convert

@@ -161,7 +161,8 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto") -> LLM
     id (None: the embedded demo model, when installed). mode: the speed passes
     (qwen2.engine.runner.prepare): "auto" picks the fastest path for the machine, "eager" none."""
     from qwen2.engine.runner import prepare
-    from qwen2.io.checkpoint import load_model, load_tokenizer, resolve
+    from qwen2.io.hub import resolve
+    from qwen2.io.load import load_model, load_tokenizer
     from qwen2.io.demo import model_or_demo
     path_or_id = model_or_demo(path_or_id)
     path = resolve(path_or_id)

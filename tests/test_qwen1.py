@@ -172,7 +172,7 @@ def test_dynamic_ntk_and_logn_match_reference_with_alpha_kept():
     """seq_length 8, prompt 15 tokens (alpha 3), decoding to 21 tokens (alpha would be 7 if it were
     recomputed): every step equals the reference that keeps the prefill alpha."""
     w = qwen1_weights(CFG, seed=1)
-    from qwen2.io.checkpoint import build_model
+    from qwen2.io.build import build_model
     from qwen2.io.qwen1 import QWEN1_NAMES, enable_qwen1_long_context, qwen1_config
     config, lc = qwen1_config(CFG)
     model = build_model(dataclasses.replace(config, **lc), w.items(), torch.float32, names=QWEN1_NAMES)

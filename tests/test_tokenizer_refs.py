@@ -32,7 +32,7 @@ def tiktoken_path() -> Path:
 
 @lru_cache(None)
 def qwen1():
-    from qwen2.io.checkpoint import load_tokenizer
+    from qwen2.io.load import load_tokenizer
     return load_tokenizer(tiktoken_path())
 
 
@@ -74,7 +74,7 @@ def hf(path) -> object:
 
 @lru_cache(None)
 def ours(path):
-    from qwen2.io.checkpoint import load_tokenizer
+    from qwen2.io.load import load_tokenizer
     return load_tokenizer(path)
 
 

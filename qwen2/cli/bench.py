@@ -178,7 +178,7 @@ def time_generation(model, prompt: int = 32, tokens: int = 128, prefill: int = 5
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from qwen2.io.checkpoint import parse_dtype
+    from qwen2.io.build import parse_dtype
     dtype = parse_dtype(args.dtype)
     if bool(args.model) == bool(args.preset):
         if not args.model and not args.preset:
@@ -193,7 +193,7 @@ def run(args) -> int:
         model = random_model(args.preset, dtype)
         source = f"preset {args.preset} (random weights)"
     else:
-        from qwen2.io.checkpoint import load_model
+        from qwen2.io.load import load_model
         model = load_model(args.model, dtype=dtype)
         source = args.model
     path = prepare(model, args.mode, args.bits, args.group_size)

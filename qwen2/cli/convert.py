@@ -26,7 +26,8 @@ def register(subparsers):
 
 
 def convert(src, out, dtype="auto", max_shard_bytes: int = 2 * 1024 ** 3) -> Path:
-    from qwen2.io.checkpoint import resolve, save_model
+    from qwen2.io.hub import resolve
+    from qwen2.io.save import save_model
     from qwen2.io.qwen1 import load_qwen1
     src, out = resolve(src), Path(out)
     cfg = src / "config.json"

@@ -61,7 +61,7 @@ def gib(n: float) -> str:
 def describe(path: Path, dtype_arg="auto", device="cpu") -> dict:
     import torch
 
-    from qwen2.io.checkpoint import parse_dtype
+    from qwen2.io.build import parse_dtype
     from qwen2.model.decoder import Qwen2
     config, stored, fmt, files = read_config(path)
     if fmt == "gguf" and dtype_arg in (None, "auto"):
@@ -98,7 +98,7 @@ def describe(path: Path, dtype_arg="auto", device="cpu") -> dict:
 
 
 def run(args) -> int:
-    from qwen2.io.checkpoint import resolve
+    from qwen2.io.hub import resolve
     info = describe(resolve(_common.model_path(args)), args.dtype, args.device)
     if args.json:
         print(json.dumps(info))

@@ -31,10 +31,10 @@ def register(subparsers):
 
 def run(args) -> int:
     from qwen2.eval import needle
-    from qwen2.io.checkpoint import load_model
+    from qwen2.io.load import load_model
     from qwen2.errors import Qwen2Error
     from qwen2.model.longctx import apply_config, enable_dual_chunk_attention, enable_yarn, kv_cache_bytes
-    from qwen2.io.checkpoint import load_tokenizer
+    from qwen2.io.load import load_tokenizer
 
     lengths, depths = needle.parse_lengths(args.lengths), needle.parse_depths(args.depths)
     path = model_path(args)

@@ -45,7 +45,8 @@ def register(sub):
 
 
 def run(args) -> int:
-    from qwen2.io.checkpoint import load_model, resolve
+    from qwen2.io.hub import resolve
+    from qwen2.io.load import load_model
     from qwen2.quant.linear import INT4_GROUPS
     from qwen2.io.gptq import save_quantized
     if args.bits == 4 and args.group_size not in INT4_GROUPS:
@@ -91,7 +92,7 @@ def run(args) -> int:
 def _calibration(args, src):
     """Token ids [n, L] for GPTQ: the --calib file or the default text, with the model's tokenizer."""
     from qwen2.quant.gptq import CALIB_LEN, CALIB_SAMPLES, calibration_ids
-    from qwen2.io.checkpoint import load_tokenizer
+    from qwen2.io.load import load_tokenizer
     n = CALIB_SAMPLES if args.calib_samples is None else args.calib_samples
     length = CALIB_LEN if args.calib_len is None else args.calib_len
     text = None

@@ -19,6 +19,7 @@ import torch
 
 from qwen2.model.config import ModelConfig
 from qwen2.errors import CheckpointError
+from qwen2.io.build import build_model, parse_dtype
 from qwen2.io.names import NameTable
 
 ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
@@ -279,7 +280,6 @@ def _param_count(c: ModelConfig) -> int:
 def load_gguf_model(path, dtype="auto", device="cpu"):
     """A `qwen2.model.decoder.Qwen2` from a GGUF file (or a directory holding one), dequantized tensor by
     tensor into `dtype` ("auto": see `auto_dtype`)."""
-    from qwen2.io.checkpoint import build_model, parse_dtype
     reader, f = open_gguf(path)
     config = ModelConfig.from_hf_dict(_config_dict(reader, f), source=str(f))
     dt = auto_dtype(config, device) if dtype in (None, "auto") else parse_dtype(dtype, config)

@@ -19,11 +19,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qwen2.errors import CheckpointError, Qwen2Error
-from qwen2.io.checkpoint import build_model, checkpoint_tensors
+from qwen2.io.build import build_model
 from qwen2.io.names import HF_NAMES
+from qwen2.io.safetensors import write_safetensors
+from qwen2.io.save import checkpoint_tensors
 from qwen2.model.decoder import fused_linears
 from qwen2.quant.linear import QuantLinear, _targets, quantize_tensor
 
@@ -134,9 +135,7 @@ def save_quantized(model, out_dir, bits: int | None = None, group_size: int | No
         tensors[name] = t.contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        stale.unlink()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tensors.items(), out)
     cfg = model.config.to_hf_dict(str(model.dtype).removeprefix("torch."))
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": sym,
                                   "desc_act": False, "lm_head": lm_head, "checkpoint_format": "gptq"}

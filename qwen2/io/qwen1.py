@@ -12,7 +12,9 @@ import dataclasses
 from pathlib import Path
 
 from qwen2.errors import CheckpointError
+from qwen2.io.build import build_model, parse_dtype
 from qwen2.io.names import NameTable
+from qwen2.io.safetensors import count_safetensors, iter_safetensors, release_pages, safetensors_files
 from qwen2.model.config import ModelConfig, read_config_json
 
 # Qwen (first generation) ends a document with <|endoftext|>; chat turns end with <|im_end|>.
@@ -88,8 +90,6 @@ def load_qwen1(path, dtype="auto", device="cpu", long_context: bool = True):
     safetensors in the `transformer.h.*` layout) as a `qwen2.model.decoder.Qwen2`. With long_context the
     checkpoint's use_dynamic_ntk / use_logn_attn are honoured (off: plain Qwen2 math, identical
     within seq_length)."""
-    from qwen2.io.checkpoint import (build_model, count_safetensors, iter_safetensors, parse_dtype,
-                                     release_pages, safetensors_files)
     path = Path(path)
     cfg_path = path / "config.json"
     d = read_config_json(cfg_path)
