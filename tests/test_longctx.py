@@ -136,3 +136,27 @@ def test_kv_cache_bytes_qwen2_0_5b_32k():
     # the static cache holds one spare slot (see KVCache)
     assert KVCache(cfg, 1, 32768, torch.bfloat16, device="meta").nbytes() == kv_cache_bytes(cfg, 32769, torch.bfloat16)
     assert kv_cache_bytes(cfg, 32768, torch.float32) == 768 * 2 ** 20
+
+
+def test_attention_variant_is_a_declared_choice(tiny):
+    """The layer attention comes from the config (decoder.ATTENTION); switching a built model's
+    config rebuilds the attention modules around the same projections."""
+    from qwen2.model.attention import Attention, sdpa_attention
+    from qwen2.model.decoder import ATTENTION
+    from qwen2.model.longctx import LognAttention, enable_logn_attention
+    assert set(ATTENTION) == {"sdpa", "logn", "dual_chunk"}
+    model = load_model(tiny, dtype="float32")
+    assert model.config.attention == "sdpa"
+    assert all(type(l.self_attn) is Attention and l.self_attn.attn_fn is sdpa_attention for l in model.model.layers)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(ids)
+        enable_logn_attention(model, seq_length=8)
+        out = model(ids)
+    attn = model.model.layers[0].self_attn
+    assert model.config.attention == "logn" and model.qwen1["use_logn_attn"]
+    # plain Attention with another kernel: what the serving engine's packed steps can run
+    assert type(attn) is Attention and isinstance(attn.attn_fn, LognAttention) and attn.qkv_proj is qkv
+    torch.testing.assert_close(out[:, :8], plain[:, :8], atol=1e-6, rtol=1e-6)  # 1-based positions <= 8
+    assert (out[:, 8:] - plain[:, 8:]).abs().max() > 1e-3
