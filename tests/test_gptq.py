@@ -243,12 +243,24 @@ def test_moe_experts_without_tokens_fall_back_to_rtn(tmp_path):
     hook.remove()
     unused = set(range(TINY_MOE["num_experts"])) - set(chosen["e"].flatten().tolist())
     assert unused  # at most 6 of the 8 experts were picked
-    m = gptq_model(copy.deepcopy(base), 4, 32, ids, progress=False)
+    m = gptq_model(copy.deepcopy(base), 4, 32, ids, lm_head=False, progress=False)  # (an int4 file's float head)
     for e, mlp in enumerate(m.model.layers[0].mlp.experts):
         rtn = quantize_tensor(base.model.layers[0].mlp.experts[e].down_proj.weight, 4, 32, sym=False)[0]
         assert torch.equal(mlp.down_proj.quantized()[0], rtn) == (e in unused), e
     assert all(isinstance(m_, QuantLinear) for n, m_ in m.named_modules() if n.endswith("_proj"))
     assert torch.isfinite(m(ids)).all()
+    # the file names every expert's (and the shared expert's) parts; it loads back to the same model
+    out = save_quantized(m, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    for e in range(TINY_MOE["num_experts"]):
+        assert {f"model.layers.1.mlp.experts.{e}.{p}.qweight" for p in ("gate_proj", "up_proj", "down_proj")} <= names
+    assert {"model.layers.0.mlp.shared_expert.gate_proj.qzeros", "model.layers.0.self_attn.v_proj.bias",
+            "model.layers.0.mlp.gate.weight", "model.layers.0.mlp.shared_expert_gate.weight"} <= names
+    assert not any("gate_up_proj" in n or "qkv_proj" in n for n in names)
+    m.lm_head = QuantLinear.from_linear(m.lm_head, 8, -1, m.dtype)  # what loading does to an int4 file's float head
+    test_ids = _random_calib(TINY_MOE["vocab_size"], n=2, length=9, seed=8)
+    torch.testing.assert_close(qwen2.load_model(out, dtype="float32")(test_ids), m(test_ids), atol=0, rtol=0)
 
 
 def test_cli_gptq_end_to_end(ckpt, tmp_path, capsys):

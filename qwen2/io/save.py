@@ -36,6 +36,13 @@ def checkpoint_tensors(model: Qwen2, names: NameTable = HF_NAMES,
     their parts (views), a tied lm_head left out (as Hugging Face saves it), modules for which
     `skip(model module name)` holds left out."""
     fused = fused_linears(model)
+
+    def checkpoint_name(mod: str, part: int | None, leaf: str) -> str:
+        ck = names.to_checkpoint(mod, part)
+        if ck is None:
+            raise Qwen2Error(f"{mod}{'' if part is None else f' (part {part})'} has no name in this checkpoint format")
+        return f"{ck}.{leaf}"
+
     for name, t in model.state_dict().items():
         mod, _, leaf = name.rpartition(".")
         if skip(mod) or (model.config.tie_word_embeddings and name == "lm_head.weight"):
@@ -43,7 +50,7 @@ def checkpoint_tensors(model: Qwen2, names: NameTable = HF_NAMES,
         if mod in fused:
             lo = 0
             for k, n in enumerate(fused[mod]):
-                yield f"{names.to_checkpoint(mod, k)}.{leaf}", t[lo:lo + n]
+                yield checkpoint_name(mod, k, leaf), t[lo:lo + n]
                 lo += n
         else:
-            yield f"{names.to_checkpoint(mod)}.{leaf}", t
+            yield checkpoint_name(mod, None, leaf), t
