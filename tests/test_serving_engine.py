@@ -93,7 +93,7 @@ def test_prepared_model_engine_equals_plain_greedy(tmp_path_factory):
     _, path = make_hf_checkpoint(tmp_path_factory.mktemp("prep"), TINY, seed=4, std=0.2)
     plain = qwen2.load_model(path, dtype="float32")
     fast = prepare_for_serving(qwen2.load_model(path, dtype="float32"))
-    assert fast.fused and f32_supported(fast)
+    assert f32_supported(fast)
     assert not any(type(m) is torch.nn.Linear for m in fast.modules())
     assert isinstance(fast.lm_head, F32Linear) and isinstance(fast.model.embed_tokens, F32Embedding)
     assert fast.model.embed_tokens.packed is fast.lm_head.packed  # the vocabulary matrix, once

@@ -166,7 +166,7 @@ def can_compile(model) -> str | None:
 
 
 def compile_decode(model, hugepages: bool = True):
-    """In place: fuse projections and install the compiled one-token step (see module doc).
+    """In place: install the compiled one-token step (see module doc).
     Models the step cannot trace (MoE, custom attention kernels) are left eager, with a note on
     stderr. hugepages: move the weights into transparent huge pages (qwen2.kernels.memory). Returns the
     model."""
@@ -183,7 +183,7 @@ def compile_decode(model, hugepages: bool = True):
                 g.__dict__.update(child.__dict__)  # same parameters, same names: no copy
                 setattr(mod, name, g)
     if hugepages:
-        hugepage_weights(model)  # also trims the heap (the unfused projections)
+        hugepage_weights(model)  # also trims the heap
     else:
         trim()
     model.decode_step = CompiledDecode(model)  # after the moves: it records the final tensors

@@ -5,19 +5,19 @@ Serving runs the model on one row (a lone request), on many (16 decoding request
 sgemm behind `F.linear`) is slow at small row counts on this kind of CPU (MKL picks its AVX2 path
 on AMD processors). Two replacements, chosen per dtype:
 
-* float32: `F32Linear`, qwen2's own kernel (`torch.ops.qwen2.f32_linear`, qwen2/kernels/csrc/gemv.cpp)
+* float32: `F32Linear`, qwen2's own kernel (`torch.ops.qwen2.f32_linear`, qwen2/kernels/csrc/f32_linear.cpp)
   over the weight packed once into 16-column blocks. One copy of the weights serves every row
   count: one row streams each block at memory bandwidth, a batch meets each loaded weight vector
   with 6 rows at once in registers. A tied embedding reads its rows from the packed lm_head
   (`F32Embedding`), so the vocabulary matrix is held once. Every output is one fp32 accumulation
   in k order, the same for any number of rows: a request's projections do not depend on what it
   is batched with. The packed weights live in one mapping advised for transparent huge pages
-  (as `qwen2.kernels.memory.hugepage_weights`), and nothing is left pointing into the checkpoint file.
+  (`qwen2.kernels.memory.hugepage_mapping`), and nothing is left pointing into the checkpoint file.
   RMSNorm and the MLP's silu(gate) * up become one-pass ops
   (`F32RMSNorm`, `F32MLP`), and the engine's decode attention and greedy argmax use qwen2's
   kernels too (engine/paged.py, engine.py).
-* bfloat16 (and float32 where the kernels cannot be built): `OneDNNLinear`, oneDNN's inner
-  product with the weight reordered once (2-4x faster than MKL at 16 rows here).
+* bfloat16 (and float32 where the kernels cannot be built): `OneDNNLinear` (qwen2.quant.linear),
+  oneDNN's inner product with the weight reordered once (2-4x faster than MKL at 16 rows here).
 
 Same math as `F.linear`, different summation order: results agree to float rounding (the same
 latitude a batched MKL matmul already has against a one-row one).
@@ -28,28 +28,9 @@ import torch
 from torch import nn
 
 from qwen2 import kernels
+from qwen2.kernels.memory import hugepage_mapping
 from qwen2.model.decoder import MLP, RMSNorm
-
-
-class OneDNNLinear(nn.Module):
-    """A float linear whose weight is reordered once into oneDNN's layout (a copy: the original
-    weight is dropped unless something else, e.g. a tied embedding, still holds it)."""
-
-    def __init__(self, lin: nn.Linear, batch_hint: int = 16):
-        super().__init__()
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        w = lin.weight.detach().contiguous()
-        self.dtype = w.dtype
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint))
-        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().contiguous())
-
-    def forward(self, x):
-        if not x.is_contiguous():
-            x = x.contiguous()
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
-
-    def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, oneDNN {str(self.dtype).removeprefix('torch.')}"
+from qwen2.quant.linear import OneDNNLinear
 
 
 class F32Linear(nn.Module):
@@ -141,7 +122,7 @@ def onednn_supported(model) -> bool:
     if model.dtype == torch.float32:
         return True
     # bf16 inner products need AVX512 (bf16 or at least BW); elsewhere oneDNN is no gain.
-    return model.dtype == torch.bfloat16 and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    return OneDNNLinear.supported(model.dtype)
 
 
 def f32_supported(model) -> bool:
@@ -150,8 +131,8 @@ def f32_supported(model) -> bool:
 
 @torch.no_grad()
 def prepare_for_serving(model, batch_hint: int = 16, huge_pages: bool = True):
-    """In place: fuse q/k/v and gate/up into one matmul each, then give every plain float linear
-    (lm_head included) a faster kernel (see the module docstring); packed float32 weights go into
+    """In place: give every plain float linear (lm_head included; q/k/v and gate/up are already one
+    matmul each) a faster kernel (see the module docstring); packed float32 weights go into
     transparent huge pages unless `huge_pages` is False. Quantized or otherwise special linears
     are left alone. Returns the model."""
     if f32_supported(model):
@@ -168,31 +149,6 @@ def prepare_for_serving(model, batch_hint: int = 16, huge_pages: bool = True):
     return model
 
 
-_HUGE = 2 << 20          # x86-64 transparent huge page
-_MADV_HUGEPAGE = 14
-
-
-def _weight_arena(nbytes: int):
-    """(mapping, uint8 tensor of nbytes): one anonymous mapping, 2 MB aligned and advised
-    MADV_HUGEPAGE where Linux has transparent huge pages (as qwen2.kernels.memory.hugepage_weights), so the
-    packed weights are streamed through 2 MB pages (fewer TLB misses); plain pages elsewhere."""
-    import ctypes
-    import ctypes.util
-    import mmap
-    buf = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(buf, dtype=torch.uint8)
-    start = (-raw.data_ptr()) % _HUGE
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" not in f.read():
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                libc.madvise(raw.data_ptr() + start, -(-nbytes // _HUGE) * _HUGE, _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass
-    return buf, raw[start:start + nbytes]
-
-
 def _use_f32_kernels(model, huge_pages: bool = True):
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     head = getattr(model, "lm_head", None)
@@ -204,7 +160,7 @@ def _use_f32_kernels(model, huge_pages: bool = True):
     shapes = [(-(-c.out_features // 16), c.in_features, 16) for _, _, c in todo]
     sizes = [-(-(a * b * c * 4) // 64) * 64 for a, b, c in shapes]
     if huge_pages and todo:
-        model._f32_arena, arena = _weight_arena(sum(sizes))
+        model._f32_arena, arena, _ = hugepage_mapping(sum(sizes))  # 2 MB pages where Linux has them
     off = 0
     for (mod, attr, child), shape, size in zip(todo, shapes, sizes):
         out = arena[off:off + size].view(torch.float32)[:shape[0] * shape[1] * 16].view(shape) if huge_pages else None

@@ -44,6 +44,7 @@ def prepare(model, mode: str = "auto") -> str:
     return "onednn" if any(type(m).__name__ == "OneDNNLinear" for m in model.modules()) else "eager"
 
 
+@torch.inference_mode()  # parameters are trainable; an engine step never records autograd history
 def forward(model, packed, pool, prompt_len: int | None = None) -> torch.Tensor:
     """Logits [num_logits, vocab] of one packed engine step (qwen2.engine.paged.PackedStep):
     decode-only steps through the compiled step when the model has one, everything else eagerly.

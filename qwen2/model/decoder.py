@@ -209,9 +209,6 @@ class Qwen2(nn.Module):
     `CausalLMOutput(logits, loss)`. A plain nn.Module: parameters are trainable (run inference under
     torch.inference_mode(), as the engine does)."""
 
-    # Always true: q/k/v and gate/up are built fused (for callers that ask, e.g. serving checks).
-    fused = True
-
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -307,5 +304,9 @@ class Qwen2(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        """Parameters of the architecture (ties counted once), whatever speed passes later turned
+        into packed buffers: counted on a fresh meta-device copy of this config."""
+        with torch.device("meta"):
+            fresh = type(self)(self.config)
+        return sum(p.numel() for p in {id(p): p for p in fresh.parameters()}.values())
 
