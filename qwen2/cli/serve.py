@@ -86,11 +86,11 @@ def _reexec_with_passive_omp():
     decode step measured 2-8x slower (one request: ~1 s instead of ~0.15 s). The passive policy's
     cost (waking the sleeping threads at every parallel region, ~0.2 ms each here) no longer
     falls on the float32 matmuls and attention: qwen2's serving kernels run on their own thread
-    pool (qwen2/kernels/csrc/gemv.cpp). Only for the command line (`qwen2 serve` / `python -m qwen2.cli
+    pool (qwen2/kernels/csrc/threadpool.cpp). Only for the command line (`qwen2 serve` / `python -m qwen2.cli
     serve`), never when run() is called in-process."""
     if "OMP_WAIT_POLICY" in os.environ or sys.argv[1:2] != ["serve"]:
         return
-    if os.path.basename(sys.argv[0]) not in ("qwen2", "cli.py", "__main__.py"):
+    if os.path.basename(sys.argv[0]) not in ("qwen2", "__main__.py"):
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     sys.stdout.flush(), sys.stderr.flush()
