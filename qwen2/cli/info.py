@@ -74,7 +74,7 @@ def describe(path: Path, dtype_arg="auto", device="cpu") -> dict:
     n_params = model.num_parameters()
     embed = config.vocab_size * config.hidden_size
     size = torch.finfo(dt).bits // 8
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
+    kv_per_token = config.kv_bytes_per_token(dt)
     ctx = config.max_position_embeddings
     arch = "Qwen2MoeForCausalLM" if config.is_moe else "Qwen2ForCausalLM"
     info = {

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2 import kernels
+from qwen2.engine.fast import replace_modules
 from qwen2.kernels.memory import hugepage_weights, trim
 from qwen2.quant.linear import PackedLinear, QuantLinear, gemv_input
 
@@ -46,6 +47,13 @@ _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8,
 class GemvLinear(nn.Linear):
     """nn.Linear whose one-row product, when traced, streams the weight once: the qwen2 bf16 GEMV
     kernel for bf16 weights, else multiply-and-sum (see module doc)."""
+
+    @classmethod
+    def of(cls, lin: nn.Linear) -> "GemvLinear":
+        """The same weight and bias (no copy) behind this forward."""
+        g = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        g.weight, g.bias = lin.weight, lin.bias
+        return g
 
     def forward(self, x):
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
@@ -76,7 +84,13 @@ class _PagedStepCache:
         pk, pv = self.pk[layer], self.pv[layer]
         pk.index_copy_(0, self.write, k[:, :, 0])
         pv.index_copy_(0, self.write, v[:, :, 0])
-        return pk[self.keys].transpose(1, 2), pv[self.keys].transpose(1, 2)   # [n, KV, S, D]
+        # Gathered once into a buffer of their own: read through the slot index inside the
+        # attention loop, the keys would be re-gathered for every query head of the group.
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
+        k, v = pk[self.keys], pv[self.keys]                                     # [n, S, KV, D]
+        k = torch.ops.prims.inductor_force_stride_order(k, k.stride())
+        v = torch.ops.prims.inductor_force_stride_order(v, v.stride())
+        return k.transpose(1, 2), v.transpose(1, 2)                             # [n, KV, S, D]
 
 
 def _paged_step(model, ids, pos, write_slots, key_slots, kpos, pk, pv):
@@ -176,12 +190,7 @@ def compile_decode(model, hugepages: bool = True):
         return model
     if model.dtype == torch.bfloat16 or any(isinstance(m, QuantLinear) for m in model.modules()):
         kernels.available()  # build/load the CPU kernels now, not while tracing
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.Linear:
-                g = GemvLinear.__new__(GemvLinear)
-                g.__dict__.update(child.__dict__)  # same parameters, same names: no copy
-                setattr(mod, name, g)
+    replace_modules(model, nn.Linear, GemvLinear.of)
     if hugepages:
         hugepage_weights(model)  # also trims the heap
     else:

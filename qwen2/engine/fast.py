@@ -70,18 +70,35 @@ class F32Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, from the packed lm_head"
 
 
+def replace_modules(model: nn.Module, kind: type, make) -> None:
+    """Put make(module) in place of every module of exactly type `kind` (a speed pass: the new
+    module shares the old one's parameters)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is kind:
+                setattr(parent, name, make(child))
+
+
 class F32MLP(MLP):
     """The model's MLP with silu(gate) * up in one pass over the fused gate/up output
     (`torch.ops.qwen2.silu_mul`) instead of a strided chunk, silu and multiply."""
 
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)  # the same projections, not new ones
+        self.gate_up_proj, self.down_proj, self.splits = mlp.gate_up_proj, mlp.down_proj, mlp.splits
+
     def forward(self, x):
-        if self.gate_up_proj is not None and x.dtype == torch.float32:
+        if x.dtype == torch.float32:
             return self.down_proj(torch.ops.qwen2.silu_mul(self.gate_up_proj(x)))
         return super().forward(x)
 
 
 class F32RMSNorm(RMSNorm):
     """The model's RMSNorm in one pass (`torch.ops.qwen2.rms_norm`) for float32."""
+
+    def __init__(self, norm: RMSNorm):
+        nn.Module.__init__(self)
+        self.weight, self.eps = norm.weight, norm.eps
 
     def forward(self, x):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -169,8 +186,5 @@ def _use_f32_kernels(model, huge_pages: bool = True):
     if tied:
         # The embedding reads the packed lm_head: the vocabulary matrix is held once.
         model.model.embed_tokens = F32Embedding(model.lm_head.packed, emb.num_embeddings)
-    for mod in model.modules():  # same modules and parameters, one-pass forwards
-        if type(mod) is MLP:
-            mod.__class__ = F32MLP
-        elif type(mod) is RMSNorm:
-            mod.__class__ = F32RMSNorm
+    replace_modules(model, MLP, F32MLP)  # same parameters, one-pass forwards
+    replace_modules(model, RMSNorm, F32RMSNorm)

@@ -62,8 +62,7 @@ class KVPool:
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype) -> int:
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+        return config.kv_bytes_per_token(dtype) * block_size
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -10,7 +10,8 @@ drives the model (the CLI, `qwen2.load` and the server all call it; "auto" is th
   C++ and qwen2's GEMV kernels, weights in huge pages). Compiling costs 30-60 s on the first run on
   2 cores; Inductor keeps what it built in its on-disk cache, so later runs start in seconds.
 * models the step cannot trace (MoE, long-context attention variants) or no C++ compiler: eager,
-  with oneDNN matmuls for bfloat16 where the CPU has AVX-512.
+  with oneDNN matmuls for bfloat16 where the CPU has AVX-512, and PyTorch's packed int4 matmuls
+  for quantized weights when qwen2's kernels could not be built.
 
 `mode="eager"` turns every pass off (`--eager` on the command line); "compiled" asks for the
 compiled step whatever the dtype.
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from qwen2 import kernels
 from qwen2.engine.compiled import can_compile, compile_decode
 from qwen2.engine.fast import f32_supported, prepare_for_serving
 from qwen2.errors import Qwen2Error
+from qwen2.quant.linear import OneDNNLinear, QuantLinear, pack_linears
 
 MODES = ("auto", "compiled", "eager")
 
@@ -41,7 +44,9 @@ def prepare(model, mode: str = "auto") -> str:
         if model.decode_step is not None:
             return "compiled"
     prepare_for_serving(model)
-    return "onednn" if any(type(m).__name__ == "OneDNNLinear" for m in model.modules()) else "eager"
+    if not kernels.available() and any(isinstance(m, QuantLinear) for m in model.modules()):
+        pack_linears(model)  # no qwen2 kernels: PyTorch's own packed int4 / int8 matmuls
+    return "onednn" if any(isinstance(m, OneDNNLinear) for m in model.modules()) else "eager"
 
 
 @torch.inference_mode()  # parameters are trainable; an engine step never records autograd history

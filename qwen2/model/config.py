@@ -79,6 +79,13 @@ class ModelConfig:
         if (self.use_dynamic_ntk or self.use_logn_attn) and not self.seq_length:
             raise CheckpointError("config: use_dynamic_ntk / use_logn_attn need seq_length")
 
+    def kv_bytes_per_token(self, dtype) -> int:
+        """Bytes of keys and values one token takes in a KV cache (all layers): the one formula
+        every cache size (static, paged, `qwen2 info`, needle) comes from."""
+        import torch
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0

@@ -213,5 +213,4 @@ def prefill(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor 
 
 def kv_cache_bytes(config, tokens: int, dtype: torch.dtype = torch.bfloat16, batch_size: int = 1) -> int:
     """Bytes of a static KV cache holding `tokens` positions (keys + values, all layers)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * batch_size * config.num_key_value_heads * tokens * config.head_dim * elem
+    return config.kv_bytes_per_token(dtype) * tokens * batch_size
