@@ -160,3 +160,25 @@ def test_attention_variant_is_a_declared_choice(tiny):
     assert type(attn) is Attention and isinstance(attn.attn_fn, LognAttention) and attn.qkv_proj is qkv
     torch.testing.assert_close(out[:, :8], plain[:, :8], atol=1e-6, rtol=1e-6)  # 1-based positions <= 8
     assert (out[:, 8:] - plain[:, 8:]).abs().max() > 1e-3
+
+
+def test_dca_generates_through_the_engine(tiny):
+    """A dual-chunk-attention model on the one engine (one sequence per step, chunked prefill):
+    every greedy token equals a plain static-cache loop over the model's own forward, across
+    chunk boundaries; several prompts run one after another."""
+    from qwen2.engine.generate import generate
+    from qwen2.engine.sampling import SamplingParams
+    model = enable_dual_chunk_attention(load_model(tiny, dtype="float32"), chunk_size=16, local_size=4)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (37, 5)]
+
+    def reference(ids, n):
+        cache = model.new_cache(1, len(ids) + n)
+        out, nxt = [], prefill(model, torch.tensor([ids]), cache, chunk_size=7)[:, -1].argmax(-1)
+        for _ in range(n):
+            out.append(int(nxt))
+            nxt = model(nxt[:, None], cache=cache, logits_to_keep=1)[:, -1].argmax(-1)
+        return out
+
+    got = generate(model, prompts, SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+    assert [c.token_ids for c in got] == [reference(p, 20) for p in prompts]

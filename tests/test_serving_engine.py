@@ -118,13 +118,24 @@ def test_prepared_model_engine_equals_plain_greedy(tmp_path_factory):
     assert [tokens(outs, str(i)) for i in range(6)] == refs
 
 
-def test_engine_rejects_dual_chunk_attention(tmp_path_factory):
-    from qwen2.errors import Qwen2Error
+def test_engine_serves_dual_chunk_attention_one_at_a_time(tmp_path_factory):
+    """DCA layers read positions across the whole row, so the engine gives them one sequence per
+    step: requests sent together queue, each gets exactly its own greedy tokens (those of the
+    static-cache reference, tests/test_longctx.py), and every block comes back."""
+    from qwen2.engine.generate import generate
     from qwen2.model.longctx import enable_dual_chunk_attention
     _, path = make_hf_checkpoint(tmp_path_factory.mktemp("dca"), TINY, seed=1)
-    m = enable_dual_chunk_attention(qwen2.load_model(path, dtype="float32"), chunk_size=64, local_size=8)
-    with pytest.raises(Qwen2Error, match="DualChunkAttention"):
-        Engine(m, max_model_len=64, block_size=4)
+    m = enable_dual_chunk_attention(qwen2.load_model(path, dtype="float32"), chunk_size=16, local_size=4)
+    engine = Engine(m, max_batch=8, max_model_len=64, block_size=4, max_batched_tokens=8)
+    assert engine.max_batch == 1
+    ps = prompts(3, seed=4)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    outs = run_engine(engine, [(p, params) for p in ps])
+    engine.run_until_done()
+    want = [generate(m, [p], params)[0].token_ids for p in ps]
+    assert [tokens(outs, str(i)) for i in range(3)] == want
+    assert engine.pool.allocator.num_free == engine.pool.num_blocks
+
 
 def run_engine(engine, reqs):
     outs = {}

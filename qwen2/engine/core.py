@@ -31,9 +31,8 @@ from qwen2.errors import Qwen2Error
 from qwen2.engine.request import Row, TokenLogprob
 from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, sample
 from qwen2.engine.stats import Histogram
-from qwen2.model.rope import Rotary
 from qwen2.engine import runner
-from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, unsupported
+from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, one_sequence_per_step
 
 log = logging.getLogger("qwen2.serving")
 
@@ -131,13 +130,10 @@ class Engine:
                     f"fewer than --max-model-len {max_model_len}; raise the first or lower the second")
             self.max_model_len = num_blocks * block_size
         self.pool = KVPool(cfg, num_blocks, block_size, model.dtype, model.device)
-        why = unsupported(model)
-        if why:
-            raise Qwen2Error(f"the engine cannot run this model: {why}")
-        # A rotary that depends on each sequence's prompt length (first-generation Qwen's dynamic
-        # NTK) is told that length per step, so such a model runs one sequence per step.
-        self._per_sequence_rotary = type(model.rotary).begin_prompt is not Rotary.begin_prompt
-        if self._per_sequence_rotary:
+        # Long-context variants that need their sequence alone (paged.one_sequence_per_step) run
+        # one request at a time; the rotary is told its prompt length each step.
+        self._single = one_sequence_per_step(model)
+        if self._single:
             self.max_batch = 1
 
         self.waiting: deque[Request] = deque()
@@ -243,9 +239,8 @@ class Engine:
         if not plan:
             return False
         t0 = time.perf_counter()
-        packed = PackedStep(self.pool, [s for _, s in plan], self.model.device)
-        logits = runner.forward(self.model, packed, self.pool,
-                                len(plan[0][0].prompt_ids) if self._per_sequence_rotary else None)
+        packed = PackedStep(self.pool, [s for _, s in plan], self.model.device, single=self._single)
+        logits = runner.forward(self.model, packed, self.pool, len(plan[0][0].prompt_ids) if self._single else None)
         sampling = []
         for req, s in plan:
             req.num_computed += len(s.token_ids)

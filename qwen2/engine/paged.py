@@ -1,4 +1,4 @@
-"""Paged KV cache for the serving engine.
+"""Paged KV cache for the engine.
 
 Keys and values live in one pool per layer, cut into fixed-size blocks; each sequence owns a
 block table (list of block ids), so memory is taken block by block as a sequence grows and is
@@ -7,9 +7,10 @@ cache protocol of docs/ARCHITECTURE.md: all tokens of all scheduled sequences ar
 row ([1, N]); `update` writes this step's keys and values into their slots and hands the pool
 itself on (no copy), and the attention wrapper gathers from it what each sequence needs.
 
-Packing breaks the model's position-only masking (two sequences share the row), so the engine
-swaps each layer's attention kernel for `PackedAttention`, which runs the original kernel per
-sequence (prefills) and once for all decoding sequences. For float32 with qwen2's kernels built,
+Packing breaks the model's position-only masking (two sequences share the row), so the step
+attends itself (`attends`, `attend`): each layer's own kernel runs per sequence (prefills) and
+once for all decoding sequences. Layers with an attention of their own (dual chunk attention)
+get single-sequence steps instead: the step hands them their sequence's keys in position order. For float32 with qwen2's kernels built,
 decode attention reads each row's keys and values in place from their pool slots
 (`torch.ops.qwen2.paged_attention`); otherwise their keys are gathered from the pool straight into
 a padded [n, kv_heads, S, head_dim] batch, one gather per layer, and with the plain SDPA kernel
@@ -115,7 +116,7 @@ class PackedStep:
     one logits row per sampling sequence. A step of decodes only is just their tokens in order.
     """
 
-    def __init__(self, pool: KVPool, slices: list[SeqSlice], device=None):
+    def __init__(self, pool: KVPool, slices: list[SeqSlice], device=None, single: bool = False):
         self.pool = pool
         bs = pool.block_size
         body_ids, body_pos, body_slots, tail_ids, tail_pos, tail_slots = [], [], [], [], [], []
@@ -171,13 +172,24 @@ class PackedStep:
                 q_pos=(lens_t - 1)[:, None].to(device),
                 k_pos=torch.where(valid, ar[None], -1).to(device), padded=padded, lens=lens_t.to(device))
         self._masks: dict = {}
+        # Single-sequence mode, for layers with an attention of their own (dual chunk attention):
+        # the step is then a plain cache to the model, handing each layer this sequence's keys
+        # in position order, and the model's own masking applies.
+        self.single = single
+        if single:
+            if len(slices) != 1:
+                raise ValueError("a single-sequence step takes one sequence")
+            end = slices[0].start + len(slices[0].token_ids)
+            self.attends = False
+            self._key_slots = pool.slots(slices[0].block_table, 0, end).to(device)
+            self._key_pos = torch.arange(end, device=device)[None]
 
     # -- the cache protocol -------------------------------------------------------------------
     def begin(self, positions: torch.Tensor) -> torch.Tensor:
         """The model's own masks are not used in a packed step (`attend` builds its own);
         returning the query positions as key positions keeps the model on its no-mask path."""
         assert positions.shape == self.position_ids.shape, "PackedStep drives its own positions"
-        return self.position_ids
+        return self._key_pos if self.single else self.position_ids
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's keys/values ([1, n_kv, N, head_dim]) into their slots; returns the
@@ -185,6 +197,9 @@ class PackedStep:
         pk, pv = self.pool.k[layer], self.pool.v[layer]
         pk.index_copy_(0, self.new_slots, k[0].transpose(0, 1))
         pv.index_copy_(0, self.new_slots, v[0].transpose(0, 1))
+        if self.single:
+            s = self._key_slots.shape[0]
+            return _gather(pk, self._key_slots, 1, s), _gather(pv, self._key_slots, 1, s)
         return pk, pv
 
     attends = True  # the model hands each layer's attention to `attend` (one row, many sequences)
@@ -267,12 +282,11 @@ def _paged_kernel(q: torch.Tensor, pool: torch.Tensor) -> bool:
     return kernels.available()
 
 
-def unsupported(model) -> str | None:
-    """Why packed steps cannot drive this model (None: they can)."""
-    from qwen2.model.decoder import Attention
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        if type(attn).forward is not Attention.forward:
-            # e.g. dual chunk attention: its own kernel reads positions across the packed row.
-            return f"{type(attn).__name__} layers"
-    return None
+def one_sequence_per_step(model) -> bool:
+    """Whether this model's steps must hold one sequence each: layers with an attention of their
+    own (dual chunk attention reads positions across the whole row), or a rotary that depends on
+    each sequence's prompt length (first-generation Qwen's dynamic NTK)."""
+    from qwen2.model.attention import Attention
+    from qwen2.model.rope import Rotary
+    return (any(type(layer.self_attn).forward is not Attention.forward for layer in model.model.layers)
+            or type(model.rotary).begin_prompt is not Rotary.begin_prompt)
