@@ -50,7 +50,6 @@ class LLM:
         self.defaults = defaults or SamplingParams(temperature=0)
         ids = eos_token_ids if eos_token_ids is not None else tokenizer.stop_token_ids
         self.eos_token_ids = list(dict.fromkeys(int(i) for i in ids))
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.source = source
         self.mode = mode  # the speed path the model was prepared with (qwen2.engine.runner.prepare)
 
@@ -71,7 +70,7 @@ class LLM:
         raise Qwen2Error(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
 
     def _deltas(self, ids: list[list[int]], params, eos=None) -> Iterator[Delta]:
-        return stream_generate(self.model, ids, params, self.tokenizer, eos or self.eos_token_ids, self.pad_token_id)
+        return stream_generate(self.model, ids, params, self.tokenizer, eos or self.eos_token_ids)
 
     @property
     def chat_stop_ids(self) -> list[int]:
@@ -91,8 +90,7 @@ class LLM:
         if not batch:
             return []
         params = self.params(sampling_params, **overrides)
-        out = generate(self.model, [self._ids(p) for p in batch], params, self.tokenizer, self.eos_token_ids,
-                       self.pad_token_id)
+        out = generate(self.model, [self._ids(p) for p in batch], params, self.tokenizer, self.eos_token_ids)
         return out[0] if single else out
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None, **overrides) -> TextStream:
@@ -124,7 +122,7 @@ class LLM:
         params = self.params(sampling_params, **overrides)
         if stream:
             return TextStream(self._deltas([ids], params, self.chat_stop_ids))
-        return generate(self.model, [ids], params, self.tokenizer, self.chat_stop_ids, self.pad_token_id)[0]
+        return generate(self.model, [ids], params, self.tokenizer, self.chat_stop_ids)[0]
 
     def _first_generation_ids(self, tokenizer, query, history, system) -> list[int]:
         tok = tokenizer or self.tokenizer
@@ -141,7 +139,7 @@ class LLM:
     def _chat_first_generation(self, tokenizer, query, history, system, sampling_params, **overrides):
         ids = self._first_generation_ids(tokenizer, query, history, system)
         reply = generate(self.model, [ids], self.params(sampling_params, **overrides), self.tokenizer,
-                         self.chat_stop_ids, self.pad_token_id)[0].text
+                         self.chat_stop_ids)[0].text
         history = copy.deepcopy(list(history or []))
         history.append((query, reply))
         return reply, history

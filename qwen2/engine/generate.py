@@ -25,9 +25,10 @@ from qwen2.errors import Qwen2Error
 
 @torch.inference_mode()
 def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                    tokenizer=None, eos_ids: Sequence[int] = (), pad_id: int = 0) -> Iterator[Delta]:
+                    tokenizer=None, eos_ids: Sequence[int] = (), chunk_size: int | None = None) -> Iterator[Delta]:
     """Generate for a batch of token-id prompts; yields a Delta per live row per step.
-    (pad_id is accepted for compatibility: packed steps need no padding.)"""
+    chunk_size: prompt tokens per step (bounds prefill memory for long prompts; default: the
+    longest prompt, at least 1024)."""
     prompts = check_prompts(model, prompts)
     b = len(prompts)
     params = [params] * b if isinstance(params, SamplingParams) else list(params)
@@ -44,7 +45,8 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     per_block = KVPool.bytes_per_block(model.config, block, model.dtype)
     try:
         engine = Engine(model, tokenizer, eos_token_ids=eos_ids, max_batch=b, block_size=block,
-                        kv_cache_memory=blocks * per_block, max_batched_tokens=max(1024, max(lens)))
+                        kv_cache_memory=blocks * per_block,
+                        max_batched_tokens=chunk_size or max(1024, max(lens)))
     except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
         if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
@@ -81,10 +83,10 @@ def _timings(t0: float, req, batch: int, batch_prompt_tokens: int) -> dict:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-             tokenizer=None, eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[Completion]:
+             tokenizer=None, eos_ids: Sequence[int] = (), chunk_size: int | None = None) -> list[Completion]:
     """All completions, in prompt order."""
     out: list[Completion | None] = [None] * len(prompts)
-    for d in stream_generate(model, prompts, params, tokenizer, eos_ids, pad_id):
+    for d in stream_generate(model, prompts, params, tokenizer, eos_ids, chunk_size):
         if d.completion is not None:
             out[d.index] = d.completion
     return out

@@ -3,8 +3,8 @@ it, and score exact recall; one case per (prompt length, depth), shown as a tabl
 
 Prompt lengths are exact token counts of the whole prompt (chat template included). The needle
 goes in at a sentence boundary of the filler, the last one at or before `depth` of the filler's
-tokens. Long prompts are prefilled in chunks, so memory stays at the KV cache plus one chunk's
-attention (never a T x T matrix).
+tokens. Long prompts are prefilled in chunks by the engine, so memory stays at the KV cache plus
+one chunk's attention (never a T x T matrix).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from qwen2.errors import Qwen2Error
-from qwen2.model.longctx import prefill
+from qwen2.engine.generate import generate
+from qwen2.engine.sampling import SamplingParams
 
 NEEDLE = "The special magic number is {answer}."
 QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
@@ -124,19 +124,11 @@ def build_prompt(tokenizer, length: int, depth: float, answer: str, chat: bool =
     return NeedlePrompt(ids, len(head) + at, len(needle), budget, at / budget if budget else 0.0)
 
 
-@torch.inference_mode()
 def greedy(model, ids: list[int], max_new_tokens: int, stop_ids, chunk_size: int = 4096) -> list[int]:
-    """Greedy continuation of one prompt, prefilled in chunks through a static cache."""
-    cache = model.new_cache(1, len(ids) + max_new_tokens)
-    logits = prefill(model, torch.tensor([ids], device=model.device), cache, chunk_size=chunk_size)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(logits[0, -1].argmax())
-        if nxt in stop_ids:
-            break
-        out.append(nxt)
-        logits = model(torch.tensor([[nxt]], device=model.device), cache=cache, logits_to_keep=1)
-    return out
+    """Greedy continuation of one prompt on the engine, prefilled chunk_size tokens a step."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=sorted(stop_ids))
+    out = generate(model, [ids], params, chunk_size=chunk_size)[0].token_ids
+    return [t for t in out if t not in stop_ids]
 
 
 def auto_chunk(length: int) -> int:
