@@ -4,7 +4,7 @@
     llm.generate("The capital of France is", max_new_tokens=8).text
     for piece in llm.stream("Once upon a time"): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi!"}]).text        # OpenAI-style messages
-    response, history = llm.chat(None, "你好", history=None)   # Qwen-1.8B-Chat style (seed 004)
+    response, history = llm.chat(None, "你好", history=None)   # Qwen-1.8B-Chat's model-card style
 
 Sampling defaults come from the checkpoint's generation_config.json (greedy when there is none,
 as in transformers); every SamplingParams field can be overridden per call by keyword.
@@ -106,7 +106,7 @@ class LLM:
           by the checkpoint's chat template -> Completion (the reply is `.text`); with
           `stream=True`, a TextStream of deltas.
         - `response, history = llm.chat(tokenizer_or_None, query, history=None, system=...)`, as
-          Qwen-1.8B-Chat's `model.chat` (seed 004): history is a list of (query, response) pairs.
+          Qwen-1.8B-Chat's `model.chat`: history is a list of (query, response) pairs.
         """
         if isinstance(query, str) and (messages is None or hasattr(messages, "encode")):
             return self._chat_first_generation(messages, query, history, system, sampling_params, **overrides)

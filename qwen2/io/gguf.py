@@ -252,8 +252,7 @@ def _tensors(reader, f: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.T
 
 def auto_dtype(config: ModelConfig, device) -> torch.dtype:
     """GGUF weights are quantized, so the compute dtype is ours to choose. On CPU float32: x86
-    CPUs without AVX512-BF16 run bf16 matmuls several times slower than fp32 (SPEC section 8:
-    prefill 21 vs 119 tok/s), and fp32 holds the dequantized values exactly. bfloat16 on
+    CPUs without AVX512-BF16 run bf16 matmuls several times slower than fp32, and fp32 holds the dequantized values exactly. bfloat16 on
     accelerators, and on CPU when the fp32 weights would take more than half the RAM."""
     if torch.device(device).type != "cpu":
         return torch.bfloat16

@@ -1,6 +1,6 @@
 """Model configuration: one dataclass, read from a checkpoint's config.json, plus named presets.
 
-The values always come from the checkpoint (SPEC.md: the checkpoint wins); the presets only exist
+The values always come from the checkpoint (the checkpoint wins over any default); the presets only exist
 so that tests and benchmarks can build random-weight models of the released sizes.
 """
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _qwen2(vocab, hidden, layers, heads, kv, inter, tied, **kw) -> dict:
     )
 
 
-# The released sizes (SPEC.md section 1), as config.json dicts.
+# The released sizes, as their config.json dicts.
 PRESETS: dict[str, dict] = {
     "Qwen2-0.5B": _qwen2(151936, 896, 24, 14, 2, 4864, True),
     "Qwen2-1.5B": _qwen2(151936, 1536, 28, 12, 2, 8960, True),

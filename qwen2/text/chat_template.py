@@ -10,7 +10,7 @@ from functools import lru_cache
 from qwen2.errors import Qwen2Error
 from qwen2.text.tokenizer import IM_END, IM_START
 
-# Qwen2-*-Instruct's tokenizer_config.json chat_template (SPEC.md section 3).
+# Qwen2-*-Instruct's tokenizer_config.json chat_template.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"

@@ -553,7 +553,7 @@ def load_tokenizer_dir(d: Path) -> Tokenizer:
             specials = dict(bos_token=None, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT)
         return Tokenizer.from_vocab_merges(vocab, merges, added, normalize_nfc=True, **specials, **kw)
     if (d / "qwen.tiktoken").is_file():
-        # the first-generation checkpoints say nothing about eos in tokenizer_config; SPEC defaults
+        # the first-generation checkpoints say nothing about eos in tokenizer_config: <|endoftext|>
         return Tokenizer.from_tiktoken(d / "qwen.tiktoken", **kw)
     raise Qwen2Error(f"{d}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt, "
                      "qwen.tiktoken or a .gguf file)")
