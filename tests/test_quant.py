@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 import qwen2
 from qwen2.cli import main as cli
-from qwen2.quant.linear import QuantLinear, dequantize, kernels_ready, pack_linears, quantize_model, quantize_tensor, stored_scales
+from qwen2 import kernels
+from qwen2.quant.linear import QuantLinear, dequantize, pack_linears, quantize_model, quantize_tensor, stored_scales
 from qwen2.io.gptq import from_gptq, to_gptq
 
 
@@ -99,7 +100,7 @@ def test_quant_linear_matches_dequantized(bits, group, sym, dtype, rows):
             "gemv": torch.stack([ql._gemv(r[None]) for r in xd]) + ql.bias.float()}
     if ql.pack():  # int4 only (int8's eager kernel reads the plain layout)
         outs["packed"] = ql(xd).float()
-    if rows == 1 and kernels_ready():
+    if rows == 1 and kernels.available():
         # one row goes through qwen2.kernels, which quantizes x to int8 in blocks of 32: allow
         # its bound, sum over blocks of amax/254 * sum |w|, plus the output's dtype rounding
         w = dequantize(q, s.to(dtype).float(), bits, z)
@@ -133,7 +134,7 @@ def test_int4_negative_scales(group, asym, dtype):
         ref = x.float() @ w.T + bias.to(dtype).float()
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         outs = {"plain": ql(x).float(), "gemv": torch.stack([ql._gemv(r[None]) for r in x]) + ql.bias.float()}
-        if rows == 1 and kernels_ready():  # the kernel's int8 activations: its derived bound
+        if rows == 1 and kernels.available():  # the kernel's int8 activations: its derived bound
             xb = x.float().view(-1, 32)
             bound = (xb.abs().amax(-1, keepdim=True) / 254 * w.abs().view(48, -1, 32).sum(-1).T).sum(0)
             bound = bound + ref.abs()[0] * (2 ** -8 if dtype == torch.bfloat16 else 1e-5) + 1e-6

@@ -12,7 +12,7 @@ import test_tokenizer_refs as R
 from qwen2.errors import Qwen2Error
 from qwen2.io.load import load_tokenizer
 from qwen2.text.tokenizer import (QWEN_PATTERN, TIKTOKEN_SAFE_MERGES, Tokenizer, load_tiktoken_ranks,
-                             merges_fingerprint, tiktoken_merges, token_str)
+                             merges_fingerprint, tiktoken_merges)
 
 CORPUS = list(R.LANGUAGES.values()) + R.TRAPS
 HF_FORMS = ["tokenizer.json", "vocab+merges"]

@@ -62,8 +62,6 @@ def build_server(args):
     llm = qwen2.load(path, dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto")
     if llm.mode == "compiled":
         # Trace the decode step for one row and for several before the first client waits on it.
-        print("qwen2 serve: compiling the decode step (30-60 s the first time on this machine, then "
-              "cached by Inductor)", file=sys.stderr, flush=True)
         for batch in ([[0, 1], [2, 3]], [[0, 1]]):
             llm.generate(batch, max_new_tokens=3, temperature=0, ignore_eos=True)
     # Sampling defaults as vLLM: the checkpoint's generation_config.json, else OpenAI's.

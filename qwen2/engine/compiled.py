@@ -134,6 +134,10 @@ class CompiledDecode:
             torch._dynamo.maybe_mark_dynamic(t, 1)
         for t in pool.k + pool.v:  # pools are sized per engine: one graph for any size
             torch._dynamo.maybe_mark_dynamic(t, 0)
+        if not self.calls:
+            # Users should know why the first reply waits.
+            print("qwen2: compiling the decode step (up to a minute the first time on this machine; "
+                  "cached afterwards; --eager skips it)", file=sys.stderr, flush=True)
         try:
             logits = self._paged_fn(self.model, ids, pos, step.new_slots, key_slots, kpos, pool.k, pool.v)
         except Exception as e:  # noqa: BLE001 - only the first call: compiling failed, not the model

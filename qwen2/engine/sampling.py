@@ -134,13 +134,6 @@ def read_generation_config(path_or_dict=None) -> dict:
     return d
 
 
-def eos_ids_from_generation_config(path_or_dict=None) -> list[int]:
-    eos = read_generation_config(path_or_dict).get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-
-
 # --------------------------------------------------------------------------- per-step pipeline
 def _id_matrix(rows: list[list[int]], fill: int, device) -> torch.Tensor:
     """Ragged id lists -> [B, L] LongTensor padded with `fill`."""

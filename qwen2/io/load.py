@@ -21,10 +21,6 @@ if TYPE_CHECKING:
     from qwen2.text.tokenizer import Tokenizer
 
 
-def is_hf_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").exists()
-
-
 def load_hf(ckpt: Path, dtype="auto", device="cpu") -> Qwen2:
     """A Hugging Face safetensors checkpoint directory, float or GPTQ (quantization_config)."""
     config = ModelConfig.from_file(ckpt / "config.json")

@@ -62,7 +62,6 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.cpp"))  # compiled and linked into one library
 HEADERS = sorted(CSRC.glob("*.h"))
-NAMESPACE = "qwen2"
 # test/benchmark variants of the same source: namespace -> -march (None: the native build)
 VARIANTS = {"native": ("qwen2", "native"), "avx2": ("qwen2_avx2", "x86-64-v3"), "scalar": ("qwen2_scalar", "x86-64")}
 

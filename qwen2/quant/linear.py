@@ -41,7 +41,6 @@ from qwen2.kernels.memory import trim
 INT4_GROUPS = (32, 64, 128, 256)
 # Above this many rows (prefill), an int8 matmul is faster as dequantize + bf16 GEMM.
 _DEQUANT_ROWS = 32
-kernels_ready = kernels.available  # the one "are the kernels built?" answer, under its old name here
 
 
 def grid(wg: torch.Tensor, bits: int, sym: bool = True, full_range: bool = False):
