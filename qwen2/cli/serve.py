@@ -80,10 +80,9 @@ def _reexec_with_passive_omp():
     OMP_WAIT_POLICY=PASSIVE unless the user set a policy (it is read when torch loads, so it
     cannot be changed in-process). The default active policy makes a worker thread spin at every
     barrier; on a machine whose cores are shared with other busy processes (or with the HTTP
-    thread) a spinning thread holds a core that the thread it waits for needs, and a 16-request
-    decode step measured 2-8x slower (one request: ~1 s instead of ~0.15 s). The passive policy's
-    cost (waking the sleeping threads at every parallel region, ~0.2 ms each here) no longer
-    falls on the float32 matmuls and attention: qwen2's serving kernels run on their own thread
+    thread) a spinning thread holds a core that the thread it waits for needs, and decode steps
+    slow down several times over (docs/serving.md). The passive policy's cost (waking the sleeping
+    threads at every parallel region) no longer falls on the float32 matmuls and attention: qwen2's serving kernels run on their own thread
     pool (qwen2/kernels/csrc/threadpool.cpp). Only for the command line (`qwen2 serve` / `python -m qwen2.cli
     serve`), never when run() is called in-process."""
     if "OMP_WAIT_POLICY" in os.environ or sys.argv[1:2] != ["serve"]:

@@ -17,7 +17,7 @@ on AMD processors). Two replacements, chosen per dtype:
   (`F32RMSNorm`, `F32MLP`), and the engine's decode attention and greedy argmax use qwen2's
   kernels too (engine/paged.py, engine.py).
 * bfloat16 (and float32 where the kernels cannot be built): `OneDNNLinear` (qwen2.quant.linear),
-  oneDNN's inner product with the weight reordered once (2-4x faster than MKL at 16 rows here).
+  oneDNN's inner product with the weight reordered once (faster than MKL at small row counts).
 
 Same math as `F.linear`, different summation order: results agree to float rounding (the same
 latitude a batched MKL matmul already has against a one-row one).

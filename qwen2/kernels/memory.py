@@ -2,9 +2,9 @@
 (hugepage_mapping, the one mapping every huge-page user takes; hugepage_weights).
 
 Loading, quantizing or fusing replaces big weights with new ones. Tensors of a few MB come from
-glibc's heap (its mmap threshold rises to 32 MB after the first large free), and the freed
-pages stay in the process until malloc_trim returns them: without it, quantizing Qwen2-0.5B
-leaves ~1.3 GB of dead pages in the RSS (2.37 GB -> 1.08 GB after the trim)."""
+glibc's heap (its mmap threshold rises after the first large free), and the freed pages stay
+in the process until malloc_trim returns them: without it, quantizing a model leaves the dead
+float weights in the RSS."""
 from __future__ import annotations
 
 import ctypes

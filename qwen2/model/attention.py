@@ -33,7 +33,7 @@ def sdpa_attention(q, k, v, mask, is_causal: bool, q_pos=None, k_pos=None):
     b, h, t, d = q.shape
     if t == 1 and torch.compiler.is_compiling():
         # Traced decode step: spelled out, so Inductor fuses scores, softmax and the weighted sum
-        # into the layer's generated code (the sdpa kernel costs ~50 us a call at this size).
+        # into the layer's generated code (an sdpa call per layer costs more than the math here).
         kv, n = k.shape[1], k.shape[2]
         # q held in memory: otherwise its rotary is recomputed for every key in the product below
         from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
