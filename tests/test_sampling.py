@@ -150,3 +150,18 @@ def test_from_generation_config(tmp_path):
     assert SamplingParams.from_generation_config(tmp_path / "nothing").temperature == 0
     with pytest.raises(Qwen2Error):
         SamplingParams.from_generation_config({}, temprature=0.5)
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    """A temperature of 1e-300 (within OpenAI's 0..2) would overflow logits / t to inf and the
+    probabilities to NaN, failing the whole engine step: it samples greedily instead, with or
+    without top-k, in a batch with an ordinary sampled row."""
+    from qwen2.engine.sampling import make_generator, process_logits, sample
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 5
+    params = [SamplingParams(temperature=1e-300), SamplingParams(temperature=1e-300, top_k=1),
+              SamplingParams(temperature=0.7, seed=1)]
+    out = process_logits(logits.clone(), params, [[], [], []], [[1], [1], [1]])
+    assert torch.isfinite(out[:2]).all()
+    toks, _ = sample(out, params, [make_generator(p.seed, "cpu") for p in params])
+    assert toks[:2].tolist() == logits[:2].argmax(-1).tolist()

@@ -97,3 +97,18 @@ def test_histogram_snapshot_is_cumulative():
         h.observe(v)
     bounds, total = h.snapshot()
     assert bounds == [(0.1, 1), (1.0, 3), (float("inf"), 4)] and total == pytest.approx(8.6)
+
+
+def test_openai_ranges_for_temperature_stop_and_seed():
+    """OpenAI's own limits: temperature 0..2, at most 4 stop strings, a seed that fits 64 bits;
+    each refusal names its parameter, and the value just inside is accepted."""
+    err = bad(ChatCompletionRequest, chat(temperature=2.01)).info
+    assert err.param == "temperature"
+    assert bad(ChatCompletionRequest, chat(temperature=1e308)).info.param == "temperature"
+    assert parse_request(chat(temperature=2), ChatCompletionRequest).temperature == 2
+    assert bad(ChatCompletionRequest, chat(stop=["a", "b", "c", "d", "e"])).info.param == "stop"
+    assert parse_request(chat(stop=["a", "b", "c", "d"]), ChatCompletionRequest).stop_strings == ["a", "b", "c", "d"]
+    for seed in (2 ** 70, -(2 ** 63) - 1):
+        err = bad(ChatCompletionRequest, chat(seed=seed)).info
+        assert err.param == "seed" and "overflow" not in err.message.lower()
+    assert parse_request(chat(seed=2 ** 64 - 1), ChatCompletionRequest).seed == 2 ** 64 - 1

@@ -23,6 +23,9 @@ import torch
 from qwen2.errors import Qwen2Error
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
@@ -82,7 +85,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # A temperature this small is greedy in all but name, and dividing by it overflows the
+        # logits to inf (NaN probabilities), as vLLM also treats it.
+        return self.temperature < GREEDY_BELOW
 
     def replace(self, **overrides) -> "SamplingParams":
         """A copy with some fields changed (None values are ignored); unknown names are an error."""
@@ -172,7 +177,7 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], output_id
         logits = (logits - torch.tensor(freq, dtype=logits.dtype, device=dev)[:, None] * counts
                   - torch.tensor(pres, dtype=logits.dtype, device=dev)[:, None] * (counts > 0))
 
-    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    temps = [1.0 if p.greedy else p.temperature for p in params]
     if any(t != 1.0 for t in temps):
         logits = logits / torch.tensor(temps, dtype=logits.dtype, device=dev)[:, None]
 

@@ -18,6 +18,9 @@ MAX_TOP_LOGPROBS = 20            # OpenAI's limit for chat
 MAX_COMPLETION_LOGPROBS = 5      # and for the legacy completions endpoint
 
 
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
 # =========================================================================== requests
 class _In(BaseModel):
     # strict: "10" is not an integer and 1 is not a bool, as in OpenAI's API
@@ -36,11 +39,11 @@ class SamplingRequest(_In):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
+    temperature: Optional[float] = Field(None, ge=0, le=2)  # OpenAI's range
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, max_length=MAX_STOP)
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # what a torch.Generator takes
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
