@@ -69,6 +69,8 @@ OUT_OF_RANGE = [
     ("/v1/completions", completion(logprobs=6), "logprobs"),
     ("/v1/completions", completion(n=0), "n"),
     ("/v1/completions", completion(prompt=[10 ** 9]), "prompt"),
+    ("/v1/completions", completion(prompt=[151700]), "prompt"),   # past the tokenizer, inside the embedding
+    ("/v1/completions", completion(prompt=[1, 151645, 151935]), "prompt"),
     ("/v1/completions", completion(prompt="hi " * MAX_LEN), "prompt"),
 ]
 
@@ -101,6 +103,33 @@ def test_wrong_or_missing_api_key_gets_401(client, headers):
         err = r.json()["error"]
         assert err["code"] == "invalid_api_key" and err["type"] == "authentication_error"
         assert err["message"] == ("missing API key" if not headers else "incorrect API key")
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_bodies_must_be_json(client, content_type):
+    """A web page can POST text/plain (or a form) to a local server without a CORS preflight:
+    such bodies are refused with 415 even when they hold valid JSON; JSON with a charset is fine."""
+    headers = dict(AUTH, **({"Content-Type": content_type} if content_type else {}))
+    for path, body in (("/v1/chat/completions", chat()), ("/v1/completions", completion())):
+        r = client.post(path, content=json.dumps(body), headers=headers)
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+    r = client.post("/v1/chat/completions", content=json.dumps(chat()),
+                    headers=dict(AUTH, **{"Content-Type": "application/json; charset=utf-8"}))
+    assert r.status_code == 200, r.text
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    """`qwen2 serve` takes the key from $QWEN2_API_KEY (out of `ps`), and --api-key still wins."""
+    import argparse
+
+    from qwen2.cli import serve
+    monkeypatch.setenv("QWEN2_API_KEY", "sk-from-env")
+    for argv, want in (([], "sk-from-env"), (["--api-key", "sk-flag"], "sk-flag")):
+        parser = argparse.ArgumentParser()
+        serve.register(parser.add_subparsers())
+        assert parser.parse_args(["serve", *argv]).api_key == want
 
 
 def test_right_api_key_and_open_endpoints(client):

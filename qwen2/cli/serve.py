@@ -21,7 +21,9 @@ def register(subparsers):
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument("--api-key", default=os.environ.get("QWEN2_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $QWEN2_API_KEY; "
+                        "the environment keeps the key out of `ps`)")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model as given)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests in the running batch")
     p.add_argument("--max-model-len", type=int, default=None,

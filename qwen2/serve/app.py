@@ -56,6 +56,16 @@ class _Edge:
             self.state.requests.count(path, status.get("code", 499))   # 499: the client left first
 
 
+async def json_body(request: Request) -> bytes:
+    """The body of a JSON request. Anything else is refused: a web page may send a text/plain POST
+    to a local server without a CORS preflight, and must not be able to drive it."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, not {kind or 'missing'!r}",
+                       code="unsupported_media_type")
+    return await request.body()
+
+
 def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None,
               defaults: SamplingParams | None = None, manage_engine: bool = True) -> FastAPI:
     """The FastAPI app. With manage_engine the app starts the engine thread on startup and shuts
@@ -100,7 +110,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await request.body(), ChatCompletionRequest)
+        req = parse_request(await json_body(request), ChatCompletionRequest)
         inputs.check_model(state, req.model)
         prompt, tools = inputs.chat_prompt(state, req)
         job = Job(engine, "chatcmpl", [prompt], req.n, [inputs.sampling_params(state, req, len(prompt))])
@@ -111,7 +121,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_request(await request.body(), CompletionRequest)
+        req = parse_request(await json_body(request), CompletionRequest)
         inputs.check_model(state, req.model)
         prompts = inputs.completion_prompts(state, req)
         job = Job(engine, "cmpl", prompts, req.n, [inputs.sampling_params(state, req, len(p)) for p in prompts])

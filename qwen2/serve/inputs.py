@@ -94,7 +94,11 @@ def completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[
     items = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
     if not items:
         raise APIError(400, "prompt is empty", param="prompt")
+    # The embedding may be padded past the tokenizer (151,936 rows for 151,646 tokens): ids in
+    # that gap are no tokens at all, and nothing downstream can decode them.
     vocab = state.engine.model.config.vocab_size
+    if hasattr(state.tokenizer, "__len__"):
+        vocab = min(vocab, len(state.tokenizer))
     out = []
     for x in items:
         ids = state.tokenizer.encode(x) if isinstance(x, str) else list(x)
