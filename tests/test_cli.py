@@ -51,6 +51,7 @@ def test_generate_streams_stdin_prompt_and_stops(ckpt, llm):
     (["info", "-m", "{empty}"], "not a Qwen2 checkpoint"),
     (["generate", "-m", "{ckpt}", "--prompt", "x", "--top-p", "2"], "top_p"),
     (["generate", "-m", "{ckpt}", "--prompt", "x", "--dtype", "float16"], "float16 is not supported"),
+    (["bench", "-m", "{ckpt}", "--tokens", "0"], "--tokens must be at least 2"),
 ])
 def test_errors_are_one_line(ckpt, tmp_path, args, message):
     args = [a.format(ckpt=ckpt, empty=tmp_path) for a in args]
@@ -147,3 +148,15 @@ def test_chat_with_the_demo_model_answers_on_topic():
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_bench_with_no_model_measures_the_demo_model():
+    """As every other command: no --model means the demo model (at its own precision: float32
+    from its GGUF), through the default speed path, with a positive decode rate."""
+    from qwen2.io.demo import demo_model_path
+    r = qwen2_cmd("bench", "--tokens", 3, "--prompt", 4, "--prefill", 0, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"] == str(demo_model_path()) and out["dtype"] == "float32"
+    assert out["path"] != "eager" and out["decode_tok_s"] > 0
+

@@ -24,9 +24,12 @@ from qwen2.errors import Qwen2Error
 def register(sub):
     p = sub.add_parser("bench", help="measure load time, prefill/decode tok/s, peak RSS, roofline",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", default=None, help="checkpoint dir, .gguf file or hub id")
+    p.add_argument("--model", "-m", default=None,
+                   help="checkpoint dir, .gguf file or hub id (default: the demo model when installed, "
+                        "else --preset Qwen2-0.5B)")
     p.add_argument("--preset", default=None, help="random weights of a released size, e.g. Qwen2-0.5B")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (compute dtype)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (the checkpoint's; bfloat16 for --preset), bfloat16 or float32 (compute dtype)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights at load (int8/int4)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
     p.add_argument("--mode", default="auto", choices=MODES,
@@ -179,23 +182,27 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from qwen2.io.build import parse_dtype
-    dtype = parse_dtype(args.dtype)
-    if bool(args.model) == bool(args.preset):
-        if not args.model and not args.preset:
-            args.preset = "Qwen2-0.5B"
+    from qwen2.io.demo import demo_model_path
+    if args.model and args.preset:
+        raise Qwen2Error("give --model or --preset, not both")
+    if not args.model and not args.preset:
+        demo = demo_model_path()  # what every other command uses with no --model
+        if demo is not None:
+            args.model = str(demo)
         else:
-            raise Qwen2Error("give --model or --preset, not both")
+            args.preset = "Qwen2-0.5B"
     if args.tokens < 2 or args.prompt < 1 or args.prefill < 0:
         raise Qwen2Error("--tokens must be at least 2, --prompt at least 1 and --prefill at least 0")
     base_rss = current_rss()  # the interpreter + torch, before any weights
     t = time.perf_counter()
     if args.preset:
-        model = random_model(args.preset, dtype)
+        model = random_model(args.preset, parse_dtype(args.dtype))
         source = f"preset {args.preset} (random weights)"
     else:
         from qwen2.io.load import load_model
-        model = load_model(args.model, dtype=dtype)
+        model = load_model(args.model, dtype=args.dtype)
         source = args.model
+    dtype = model.dtype
     path = prepare(model, args.mode, args.bits, args.group_size)
     load_s = time.perf_counter() - t
     r = time_generation(model, args.prompt, args.tokens, args.prefill)
