@@ -173,8 +173,7 @@ def time_generation(model, prompt: int = 32, tokens: int = 128, prefill: int = 5
     res["decode_s"] = t["decode_s"]
     res["decode_tok_s"] = t["decode_tokens_per_s"] or 0.0
     res["peak_rss_gen"] = peak_rss()
-    block = 16
-    res["kv_cache_bytes"] = -(-(prompt + tokens) // block) * KVPool.bytes_per_block(model.config, block, model.dtype)
+    res["kv_cache_bytes"] = KVPool.bytes_for(model.config, [prompt + tokens], model.dtype)
     return res
 
 

@@ -5,7 +5,7 @@ request, either its next decode token or a chunk of its prompt (prefill of newco
 with the decode of the others), runs the model once over the packed row, samples one token for
 every request whose prompt is fully in the cache, and hands each request its new text.
 
-KV memory is a fixed pool of blocks (kv_cache.py). A request is admitted (FIFO) only when the pool
+KV memory is a fixed pool of blocks (paged.py). A request is admitted (FIFO) only when the pool
 can hold its whole prompt; decode grows a request block by block; when the pool runs dry the most
 recently admitted request is preempted (blocks freed, recomputed later from its tokens), so the
 oldest requests always make progress and nothing deadlocks.
@@ -32,9 +32,9 @@ from qwen2.engine.request import Row, TokenLogprob
 from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, sample
 from qwen2.engine.stats import Histogram
 from qwen2.engine import runner
-from qwen2.engine.paged import KVPool, PackedStep, SeqSlice, one_sequence_per_step
+from qwen2.engine.paged import BLOCK_SIZE, KVPool, PackedStep, SeqSlice, one_sequence_per_step
 
-log = logging.getLogger("qwen2.serving")
+log = logging.getLogger("qwen2.engine")
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -103,7 +103,7 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer=None, *, eos_token_ids=(), max_batch: int = 32,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None,
-                 block_size: int = 16, max_batched_tokens: int = 1024, max_waiting: int = 1024):
+                 block_size: int = BLOCK_SIZE, max_batched_tokens: int = 1024, max_waiting: int = 1024):
         self.model = model
         self.tokenizer = tokenizer
         self.n_valid = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None

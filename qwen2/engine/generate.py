@@ -40,18 +40,15 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingPar
         if n >= ctx:
             raise Qwen2Error(f"prompt {i} has {n} tokens; the model's context is {ctx}")
     limits = [min(sp.max_new_tokens, ctx - n) for sp, n in zip(params, lens)]
-    block = 16
-    blocks = sum(-(-(n + k) // block) for n, k in zip(lens, limits))
-    per_block = KVPool.bytes_per_block(model.config, block, model.dtype)
+    need = KVPool.bytes_for(model.config, [n + k for n, k in zip(lens, limits)], model.dtype)
     try:
-        engine = Engine(model, tokenizer, eos_token_ids=eos_ids, max_batch=b, block_size=block,
-                        kv_cache_memory=blocks * per_block,
+        engine = Engine(model, tokenizer, eos_token_ids=eos_ids, max_batch=b, kv_cache_memory=need,
                         max_batched_tokens=chunk_size or max(1024, max(lens)))
     except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
         if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
-        raise Qwen2Error(f"out of memory for a KV cache of {blocks * block} tokens "
-                         f"({blocks * per_block / 2**30:.1f} GiB); lower max_new_tokens or the batch size") from None
+        raise Qwen2Error(f"out of memory for a KV cache of {sum(lens) + sum(limits)} tokens "
+                         f"({need / 2**30:.1f} GiB); lower max_new_tokens or the batch size") from None
     outputs: deque[tuple[int, RequestOutput]] = deque()
     reqs = [engine.add_request(str(i), p, sp.replace(max_new_tokens=k), lambda o, i=i: outputs.append((i, o)))
             for i, (p, sp, k) in enumerate(zip(prompts, params, limits))]

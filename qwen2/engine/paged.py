@@ -48,6 +48,9 @@ class BlockAllocator:
         self._free.extend(blocks)
 
 
+BLOCK_SIZE = 16  # tokens per KV block, the engine's default
+
+
 class KVPool:
     """Per layer a key and a value tensor [num_blocks * block_size, n_kv, head_dim]: slot-major,
     so that one slot (all KV heads of one position) is one contiguous run of memory and gathering
@@ -64,6 +67,11 @@ class KVPool:
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype) -> int:
         return config.kv_bytes_per_token(dtype) * block_size
+
+    @staticmethod
+    def bytes_for(config, lengths, dtype, block_size: int = BLOCK_SIZE) -> int:
+        """Bytes of a pool that holds sequences of these token counts, each in whole blocks."""
+        return sum(-(-n // block_size) for n in lengths) * KVPool.bytes_per_block(config, block_size, dtype)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

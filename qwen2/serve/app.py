@@ -21,7 +21,7 @@ from qwen2.serve.jobs import Job
 from qwen2.serve.protocol import ChatCompletionRequest, CompletionRequest, Health, ModelCard, ModelList
 from qwen2.serve.state import ServerState
 
-log = logging.getLogger("qwen2.serving")
+log = logging.getLogger("qwen2.serve")
 
 
 class _Edge:
