@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -13,6 +13,9 @@ from qwen2.errors import CheckpointError, Qwen2Error
 from qwen2.io.names import HF_NAMES, NameTable
 from qwen2.model.config import ModelConfig
 from qwen2.model.decoder import Qwen2, fused_linears
+
+if TYPE_CHECKING:
+    from qwen2.model.tp import TPShard
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -48,7 +51,8 @@ def _progress(total: int, desc: str):
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
                 device="cpu", source: str = "checkpoint", total: int | None = None,
-                names: NameTable = HF_NAMES, release: Callable[[torch.Tensor], None] | None = None) -> Qwen2:
+                names: NameTable = HF_NAMES, release: Callable[[torch.Tensor], None] | None = None,
+                shard: "TPShard | None" = None) -> Qwen2:
     """Create the model without allocating, then place each checkpoint tensor as it arrives (one at
     a time, converted to dtype on the fly), where `names` (the checkpoint format's name table) says:
     a whole parameter, or its rows of a fused projection. Peak memory stays near the size of the
@@ -57,9 +61,12 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     projection and is no longer needed.
 
     A meta tensor is a placeholder: its parameter (all of its parts) stays unallocated, for a
-    module the caller replaces (the GPTQ loader's quantized linears)."""
+    module the caller replaces (the GPTQ loader's quantized linears).
+
+    shard (qwen2.model.tp.TPShard): build this tensor-parallel rank's model and keep only its share
+    of each tensor (a slice of the memory-mapped file is all that is read)."""
     with torch.device("meta"):
-        model = Qwen2(config)
+        model = shard.build() if shard is not None else Qwen2(config)
     params = dict(model.named_parameters(remove_duplicate=False))
     fused = fused_linears(model)
     tied = config.tie_word_embeddings
@@ -77,6 +84,8 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
         for pname, part, x in targets:
             if tied and pname == "lm_head.weight":
                 continue  # some tied checkpoints also store the (identical) head
+            if shard is not None and (x := shard.slice(pname, part, x)) is None:
+                continue  # another rank's
             p = params.get(pname)
             if p is None:
                 raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(t.shape)})")

@@ -140,8 +140,11 @@ class SparseMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         _, weights, experts = self.gate(x)
         out = torch.zeros_like(x)
-        # Only the experts some token picked run, each on its own tokens.
+        # Only the experts some token picked run, each on its own tokens (and, under tensor
+        # parallelism, only those this rank holds: another rank's are nn.Identity placeholders).
         for e in experts.unique().tolist():
+            if isinstance(self.experts[e], nn.Identity):
+                continue
             tok, slot = torch.where(experts == e)
             y = self.experts[e](x[tok]) * weights[tok, slot, None]
             out.index_add_(0, tok, y)
