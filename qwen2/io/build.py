@@ -128,6 +128,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.reset_parameters(device)  # buffers were created on meta
+    model.tp = shard
     return model.eval()
 
 

@@ -16,34 +16,43 @@ from qwen2.io.qwen1 import load_qwen1
 from qwen2.io.safetensors import count_safetensors, iter_safetensors, release_pages, safetensors_files
 from qwen2.model.config import ModelConfig
 from qwen2.model.decoder import Qwen2
+from qwen2.model.tp import TPShard
 
 if TYPE_CHECKING:
     from qwen2.text.tokenizer import Tokenizer
 
 
-def load_hf(ckpt: Path, dtype="auto", device="cpu") -> Qwen2:
-    """A Hugging Face safetensors checkpoint directory, float or GPTQ (quantization_config)."""
+def load_hf(ckpt: Path, dtype="auto", device="cpu", tp: tuple[int, int] | None = None) -> Qwen2:
+    """A Hugging Face safetensors checkpoint directory, float or GPTQ (quantization_config).
+    tp: (rank, world size): load only this tensor-parallel rank's share (qwen2.model.tp)."""
     config = ModelConfig.from_file(ckpt / "config.json")
     dt = parse_dtype(dtype, config)
     files = safetensors_files(ckpt)
     if config.raw.get("quantization_config"):
+        if tp is not None:
+            raise Qwen2Error(f"{ckpt}: tensor parallelism runs float checkpoints only for now (this one "
+                             "is quantized)")
         return load_gptq(config, iter_safetensors(files), dt, device, source=str(ckpt), release=release_pages)
+    shard = TPShard(config, *tp) if tp is not None else None
     return build_model(config, iter_safetensors(files), dt, device, source=str(ckpt),
-                       total=count_safetensors(files), release=release_pages)
+                       total=count_safetensors(files), release=release_pages, shard=shard)
 
 
-def load_model(path_or_id, dtype="auto", device="cpu") -> Qwen2:
-    """Load a Qwen2 model: HF checkpoint dir, GGUF file/dir, or hub id."""
+def load_model(path_or_id, dtype="auto", device="cpu", tp: tuple[int, int] | None = None) -> Qwen2:
+    """Load a Qwen2 model: HF checkpoint dir, GGUF file/dir, or hub id. tp: (rank, world size) of
+    a tensor-parallel group: this rank's share only (`model.tp` then says which)."""
     from qwen2.kernels.memory import trim
-    model = _load_model(path_or_id, dtype, device)
+    model = _load_model(path_or_id, dtype, device, tp if tp is not None and tp[1] > 1 else None)
     trim()  # conversions on the way (GGUF dequantization, dtype casts) leave freed heap pages
     return model
 
 
-def _load_model(path_or_id, dtype, device) -> Qwen2:
+def _load_model(path_or_id, dtype, device, tp) -> Qwen2:
     path = resolve(path_or_id)
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
                                   and any(path.glob("*.gguf"))):
+        if tp is not None:
+            raise Qwen2Error(f"{path}: tensor parallelism loads Hugging Face safetensors checkpoints only")
         return load_gguf_model(path, dtype=dtype, device=device)
     if path.is_dir():
         cfg = path / "config.json"
@@ -51,8 +60,10 @@ def _load_model(path_or_id, dtype, device) -> Qwen2:
             raise CheckpointError(f"{path}: not a Qwen2 checkpoint (no config.json or .gguf file)")
         model_type = _peek_model_type(cfg)
         if model_type == "qwen":
+            if tp is not None:
+                raise Qwen2Error(f"{path}: tensor parallelism loads Qwen2 checkpoints only, not first-generation Qwen")
             return load_qwen1(path, dtype=dtype, device=device)
-        return load_hf(path, dtype, device)
+        return load_hf(path, dtype, device, tp)
     raise CheckpointError(f"{path}: not a Qwen2 checkpoint (expected a directory or a .gguf file)")
 
 

@@ -225,6 +225,8 @@ class Qwen2(nn.Module):
         self.decode_step = None
         # Set by qwen2.quant (quantize_model, gptq_model) and the GPTQ loader; None: float weights.
         self.quant: QuantInfo | None = None
+        # This rank's share under tensor parallelism (qwen2.model.tp.TPShard); None: the whole model.
+        self.tp = None
 
     @property
     def qwen1(self) -> dict | None:

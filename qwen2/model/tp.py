@@ -193,10 +193,12 @@ class VocabParallelHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-def parallelize(model: nn.Module, shard: TPShard) -> nn.Module:
-    """Add the collectives to `model`, built by `shard.build()` and loaded through `shard.slice`
-    (after any speed pass that replaces modules: the hooks sit on the modules present now)."""
-    if shard.world == 1:
+def parallelize(model: nn.Module) -> nn.Module:
+    """Add the collectives to `model`, built by `model.tp.build()` and loaded through
+    `model.tp.slice` (qwen2.io.build.build_model(shard=)), after any speed pass that replaces
+    modules: the hooks sit on the modules present now."""
+    shard = model.tp
+    if shard is None or shard.world == 1 or getattr(model, "_tp_parallel", False):
         return model
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(_all_reduce)
@@ -204,5 +206,5 @@ def parallelize(model: nn.Module, shard: TPShard) -> nn.Module:
     if shard.vocab_parallel:
         model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, shard.vocab_start, shard.vocab)
         model.lm_head = VocabParallelHead(model.lm_head, shard.world)
-    model.tp = shard
+    model._tp_parallel = True
     return model
