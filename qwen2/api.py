@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Iterator, Sequence
 
+import torch
+
 from qwen2.errors import Qwen2Error
 from qwen2.engine.generate import generate, stream_generate
 from qwen2.engine.request import Completion, Delta
@@ -162,10 +164,15 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto") -> LLM
     from qwen2.io.hub import resolve
     from qwen2.io.load import load_model, load_tokenizer
     from qwen2.io.demo import model_or_demo
+    from qwen2.model.tp import parallelize, tp_rank_world
     path_or_id = model_or_demo(path_or_id)
     path = resolve(path_or_id)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype, device=device)
+    tp = tp_rank_world()  # inside a torch.distributed group: this rank's share (qwen2.model.tp)
+    model = load_model(path, dtype=dtype, device=device, tp=tp)
+    if tp is not None and mode == "auto" and model.dtype != torch.float32:
+        mode = "eager"  # the compiled step does not trace the collectives
     path_taken = prepare(model, mode)
+    parallelize(model)
     return LLM(model, tokenizer, SamplingParams.from_generation_config(path if path.is_dir() else None),
                source=str(path_or_id), mode=path_taken)

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _join_tensor_parallel_group(args)
         return int(args.func(args) or 0)
     except Qwen2Error as e:
         print(f"qwen2: error: {e}", file=sys.stderr)
@@ -43,3 +44,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
+
+
+def _join_tensor_parallel_group(args):
+    """Under `torchrun --nproc-per-node N -m qwen2 ...`: join the group, so that loading gives each
+    rank its share (qwen2.model.tp); only rank 0 writes to stdout (the others run the same steps)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from qwen2.model.tp import init_from_env
+    rank, _ = init_from_env(getattr(args, "device", None) or "cpu")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")

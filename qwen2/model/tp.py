@@ -32,7 +32,7 @@ from torch import nn
 from qwen2.errors import Qwen2Error
 from qwen2.model.config import ModelConfig
 
-__all__ = ["TPShard", "check_tp_size", "parallelize", "valid_tp_sizes"]
+__all__ = ["TPShard", "check_tp_size", "init_from_env", "parallelize", "tp_rank_world", "valid_tp_sizes"]
 
 
 def _problems(config: ModelConfig, n: int, group_size: int | None = None) -> list[str]:
@@ -208,3 +208,41 @@ def parallelize(model: nn.Module) -> nn.Module:
         model.lm_head = VocabParallelHead(model.lm_head, shard.world)
     model._tp_parallel = True
     return model
+
+
+def tp_rank_world() -> tuple[int, int] | None:
+    """(rank, world size) of the tensor-parallel group this process is in (None: none)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int, int] | None:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), NCCL for a
+    CUDA device and gloo otherwise; None when launched alone. Every rank then seeds torch's global
+    generator alike (rank 0 draws the seed), so unseeded sampling picks the same tokens everywhere.
+    timeout_s bounds every collective: a rank that dies ends the others with an error, not a hang."""
+    import datetime
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_available():
+        raise Qwen2Error("this torch build has no torch.distributed: tensor parallelism needs it")
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        if not dist.is_backend_available(backend):
+            raise Qwen2Error(f"torch.distributed backend {backend!r} is not available in this torch build")
+        if backend == "nccl":
+            gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            if local > gpus:
+                raise Qwen2Error(f"{local} ranks on this node but {gpus} GPU(s): one rank per GPU "
+                                 f"(--nproc-per-node {gpus} at most)")
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    seed = torch.randint(0, 2 ** 62, (1,)) if dist.get_rank() == 0 else torch.zeros(1, dtype=torch.long)
+    if str(device).startswith("cuda"):
+        seed = seed.cuda()
+    dist.broadcast(seed, 0)
+    torch.manual_seed(int(seed.item()))
+    return dist.get_rank(), dist.get_world_size()
