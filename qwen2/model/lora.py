@@ -1,0 +1,213 @@
+"""LoRA as a module-replacing pass: `add_lora(model, r, alpha, dropout, targets)` swaps each targeted
+linear for a `LoRALinear` that keeps the original (float nn.Linear or quantized QuantLinear) as
+`.base` and adds `scaling * B @ A` to it, with A [r, in] and B [out, r] trainable in float32.
+
+The model is built fused (qkv_proj, gate_up_proj), while PEFT and the checkpoints name q_proj,
+k_proj, v_proj, gate_proj and up_proj separately. A LoRA on q_proj is therefore a LoRA on the q rows
+of qkv_proj: a fused linear carries one (A, B) pair per targeted part, named after the part, and
+its output gains B_part @ A_part @ x on that part's rows only. That is exactly PEFT's per-projection
+A/B (the same parameters, the same function), so adapters go both ways unchanged (qwen2.io.adapter).
+The parts' A matrices are applied as one matmul (x read once for q, k and v). With dropout, the
+parts of one fused linear share one dropout mask on x (PEFT draws one per projection): the same
+distribution, not the same random stream.
+
+`adapter_disabled(model)` turns every adapter off (DPO's reference policy is the same model with the
+adapter off: no second copy); `merge_lora` folds the adapters into float weights for export.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TARGETS", "LoRALinear", "add_lora", "adapter_disabled", "lora_modules", "lora_parameters",
+           "merge_lora", "peft_name"]
+
+# PEFT/checkpoint names of the parts of each fused projection, in row order (the module's `splits`).
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = base(x) for a quantized base (qwen2.quant.QuantLinear, whose kernels have no autograd),
+    with the input's gradient grad_y @ W computed from the weight dequantized a block of rows at a
+    time in backward: nothing of the weight is kept between forward and backward (QLoRA's point)."""
+
+    @staticmethod
+    def forward(ctx, x, base):
+        ctx.base = base
+        with torch.no_grad():
+            return base(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        base = ctx.base
+        step = max(16, (1 << 20) // base.in_features)
+        g = grad.reshape(-1, grad.shape[-1]).to(base.dtype)
+        gx = sum(g[:, i:i + step] @ base.dequantized(slice(i, i + step))
+                 for i in range(0, base.out_features, step))
+        return gx.reshape(*grad.shape[:-1], base.in_features), None
+
+
+class LoRALinear(nn.Module):
+    """base(x) + scaling * concat over parts of (B_p @ A_p @ dropout(x)) on each targeted part's
+    rows (zeros on the others). parts: (name, rows) for every part of the base's output in order;
+    targets: the part names that get an adapter."""
+
+    def __init__(self, base: nn.Module, parts: list[tuple[str, int]], targets, r: int, alpha: float,
+                 dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.parts = parts
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        dev = next(iter(base.buffers() if not isinstance(base, nn.Linear) else base.parameters())).device
+        for name, rows in parts:
+            if name in targets:
+                a = torch.empty(r, self.in_features, device=dev)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init; B = 0
+                self.lora_A[name] = nn.Parameter(a)
+                self.lora_B[name] = nn.Parameter(torch.zeros(rows, r, device=dev))
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True
+        self.merged = False
+
+    @property
+    def quantized(self) -> bool:
+        return not isinstance(self.base, nn.Linear)
+
+    def base_forward(self, x):
+        if self.quantized and torch.is_grad_enabled() and x.requires_grad:
+            return _QuantMatmul.apply(x, self.base)
+        return self.base(x)
+
+    def delta(self, x) -> torch.Tensor:
+        """scaling * B @ A @ x over the whole output (float32)."""
+        names = list(self.lora_A.keys())
+        a = torch.cat([self.lora_A[n] for n in names]) if len(names) > 1 else self.lora_A[names[0]]
+        xa = F.linear(self.dropout(x).to(a.dtype), a).split(self.r, dim=-1)
+        xa = dict(zip(names, xa))
+        pieces = []
+        for name, rows in self.parts:
+            if name in xa:
+                pieces.append(F.linear(xa[name], self.lora_B[name]))
+            else:
+                pieces.append(xa[names[0]].new_zeros(*x.shape[:-1], rows))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+        return out * self.scaling
+
+    def forward(self, x):
+        y = self.base_forward(x)
+        if not self.enabled or self.merged:
+            return y
+        return y + self.delta(x).to(y.dtype)
+
+    def weight_delta(self) -> torch.Tensor:
+        """scaling * B @ A for the whole weight [out, in], float32 (zeros on untargeted parts)."""
+        blocks = []
+        for name, rows in self.parts:
+            if name in self.lora_A:
+                blocks.append(self.lora_B[name].float() @ self.lora_A[name].float())
+            else:
+                blocks.append(torch.zeros(rows, self.in_features, device=self.lora_A[next(iter(self.lora_A))].device))
+        return torch.cat(blocks) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        if self.quantized:
+            raise ValueError("a LoRA over quantized weights cannot be merged into them; merge on float weights")
+        if not self.merged:
+            self.base.weight += self.weight_delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.weight_delta().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, parts={list(self.lora_A.keys())}"
+
+
+def _linears(model: nn.Module):
+    """(full name, parent, attribute, module) of every projection LoRA can target: the decoder's
+    linears (float or quantized), not the lm_head, the MoE router or the shared-expert gate."""
+    for name, mod in list(model.named_modules()):
+        for attr, child in list(mod.named_children()):
+            full = f"{name}.{attr}" if name else attr
+            if attr in FUSED_PARTS or attr in TARGETS:
+                if isinstance(child, LoRALinear) or hasattr(child, "out_features"):
+                    yield full, mod, attr, child
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets=TARGETS,
+             use_rslora: bool = False) -> nn.Module:
+    """In place: every targeted projection becomes a LoRALinear; all other parameters are frozen.
+    targets: PEFT names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)."""
+    targets = set(targets)
+    unknown = targets - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, not {r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for full, mod, attr, lin in _linears(model):
+        if isinstance(lin, LoRALinear):
+            raise ValueError(f"{full} already has a LoRA adapter")
+        names = FUSED_PARTS.get(attr, (attr,))
+        sizes = getattr(mod, "splits", {}).get(attr, (lin.out_features,))
+        if targets & set(names):
+            setattr(mod, attr, LoRALinear(lin, list(zip(names, sizes)), targets, r, alpha, dropout, use_rslora))
+    if not any(True for _ in lora_modules(model)):
+        raise ValueError("no LoRA target found in the model")
+    return model
+
+
+def lora_modules(model: nn.Module):
+    """(name, LoRALinear) pairs."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_modules(model) for p in (*m.lora_A.values(), *m.lora_B.values())]
+
+
+def peft_name(module_name: str, part: str) -> str:
+    """The PEFT/checkpoint module path of one part of a (possibly fused) model linear:
+    model.layers.0.self_attn.qkv_proj + q_proj -> model.layers.0.self_attn.q_proj. Wrapper prefixes
+    (activation checkpointing, FSDP) are dropped."""
+    module_name = module_name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
+    parent = module_name.rpartition(".")[0]
+    return f"{parent}.{part}" if parent else part
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """Run the base model: every adapter off inside the block."""
+    mods = [m for _, m in lora_modules(model)]
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """In place: fold every adapter into its base weight and put the plain linear back."""
+    for name, mod in list(model.named_modules()):
+        for attr, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                child.merge()
+                setattr(mod, attr, child.base)
+    return model
