@@ -10,6 +10,18 @@ can hold its whole prompt; decode grows a request block by block; when the pool 
 recently admitted request is preempted (blocks freed, recomputed later from its tokens), so the
 oldest requests always make progress and nothing deadlocks.
 
+Prompt logprobs (scoring): a request whose SamplingParams.prompt_logprobs is set gets, with its
+first output, `prompt_logprobs`: one entry per prompt token (None for the first, which nothing
+precedes), each the token's log-probability under the model's raw distribution (the tokenizer's
+vocabulary only) and the N most likely tokens at that position. They come from the logits of
+every prompt position as the prompt is prefilled (chunk by chunk; such a request's chunks are
+capped at PROMPT_LOGITS_CHUNK tokens to bound the logits' memory); positions scored before a
+preemption are not scored again. With max_new_tokens=0 the request finishes ("length") right
+after its prompt, with no token drawn: its only output is the prompt's logprobs.
+
+    engine.add_request("r1", prompt_ids, SamplingParams(max_new_tokens=0, prompt_logprobs=0), sink)
+    # sink gets RequestOutput(finished=True, prompt_logprobs=[None, TokenLogprob(id, logprob, top), ...])
+
 Thread model: the engine runs in one background thread (the model forward releases the GIL);
 `add_request` / `abort` may be called from any thread; outputs are delivered through each
 request's `sink` callback, from the engine thread.
@@ -29,12 +41,14 @@ import torch
 
 from qwen2.errors import Qwen2Error
 from qwen2.engine.request import Row, TokenLogprob
-from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, sample
+from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, prompt_logprobs, sample
 from qwen2.engine.stats import Histogram
 from qwen2.engine import runner
 from qwen2.engine.paged import BLOCK_SIZE, KVPool, PackedStep, SeqSlice, one_sequence_per_step
 
 log = logging.getLogger("qwen2.engine")
+
+PROMPT_LOGITS_CHUNK = 512  # prompt tokens per step of a request that wants prompt logprobs
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -69,6 +83,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # with the request's first output
 
 
 @dataclass(eq=False)
@@ -98,6 +113,12 @@ class Request:
     def token(self, i: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
+    def scoring(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet."""
+        lps = self.row.prompt_logprobs
+        return lps is not None and len(lps) < len(self.prompt_ids)
 
 
 class Engine:
@@ -241,13 +262,20 @@ class Engine:
         t0 = time.perf_counter()
         packed = PackedStep(self.pool, [s for _, s in plan], self.model.device, single=self._single)
         logits = runner.forward(self.model, packed, self.pool, len(plan[0][0].prompt_ids) if self._single else None)
-        sampling = []
+        sampling, row = [], 0
         for req, s in plan:
+            if s.all_logits:
+                nb = len(s.token_ids) - s.sample
+                self._score_prompt(req, s.start, logits[row:row + nb])
+                row += nb
             req.num_computed += len(s.token_ids)
             if s.sample:
-                sampling.append(req)
+                if req.row.limit > 0:
+                    sampling.append(req)
+                else:   # scoring only: the prompt's logprobs are the whole answer
+                    self._finish_scored(req)
         if sampling:
-            self._sample(sampling, logits[:len(sampling)])
+            self._sample(sampling, logits[packed.num_prompt_logits:packed.num_prompt_logits + len(sampling)])
             self._recent.append((time.monotonic(), len(sampling)))
         dt = time.perf_counter() - t0
         self.stats.steps += 1
@@ -264,7 +292,7 @@ class Engine:
         for req in list(self.running):
             if req not in self.running or budget <= 0:
                 continue
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = self._chunk(req, budget)
             need = self.pool.blocks_for(req.num_computed + n) - len(req.blocks)
             while need > alloc.num_free:
                 victim = self.running[-1]
@@ -283,17 +311,49 @@ class Engine:
                 break
             self.waiting.popleft()
             self.running.append(req)
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = self._chunk(req, budget)
             req.blocks += alloc.allocate(self.pool.blocks_for(req.num_computed + n) - len(req.blocks))
             plan.append((req, self._slice(req, n)))
             budget -= n
         return plan
 
     @staticmethod
+    def _chunk(req: Request, budget: int) -> int:
+        n = min(req.num_tokens - req.num_computed, budget)
+        return min(n, PROMPT_LOGITS_CHUNK) if req.scoring else n
+
+    @staticmethod
     def _slice(req: Request, n: int) -> SeqSlice:
         start = req.num_computed
         ids = [req.token(i) for i in range(start, start + n)]
-        return SeqSlice(ids, start, req.blocks, sample=start + n == req.num_tokens)
+        sample = start + n == req.num_tokens
+        # logits of every position that scores a prompt token not scored yet (position p scores
+        # token p + 1; positions scored before a preemption are not wanted again)
+        last = start + n - 1 - sample
+        scores = (req.scoring and n - sample > 0 and last >= len(req.row.prompt_logprobs) - 1
+                  and start < len(req.prompt_ids) - 1)
+        return SeqSlice(ids, start, req.blocks, sample=sample, all_logits=scores)
+
+    def _score_prompt(self, req: Request, start: int, logits: torch.Tensor):
+        """Prompt logprobs from the logits of positions start.. (row j scores token start + j + 1)."""
+        lps, prompt = req.row.prompt_logprobs, req.prompt_ids
+        first, end = len(lps) - 1 - start, min(logits.shape[0], len(prompt) - 1 - start)
+        if end <= first:
+            return
+        rows = logits[first:end]
+        if self.n_valid is not None and self.n_valid < rows.shape[-1]:
+            rows = rows[:, :self.n_valid]   # padding rows of the embedding are no tokens
+        targets = torch.tensor(prompt[start + first + 1:start + end + 1], device=rows.device)
+        k = req.params.prompt_logprobs
+        tok, ids, vals = prompt_logprobs(rows, targets, min(k, rows.shape[-1]))
+        for t, v, top_ids, top_vals in zip(targets.tolist(), tok.tolist(), ids.tolist(), vals.tolist()):
+            lps.append(TokenLogprob(t, v, [(a, b) for a, b in zip(top_ids, top_vals) if b != float("-inf")]))
+
+    def _finish_scored(self, req: Request):
+        """A max_new_tokens=0 request whose prompt is in: done, its prompt logprobs its output."""
+        self.stats.prompt_tokens += len(req.prompt_ids)
+        req.row.finish = "length"
+        self._finish(req, "length", RequestOutput(req.id, prompt_logprobs=req.row.prompt_logprobs))
 
     def _preempt(self, req: Request):
         """Free a running request's blocks; it recomputes from its tokens when readmitted."""
@@ -338,6 +398,8 @@ class Engine:
                 self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
                 continue
             out = RequestOutput(req.id, text=text, token_ids=[tok], logprobs=[tlp] if tlp else [])
+            if len(req.output_ids) == 1:
+                out.prompt_logprobs = req.row.prompt_logprobs
             if req.row.finish:
                 self._finish(req, req.row.finish, out)
             else:

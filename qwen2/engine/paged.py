@@ -93,6 +93,7 @@ class SeqSlice:
     start: int                # position of the first new token (= tokens already cached)
     block_table: list[int]
     sample: bool              # logits of the last new token are wanted
+    all_logits: bool = False  # and of every other new token (prompt logprobs)
 
 
 @dataclass
@@ -119,18 +120,24 @@ class _Decode:
 class PackedStep:
     """The cache object for one engine step (see the module docstring).
 
-    Packed order: the tokens of each sequence except its last sampled one, then the last tokens
-    of all sampling sequences, in `slices` order, so `logits_to_keep=num_logits` yields exactly
-    one logits row per sampling sequence. A step of decodes only is just their tokens in order.
+    Packed order: the tokens of each sequence except its last sampled one (those of `all_logits`
+    sequences last), then the last tokens of all sampling sequences, in `slices` order, so
+    `logits_to_keep=num_logits` yields the `all_logits` rows (num_prompt_logits of them, in
+    `slices` order) and then exactly one row per sampling sequence. A step of decodes only is just
+    their tokens in order.
     """
 
     def __init__(self, pool: KVPool, slices: list[SeqSlice], device=None, single: bool = False):
         self.pool = pool
         bs = pool.block_size
-        body_ids, body_pos, body_slots, tail_ids, tail_pos, tail_slots = [], [], [], [], [], []
+        body_ids, body_pos, body_slots = [], [], []
+        rank = {i: r for r, i in enumerate(i for i, s in enumerate(slices) if s.sample)}
+        tail_ids, tail_pos, tail_slots = [0] * len(rank), [0] * len(rank), [0] * len(rank)
         dec, self.prefills = [], []
         nbody = sum(len(s.token_ids) - s.sample for s in slices)
-        for s in slices:
+        self.num_prompt_logits = sum(len(s.token_ids) - s.sample for s in slices if s.all_logits)
+        for i in sorted(range(len(slices)), key=lambda i: slices[i].all_logits):
+            s = slices[i]
             n = len(s.token_ids)
             end = s.start + n
             nb = n - s.sample
@@ -141,10 +148,9 @@ class PackedStep:
                 body_slots += [pool.slot(s.block_table, p) for p in range(s.start, s.start + nb)]
             tail = None
             if s.sample:
-                tail = nbody + len(tail_ids)
-                tail_ids.append(s.token_ids[-1])
-                tail_pos.append(end - 1)
-                tail_slots.append(pool.slot(s.block_table, end - 1))
+                r = rank[i]
+                tail = nbody + r
+                tail_ids[r], tail_pos[r], tail_slots[r] = s.token_ids[-1], end - 1, pool.slot(s.block_table, end - 1)
             if n == 1 and s.sample:
                 dec.append((tail, end, s.block_table))
                 continue
@@ -155,7 +161,7 @@ class PackedStep:
                 k_pos=torch.arange(end, device=device)[None], fresh=s.start == 0))
 
         self.num_tokens = nbody + len(tail_ids)
-        self.num_logits = len(tail_ids)
+        self.num_logits = self.num_prompt_logits + len(tail_ids)
         self.input_ids = torch.tensor([body_ids + tail_ids], dtype=torch.long, device=device)
         self.position_ids = torch.tensor([body_pos + tail_pos], dtype=torch.long, device=device)
         self.new_slots = torch.tensor(body_slots + tail_slots, dtype=torch.long, device=device)

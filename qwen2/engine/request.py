@@ -31,6 +31,8 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     timings: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: one entry per prompt token, the first None (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def __str__(self):
         return self.text
@@ -58,6 +60,9 @@ class Row:
             raise Qwen2Error("stop strings need a tokenizer")
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if (params.logprobs or params.top_logprobs) else None
+        # filled by the engine from the prefill logits; complete when it is as long as the prompt
+        self.prompt_logprobs: list[TokenLogprob | None] | None = \
+            [None] if params.prompt_logprobs is not None else None
         self.text = ""
         self.sent = 0  # text[:sent] has been handed out
         self.finish: str | None = None
@@ -104,7 +109,8 @@ class Row:
         return held
 
     def completion(self, timings: dict) -> Completion:
-        return Completion(self.text, self.ids, self.finish, self.prompt, self.logprobs, self.stop_reason, timings)
+        return Completion(self.text, self.ids, self.finish, self.prompt, self.logprobs, self.stop_reason, timings,
+                          self.prompt_logprobs)
 
 
 def check_prompts(model, prompts: Sequence[Sequence[int]]) -> list[list[int]]:

@@ -42,6 +42,10 @@ class SamplingParams:
     logprobs: bool = False            # log-probability of each generated token
     top_logprobs: int = 0             # plus the N most likely alternatives per position
     ignore_eos: bool = False          # keep going past eos ids (stop_token_ids still stop)
+    # Log-probabilities of the prompt's own tokens (scoring, lm-eval's loglikelihood): None = off,
+    # N >= 0 = each prompt token's logprob plus the N most likely tokens at its position, from the
+    # model's raw distribution. With it max_new_tokens may be 0: the prompt is scored, nothing drawn.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -61,8 +65,10 @@ class SamplingParams:
                 bad(name, "must be an integer" if integer else "must be a finite number")
             return v
 
-        if number("max_new_tokens", True) < 1:
-            bad("max_new_tokens", "must be at least 1")
+        if self.prompt_logprobs is not None and number("prompt_logprobs", True) < 0:
+            bad("prompt_logprobs", "must be >= 0 (None = off)")
+        if number("max_new_tokens", True) < (0 if self.prompt_logprobs is not None else 1):
+            bad("max_new_tokens", "must be at least 1 (0 only with prompt_logprobs)")
         if number("temperature") < 0:
             bad("temperature", "must be >= 0 (0 = greedy)")
         if number("top_k", True) < 0:
@@ -240,6 +246,20 @@ class Logprobs(NamedTuple):
     token: torch.Tensor        # [B] float32
     top_ids: torch.Tensor      # [B, N] long
     top_values: torch.Tensor   # [B, N] float32
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw logits [T, V] of T prompt positions and the token that followed each [T] ->
+    (its logprob [T], the k best ids [T, k], their logprobs [T, k]). Log-softmax through one
+    logsumexp, never a second [T, V] tensor (a prompt chunk's logits are already large); the
+    token's and the best tokens' values come out of the same subtraction, so a token that is the
+    most likely one has exactly the top value (lm-eval's is_greedy compares them with ==)."""
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    token = (logits.gather(1, targets[:, None]) - lse)[:, 0]
+    if not k:
+        return token, targets[:, None][:, :0], logits[:, :0]
+    values, ids = logits.topk(k, dim=-1)
+    return token, ids, values - lse
 
 
 def make_generator(seed: int | None, device="cpu") -> torch.Generator | None:
