@@ -156,10 +156,12 @@ class LLM:
             yield text
 
 
-def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto") -> LLM:
+def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapter=None) -> LLM:
     """Load model + tokenizer + generation defaults from a checkpoint dir, a .gguf file or a hub
     id (None: the embedded demo model, when installed). mode: the speed passes
-    (qwen2.engine.runner.prepare): "auto" picks the fastest path for the machine, "eager" none."""
+    (qwen2.engine.runner.prepare): "auto" picks the fastest path for the machine, "eager" none.
+    adapter: a LoRA adapter directory (PEFT's format, e.g. from `qwen2 finetune`), merged into the
+    float weights so that generation runs at the base model's speed."""
     from qwen2.engine.runner import prepare
     from qwen2.io.hub import resolve
     from qwen2.io.load import load_model, load_tokenizer
