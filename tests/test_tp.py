@@ -1,0 +1,156 @@
+"""Tensor parallelism (qwen2.model.tp): N gloo ranks on the CPU, launched by torch's own launcher,
+give the single-process model's logits and greedy tokens, sample alike, and each holds only its
+share of the weights. Configs at the real dimensions of released models use fewer layers (and, for
+the largest, a smaller vocabulary: the vocabulary split is covered at full size by the 0.5B case)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen2.engine.generate import generate
+from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import Qwen2Error
+from qwen2.io.load import load_model
+from qwen2.model.config import ModelConfig, preset
+from qwen2.model.tp import TPShard, check_tp_size, valid_tp_sizes
+from util import TINY, TINY_MOE, make_hf_checkpoint
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+_port = iter(range(29600, 29700))
+
+
+def run_ranks(ckpt, world: int, tmp_path, mode="auto") -> dict:
+    out = tmp_path / f"tp{world}_{mode}.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+           f"--master-port={next(_port)}", str(WORKER), str(ckpt), str(out), mode]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def reference(ckpt) -> tuple[torch.Tensor, list]:
+    model = load_model(ckpt, dtype="float32")
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = model(ids)
+    prompts = [ids[0].tolist(), ids[1, :5].tolist()]
+    greedy = [c.token_ids for c in generate(model, prompts, SamplingParams(temperature=0, max_new_tokens=12))]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return logits, greedy, weights
+
+
+def check(ckpt, world, tmp_path, mode="auto", tol=1e-4):
+    ref_logits, ref_greedy, full_weights = reference(ckpt)
+    got = run_ranks(ckpt, world, tmp_path, mode)
+    scale = ref_logits.abs().max()
+    assert (got["logits"] - ref_logits).abs().max() <= tol * max(1.0, float(scale))
+    assert got["greedy"] == ref_greedy
+    assert all(s == got["sampled"][0] for s in got["sampled"])  # unseeded sampling in lockstep
+    return got, full_weights
+
+
+TINY_KV2 = dict(TINY, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+def test_tiny_two_ranks(tmp_path, mode):
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", TINY_KV2)
+    got, _ = check(ckpt, 2, tmp_path, mode)
+    assert (got["heads"], got["kv_heads"]) == (2, 1)
+
+
+def test_kv_heads_replicated_when_ranks_outnumber_them(tmp_path):
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", dict(TINY, num_attention_heads=4, num_key_value_heads=1,
+                                                       tie_word_embeddings=False))
+    got, _ = check(ckpt, 2, tmp_path)
+    assert (got["heads"], got["kv_heads"]) == (2, 1)
+
+
+def test_moe_experts_divided(tmp_path):
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", TINY_MOE)
+    check(ckpt, 2, tmp_path)
+
+
+def _real(name, layers, **over):
+    c = preset(name).to_hf_dict()
+    c.update(num_hidden_layers=layers, **over)
+    c.pop("torch_dtype", None)
+    c.pop("layer_types", None)
+    c.pop("dtype", None)
+    return c
+
+
+def test_qwen2_0_5b_dims_full_vocabulary(tmp_path):
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", _real("Qwen2-0.5B", 2), std=0.02)
+    got, full = check(ckpt, 2, tmp_path)
+    for m in got["memory"]:
+        # Each rank holds half of the (tied, vocabulary-split) embedding and of every layer.
+        assert m["weights"] < 0.55 * full
+
+
+@pytest.mark.slow
+def test_qwen2_1_5b_dims_four_ranks_replicate_kv_heads(tmp_path):
+    # 12 heads, 2 KV heads: at 4 ranks each KV head is held by the 2 ranks whose queries use it.
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", _real("Qwen2-1.5B", 1, vocab_size=8192), std=0.02)
+    got, _ = check(ckpt, 4, tmp_path)
+    assert (got["heads"], got["kv_heads"]) == (3, 1)
+
+
+@pytest.mark.slow
+def test_qwen2_7b_dims(tmp_path):
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", _real("Qwen2-7B", 1, vocab_size=8192), std=0.02)
+    got, _ = check(ckpt, 2, tmp_path)
+    assert (got["heads"], got["kv_heads"]) == (14, 2)
+
+
+@pytest.mark.slow
+def test_qwen2_72b_dims_half_the_weights_per_rank(tmp_path):
+    # One layer at 72B's width is 0.88 B parameters: stored in bfloat16, run in float32.
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", _real("Qwen2-72B", 1, vocab_size=4096), std=0.01,
+                                 dtype=torch.bfloat16)
+    got, full = check(ckpt, 2, tmp_path)
+    for m in got["memory"]:
+        assert m["weights"] < 0.52 * full
+        # No rank ever holds a full copy: its peak is its half plus the runtime's fixed cost.
+        assert m["peak_rss"] < m["weights"] + 0.35 * full
+
+
+@pytest.mark.slow
+def test_moe_57b_dims(tmp_path):
+    # Qwen2-57B-A14B's widths with 8 of its 64 experts (each rank holds 4).
+    _, ckpt = make_hf_checkpoint(tmp_path / "m", _real("Qwen2-57B-A14B", 1, vocab_size=4096, num_experts=8),
+                                 std=0.02, dtype=torch.bfloat16)
+    check(ckpt, 2, tmp_path)
+
+
+def test_sizes_that_do_not_divide_name_the_valid_ones():
+    with pytest.raises(Qwen2Error, match=r"28 attention heads.*valid sizes: 1, 2, 4$"):
+        check_tp_size(preset("Qwen2-7B"), 8)
+    with pytest.raises(Qwen2Error, match=r"14 attention heads.*valid sizes: 1, 2$"):
+        check_tp_size(preset("Qwen2-0.5B"), 4)
+    # The 72B Int4 release: 29568 / 8 = 3696 columns per rank, not whole 128-column groups (Qwen's
+    # own fix pads the width to 29696 = 8 x 29 x 128).
+    with pytest.raises(Qwen2Error, match=r"intermediate size 29568 in groups of 128.*valid sizes: 1$"):
+        check_tp_size(preset("Qwen2-72B"), 8, group_size=128)
+    check_tp_size(preset("Qwen2-72B"), 8)  # bfloat16 splits fine
+    assert 8 in valid_tp_sizes(preset("Qwen2-72B"))
+    with pytest.raises(Qwen2Error, match="must be >= 1"):
+        check_tp_size(preset("Qwen2-0.5B"), 0)
+
+
+def test_shard_slices_cover_every_weight_once():
+    """Over the ranks, every row of q, every KV head, every MLP column and every expert is held
+    (KV heads by as many ranks as share them), and nothing else is split."""
+    c = ModelConfig.from_hf_dict(dict(TINY_MOE, num_attention_heads=4, num_key_value_heads=1, model_type="qwen2_moe"))
+    w = torch.arange(c.num_key_value_heads * c.head_dim)[:, None].float()
+    held = [TPShard(c, r, 2).slice("model.layers.0.self_attn.qkv_proj.weight", 1, w) for r in range(2)]
+    assert all(torch.equal(h, w) for h in held)  # the one KV head, on both ranks
+    experts = [r for r in range(2) for e in range(c.num_experts)
+               if TPShard(c, r, 2).slice(f"model.layers.0.mlp.experts.{e}.down_proj.weight", None, w) is not None]
+    assert sorted(experts) == [0] * 4 + [1] * 4
