@@ -172,6 +172,12 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
     tokenizer = load_tokenizer(path)
     tp = tp_rank_world()  # inside a torch.distributed group: this rank's share (qwen2.model.tp)
     model = load_model(path, dtype=dtype, device=device, tp=tp)
+    if adapter is not None:
+        from qwen2.io.adapter import load_adapter
+        from qwen2.model.lora import merge_lora
+        if model.quant or tp is not None:
+            raise Qwen2Error("an adapter merges into whole float weights: not into a quantized or tensor-parallel model")
+        merge_lora(load_adapter(model, adapter)).requires_grad_(True)
     if tp is not None and mode == "auto" and model.dtype != torch.float32:
         mode = "eager"  # the compiled step does not trace the collectives
     path_taken = prepare(model, mode)
