@@ -160,10 +160,21 @@ def test_chat_stream_wire_shape(client):
 
 def test_completion_stream_wire_shape(client):
     events = sse_events(post(client, "/v1/completions", completion(max_tokens=2, stream=True, echo=True, logprobs=1)))
-    assert events[0]["choices"][0]["text"] == "hello" and events[0]["choices"][0]["logprobs"] is None
+    # the echoed prompt comes with its own logprobs (the first token's null, as in vLLM)
+    echo = events[0]["choices"][0]
+    assert echo["text"] == "hello" and echo["logprobs"]["token_logprobs"][0] is None
+    assert echo["logprobs"]["top_logprobs"][0] is None and "".join(echo["logprobs"]["tokens"]) == "hello"
     lps = [c["choices"][0]["logprobs"] for c in events[1:-1]]
     assert all(lp and lp["text_offset"][0] >= len("hello") for lp in lps)
     assert events[-1]["choices"][0]["finish_reason"] == "length" and all(o["object"] == "text_completion" for o in events)
+    # max_tokens 0 with echo: the prompt alone, streamed or not
+    events = sse_events(post(client, "/v1/completions", completion(max_tokens=0, stream=True, echo=True, logprobs=0)))
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "hello"
+    r = post(client, "/v1/completions", completion(max_tokens=0, echo=True, prompt="hello world, again"))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello world, again"
+    assert r.json()["usage"]["completion_tokens"] == 0
+    r = post(client, "/v1/completions", completion(max_tokens=0))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
 def families(client) -> dict:

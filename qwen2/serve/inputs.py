@@ -119,14 +119,21 @@ def sampling_params(state: ServerState, req: SamplingRequest, prompt_len: int) -
                             f"{limit} tokens (--max-model-len)", param=req.prompt_param,
                        code="context_length_exceeded")
     max_tokens, max_param = req.token_limit()
+    echo = getattr(req, "echo", False)
+    if max_tokens == 0 and not echo:
+        raise APIError(400, f"{max_param} must be at least 1 (0 only with echo)", param=max_param)
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"{max_param}={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
                             f"maximum context length of {limit} tokens", param=max_param,
                        code="context_length_exceeded")
     logprobs, top_logprobs = req.logprob_request()
+    # echo: the prompt's own logprobs too (lm-eval's loglikelihood reads them); max_tokens 0 needs
+    # them even without logprobs, since the engine then only scores the prompt
+    prompt_logprobs = top_logprobs if echo and (logprobs or max_tokens == 0) else None
     try:
         return state.defaults.replace(
-            max_new_tokens=max_tokens or min(req.default_max_tokens or room, room), temperature=req.temperature,
+            max_new_tokens=min(req.default_max_tokens or room, room) if max_tokens is None else max_tokens,
+            prompt_logprobs=prompt_logprobs, temperature=req.temperature,
             top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             stop=req.stop_strings, seed=req.seed, logprobs=logprobs, top_logprobs=top_logprobs,

@@ -139,6 +139,8 @@ class CompletionRequest(SamplingRequest):
     default_max_tokens: ClassVar[Optional[int]] = 16   # OpenAI's default for this endpoint
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    # 0 only with echo: the prompt (and with logprobs its logprobs) is the whole answer, as in vLLM
+    max_tokens: Optional[int] = Field(None, ge=0)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
 
@@ -214,8 +216,8 @@ class ChatLogprobs(_Out):
 
 class CompletionLogprobs(_Out):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[Optional[float]]           # with echo the first prompt token's is null
+    top_logprobs: list[Optional[dict[str, float]]]
     text_offset: list[int]
 
 

@@ -58,16 +58,30 @@ def _chat_logprobs(tok, lps) -> ChatLogprobs:
         for lp in lps])
 
 
-def _completion_logprobs(tok, lps, offset: int) -> CompletionLogprobs:
+def _completion_logprobs(tok, lps, offset: int, ids: list[int] | None = None) -> CompletionLogprobs:
+    """The legacy logprobs of generated tokens, or of prompt tokens (`ids`; an entry None where
+    nothing precedes the token). As in OpenAI and vLLM, each position's top_logprobs holds the
+    chosen token beside the N best."""
     tokens, values, tops, offsets = [], [], [], []
-    for lp in lps:
-        s, _ = _token_str(tok, lp.token_id)
+    for j, lp in enumerate(lps):
+        s, _ = _token_str(tok, lp.token_id if lp is not None else ids[j])
         tokens.append(s)
-        values.append(lp.logprob)
-        tops.append({_token_str(tok, t)[0]: v for t, v in lp.top})
         offsets.append(offset)
         offset += len(s)
+        if lp is None:
+            values.append(None)
+            tops.append(None)
+            continue
+        values.append(lp.logprob)
+        top = {_token_str(tok, t)[0]: v for t, v in lp.top}
+        top.setdefault(s, lp.logprob)
+        tops.append(top)
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+
+def _joined(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
+    return CompletionLogprobs(**{k: [x for p in parts for x in getattr(p, k)]
+                                 for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")})
 
 
 # --------------------------------------------------------------------------- chat
@@ -123,11 +137,23 @@ def completion(state: ServerState, job: Job, outs, echo: bool) -> Completion:
     choices = []
     for i, seq in enumerate(outs):
         prefix = state.tokenizer.decode(job.prompt_of(i)) if echo else ""
-        lps = [lp for o in seq for lp in o.logprobs]
+        logprobs = None
+        if job.params[i].logprobs:
+            lps = [lp for o in seq for lp in o.logprobs]
+            logprobs = _completion_logprobs(state.tokenizer, lps, len(prefix))
+            if echo:
+                logprobs = _joined([_echo_logprobs(state, job, i, seq), logprobs])
         choices.append(CompletionChoice(
             index=i, text=prefix + "".join(o.text for o in seq), finish_reason=_finish_reason(seq[-1].finish_reason),
-            logprobs=_completion_logprobs(state.tokenizer, lps, len(prefix)) if job.params[i].logprobs else None))
+            logprobs=logprobs))
     return Completion(**_head(state, job), choices=choices, usage=job.usage())
+
+
+def _echo_logprobs(state: ServerState, job: Job, i: int, outs) -> CompletionLogprobs:
+    """The prompt's logprobs, from the choice's first output (the engine sends them there)."""
+    plps = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+    ids = job.prompt_of(i)
+    return _completion_logprobs(state.tokenizer, plps or [None] * len(ids), 0, ids)
 
 
 async def completion_chunks(state: ServerState, job: Job, echo: bool,
@@ -137,12 +163,22 @@ async def completion_chunks(state: ServerState, job: Job, echo: bool,
             CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)])
 
     offsets = [0] * len(job.ids)   # where each choice's next token starts, for logprobs.text_offset
+    echoed = [not echo] * len(job.ids)
+
+    def echo_chunk(i, out):
+        text = state.tokenizer.decode(job.prompt_of(i))
+        offsets[i], echoed[i] = len(text), True
+        return chunk(i, text, logprobs=_echo_logprobs(state, job, i, [out]) if job.params[i].logprobs else None)
+
     if echo:
+        # Without logprobs the prompt goes out at once; with them it waits for the choice's first
+        # output, which carries the prompt's logprobs.
         for i in range(len(job.ids)):
-            text = state.tokenizer.decode(job.prompt_of(i))
-            offsets[i] = len(text)
-            yield chunk(i, text)
+            if not job.params[i].logprobs:
+                yield echo_chunk(i, None)
     async for i, out in job.outputs():
+        if not echoed[i]:
+            yield echo_chunk(i, out)
         lp = None
         if job.params[i].logprobs and out.logprobs:
             lp = _completion_logprobs(state.tokenizer, out.logprobs, offsets[i])
