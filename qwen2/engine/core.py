@@ -44,7 +44,7 @@ from qwen2.engine.request import Row, TokenLogprob
 from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, prompt_logprobs, sample
 from qwen2.engine.stats import Histogram
 from qwen2.engine import runner
-from qwen2.engine.paged import BLOCK_SIZE, KVPool, PackedStep, SeqSlice, one_sequence_per_step
+from qwen2.engine.paged import BLOCK_SIZE, KVPool, PackedStep, SeqSlice, block_hashes, one_sequence_per_step
 
 log = logging.getLogger("qwen2.engine")
 
@@ -101,6 +101,10 @@ class Request:
     # generation loop's per-row state, so that server and offline text agree by construction.
     row: Row | None = None
     generator: torch.Generator | None = None
+    # Automatic prefix caching (paged.BlockAllocator): at most cache_limit prompt tokens may come
+    # from cached blocks; hashes: the chained hashes of this request's full, computed blocks.
+    cache_limit: int = 0
+    hashes: list[int] = field(default_factory=list)
 
     @property
     def output_ids(self) -> list[int]:
@@ -184,12 +188,20 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.pool.allocator.num_free
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of admitted prompt tokens served from the prefix cache."""
+        return self.pool.allocator.hit_rate
+
     def recent_tokens_per_second(self, window: float = 10.0) -> float:
         now = time.monotonic()
         return sum(n for t, n in list(self._recent) if now - t <= window) / window
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    sink: Callable[[RequestOutput], None]) -> Request:
+                    sink: Callable[[RequestOutput], None], score_from: int | None = None) -> Request:
+        """score_from (with params.prompt_logprobs): only the prompt tokens from this index on are
+        scored (their entries before it stay None), so the prefix cache may supply the tokens
+        before it; without it a scoring request computes its whole prompt."""
         if self._stopping:
             raise EngineStopped("server is shutting down")
         if not prompt_ids:
@@ -203,6 +215,14 @@ class Engine:
         req = Request(request_id, list(prompt_ids), params, sink,
                       row=Row(list(prompt_ids), params, limit, self.tokenizer, self.eos_token_ids),
                       generator=make_generator(params.seed, self.model.device))
+        if req.row.prompt_logprobs is None:
+            req.cache_limit = len(req.prompt_ids) - 1   # the last prompt token's logits are needed
+        elif score_from:
+            score_from = min(int(score_from), len(req.prompt_ids) - 1)
+            req.row.prompt_logprobs = [None] * max(score_from, 1)
+            req.cache_limit = max(score_from - 1, 0)
+        if self._single:
+            req.cache_limit = 0   # dynamic-NTK keys depend on the prompt's length
         self._inbox.put(req)
         self._wake.set()
         return req
@@ -269,6 +289,7 @@ class Engine:
                 self._score_prompt(req, s.start, logits[row:row + nb])
                 row += nb
             req.num_computed += len(s.token_ids)
+            self._register_blocks(req)
             if s.sample:
                 if req.row.limit > 0:
                     sampling.append(req)
@@ -307,7 +328,9 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             req = self.waiting[0]
             # Admit only if the whole prompt (+ its first token) fits: no thrashing on arrival.
-            if self.pool.blocks_for(req.num_tokens + 1) > alloc.num_free:
+            hit = self._match_prefix(req)
+            if self.pool.blocks_for(req.num_tokens + 1) - len(hit) > alloc.num_free:
+                self._unmatch(req)
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -355,11 +378,39 @@ class Engine:
         req.row.finish = "length"
         self._finish(req, "length", RequestOutput(req.id, prompt_logprobs=req.row.prompt_logprobs))
 
+    def _match_prefix(self, req: Request) -> list[int]:
+        """Start a request on the cached blocks of its longest cached prefix."""
+        alloc, bs = self.pool.allocator, self.pool.block_size
+        hashes = block_hashes(req.prompt_ids[:req.cache_limit], bs)
+        hit = alloc.match(hashes)
+        req.blocks, req.hashes, req.num_computed = hit, hashes[:len(hit)], len(hit) * bs
+        alloc.query_tokens += len(req.prompt_ids)
+        alloc.hit_tokens += req.num_computed
+        return hit
+
+    def _unmatch(self, req: Request):
+        alloc = self.pool.allocator
+        alloc.query_tokens -= len(req.prompt_ids)
+        alloc.hit_tokens -= req.num_computed
+        alloc.release(req.blocks)
+        req.blocks, req.hashes, req.num_computed = [], [], 0
+
+    def _register_blocks(self, req: Request):
+        """Offer the request's newly completed full blocks to the prefix cache."""
+        bs = self.pool.block_size
+        full = min(req.num_computed // bs, len(req.blocks))
+        if self._single or full <= len(req.hashes):
+            return
+        old = len(req.hashes)
+        req.hashes = block_hashes([req.token(i) for i in range(full * bs)], bs, req.hashes)
+        for b, h in zip(req.blocks[old:full], req.hashes[old:full]):
+            self.pool.allocator.register(b, h)
+
     def _preempt(self, req: Request):
         """Free a running request's blocks; it recomputes from its tokens when readmitted."""
         self.running.remove(req)
         self.pool.allocator.release(req.blocks)
-        req.blocks, req.num_computed = [], 0
+        req.blocks, req.hashes, req.num_computed = [], [], 0
         self.waiting.appendleft(req)
         self.stats.preemptions += 1
 

@@ -19,7 +19,7 @@ head. Masks and slot indices are built once per step, not per layer.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -29,23 +29,85 @@ from qwen2.model.decoder import build_mask, sdpa_attention
 
 
 class BlockAllocator:
-    """Free list of block ids; FIFO reuse keeps allocation O(1)."""
+    """Block ids with reference counts and automatic prefix caching.
+
+    A full block of computed tokens is registered under a hash of its tokens chained with the
+    hash of everything before it (`block_hashes`), so equal prefixes map to equal hash chains. A
+    new request takes the longest chain of registered blocks matching its prompt (`match`) instead
+    of computing those tokens again: the few-shot prefix shared by a benchmark's questions, a
+    server's shared system prompt. A block is shared by reference count; when the last user
+    releases it, it stays cached (least recently used first out) until its slot is needed:
+    `allocate` takes never-cached blocks first, then evicts. Blocks in use are never evicted.
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = deque(range(num_blocks))
+        self._free = deque(range(num_blocks))            # holding nothing worth keeping
+        self._ref = [0] * num_blocks
+        self._hash_of: dict[int, int] = {}               # block -> hash of its prefix chain
+        self._by_hash: dict[int, int] = {}               # hash -> block
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, LRU first
+        self.hit_tokens = 0                              # prompt tokens served from the cache
+        self.query_tokens = 0                            # prompt tokens of admitted requests
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._cached)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV cache: {n} blocks requested, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise RuntimeError(f"KV cache: {n} blocks requested, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.popleft()
+            else:
+                b, _ = self._cached.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(b)]
+            self._ref[b] = 1
+            out.append(b)
+        return out
 
     def release(self, blocks: list[int]):
-        self._free.extend(blocks)
+        for b in blocks:
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b in self._hash_of:
+                    self._cached[b] = None
+                else:
+                    self._free.append(b)
+
+    def match(self, hashes: list[int]) -> list[int]:
+        """Take a reference on the registered blocks of the longest matching prefix of `hashes`."""
+        out = []
+        for h in hashes:
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            if self._ref[b] == 0:
+                del self._cached[b]
+            self._ref[b] += 1
+            out.append(b)
+        return out
+
+    def register(self, block: int, h: int):
+        """Record that `block` holds the full block whose prefix chain hashes to `h`."""
+        if h not in self._by_hash and block not in self._hash_of:
+            self._by_hash[h], self._hash_of[block] = block, h
+
+
+def block_hashes(tokens: list[int], block_size: int, start: list[int] | None = None) -> list[int]:
+    """Chained hashes of the full blocks of `tokens` (extending `start`, the hashes so far)."""
+    out = list(start or [])
+    prev = out[-1] if out else None
+    for i in range(len(out) * block_size, len(tokens) - block_size + 1, block_size):
+        prev = hash((prev, tuple(tokens[i:i + block_size])))
+        out.append(prev)
+    return out
 
 
 BLOCK_SIZE = 16  # tokens per KV block, the engine's default
