@@ -103,3 +103,60 @@ def test_zero_tokens_needs_prompt_logprobs():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(Qwen2Error):
         SamplingParams(prompt_logprobs=-1)
+
+
+# --------------------------------------------------------------------------- fault isolation
+class FailingDecoder:
+    """A tokenizer whose stream decoder fails on one token id: the failure belongs to the
+    requests that draw that token, no one else."""
+
+    def __init__(self, bad: int):
+        self.bad = bad
+
+    def stream_decoder(self, skip_special_tokens=True):
+        bad = self.bad
+
+        class D:
+            def feed(self, tok):
+                if tok == bad:
+                    raise RuntimeError("injected detokenizer failure")
+                return f"<{tok}>"
+
+            def flush(self):
+                return ""
+        return D()
+
+
+def test_one_request_failing_leaves_the_others_exact(models):
+    """Failures in detokenizing, in sampling and in the forward itself (an id past the
+    embedding) each end only their own request; the rest equal their run alone."""
+    hf, model = models
+    ps = prompts([9, 14, 21, 30, 5, 11, 17, 26], seed=7)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    want = generate(model, ps, params)
+    bad_tok = want[0].token_ids[3]           # prompt 0's fourth token fails to detokenize
+    outs = {}
+    eng = Engine(model, FailingDecoder(bad_tok), max_batch=16, max_batched_tokens=64)
+    sink = lambda i: lambda o: outs.setdefault(i, []).append(o)   # noqa: E731
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, params, sink(i))
+    for _ in range(3):
+        eng.step()
+    # joining mid-run: an id past the embedding (the forward raises), and a generator on a device
+    # that does not exist (sampling raises)
+    eng.add_request("bad-id", [1, 2, model.config.vocab_size + 5], params, sink("bad-id"))
+    sampled = SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, ignore_eos=True)
+    req = eng.add_request("bad-sampling", ps[1], sampled, sink("bad-sampling"))
+    req.generator = object()
+    eng.run_until_done()
+    for i, w in enumerate(want):
+        got = [t for o in outs[i] for t in o.token_ids]
+        if i == 0 or bad_tok in w.token_ids:
+            assert outs[i][-1].finish_reason == "error" and "detokenizing" in outs[i][-1].error
+            assert got == w.token_ids[:w.token_ids.index(bad_tok)]
+        else:
+            assert got == w.token_ids and outs[i][-1].finish_reason == "length"
+    for name, stage in (("bad-id", "running the model"), ("bad-sampling", "sampling")):
+        assert [o.finish_reason for o in outs[name]] == ["error"] and stage in outs[name][0].error
+    assert eng.stats.finished["error"] == 2 + sum(bad_tok in w.token_ids for w in want)
+    assert eng.pool.allocator.num_free == eng.pool.num_blocks

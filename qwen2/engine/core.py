@@ -274,37 +274,87 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """One scheduling step + one forward. Returns False when there was nothing to do."""
+        """One scheduling step + one forward. Returns False when there was nothing to do.
+
+        What goes wrong for one request fails that request alone (an error output), and the batch
+        goes on: scoring, sampling and detokenizing are guarded per request, a batch whose logits
+        processing raises is sampled again row by row, and a forward that raises is run again one
+        request at a time, so that only the request(s) it belongs to fail."""
         self._drain()
         plan = self._schedule()
         if not plan:
             return False
         t0 = time.perf_counter()
+        try:
+            runs = [(plan, *self._forward(plan))]
+        except Exception as e:
+            runs = self._forward_alone(plan, e)
+        for sub, packed, logits in runs:
+            self._consume(sub, packed, logits)
+        dt = time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.busy_seconds += dt
+        if not any(packed.prefills for _, packed, _ in runs) and len(runs) == 1:
+            self.stats.decode_steps += 1
+            self.stats.decode_seconds += dt
+        return True
+
+    def _forward(self, plan: list[tuple[Request, SeqSlice]]) -> tuple[PackedStep, torch.Tensor]:
         packed = PackedStep(self.pool, [s for _, s in plan], self.model.device, single=self._single)
-        logits = runner.forward(self.model, packed, self.pool, len(plan[0][0].prompt_ids) if self._single else None)
-        sampling, row = [], 0
+        return packed, runner.forward(self.model, packed, self.pool,
+                                      len(plan[0][0].prompt_ids) if self._single else None)
+
+    def _forward_alone(self, plan, err: Exception) -> list:
+        """After a failed forward: each request of the step alone (its keys and values are written
+        again at the same slots), failing only those whose own forward fails."""
+        if len(plan) == 1:
+            self._fail(plan[0][0], err, "running the model")
+            return []
+        log.warning("engine step of %d requests failed (%s: %s); running them one at a time",
+                    len(plan), type(err).__name__, err)
+        runs = []
+        for item in plan:
+            try:
+                runs.append(([item], *self._forward([item])))
+            except Exception as e:
+                self._fail(item[0], e, "running the model")
+        return runs
+
+    def _consume(self, plan, packed: PackedStep, logits: torch.Tensor):
+        """One forward's logits: prompt scores, then one token for each request that samples."""
+        sampling, tails, row, tail = [], [], 0, packed.num_prompt_logits
         for req, s in plan:
             if s.all_logits:
                 nb = len(s.token_ids) - s.sample
-                self._score_prompt(req, s.start, logits[row:row + nb])
+                self._guard(req, "scoring the prompt", self._score_prompt, req, s.start, logits[row:row + nb])
                 row += nb
+            if req.finished:
+                tail += s.sample
+                continue
             req.num_computed += len(s.token_ids)
             self._register_blocks(req)
             if s.sample:
                 if req.row.limit > 0:
                     sampling.append(req)
+                    tails.append(tail)
                 else:   # scoring only: the prompt's logprobs are the whole answer
                     self._finish_scored(req)
+                tail += 1
         if sampling:
-            self._sample(sampling, logits[packed.num_prompt_logits:packed.num_prompt_logits + len(sampling)])
+            contiguous = tails == list(range(tails[0], tails[0] + len(tails)))
+            self._sample(sampling, logits[tails[0]:tails[-1] + 1] if contiguous else logits[torch.tensor(tails)])
             self._recent.append((time.monotonic(), len(sampling)))
-        dt = time.perf_counter() - t0
-        self.stats.steps += 1
-        self.stats.busy_seconds += dt
-        if not packed.prefills:
-            self.stats.decode_steps += 1
-            self.stats.decode_seconds += dt
-        return True
+
+    def _fail(self, req: Request, err: Exception, what: str):
+        log.error("request %s: %s failed", req.id, what, exc_info=err)
+        self._finish(req, "error", error=f"internal error while {what}: {type(err).__name__}: {err}")
+
+    def _guard(self, req: Request, what: str, fn, *args):
+        """fn(*args); if it raises, the request fails and the others go on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self._fail(req, e, what)
 
     def _schedule(self) -> list[tuple[Request, SeqSlice]]:
         budget = self.max_batched_tokens
@@ -415,6 +465,21 @@ class Engine:
         self.stats.preemptions += 1
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor):
+        try:
+            tokens, lp = self._pick(reqs, logits)
+        except Exception as e:
+            if len(reqs) == 1:
+                self._fail(reqs[0], e, "sampling")
+                return
+            # one request's parameters broke the batch's logits processing: each row alone
+            for i, req in enumerate(reqs):
+                self._sample([req], logits[i:i + 1])
+            return
+        now = time.monotonic()
+        for i, (req, tok) in enumerate(zip(reqs, tokens.tolist())):
+            self._guard(req, "detokenizing", self._emit, req, i, tok, lp, now)
+
+    def _pick(self, reqs: list[Request], logits: torch.Tensor):
         params = [r.params for r in reqs]
         n_valid = self.n_valid if self.n_valid is not None and self.n_valid < logits.shape[-1] else logits.shape[-1]
         if all(_plain_greedy(p) for p in params) and _fast_argmax(logits):
@@ -429,33 +494,30 @@ class Engine:
                 logits[:, n_valid:] = float("-inf")
             logits = process_logits(logits, params, [r.output_ids for r in reqs], [r.prompt_ids for r in reqs])
             tokens, lp = sample(logits, params, [r.generator for r in reqs])
-        now = time.monotonic()
-        for i, (req, tok) in enumerate(zip(reqs, tokens.tolist())):
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.stats.prompt_tokens += len(req.prompt_ids)
-                self.stats.ttft.observe(now - req.arrival)
-            self.stats.generation_tokens += 1
-            tlp = None
-            if req.row.logprobs is not None:
-                k = req.params.top_logprobs
-                top = [(a, v) for a, v in zip(lp.top_ids[i, :k].tolist(), lp.top_values[i, :k].tolist())
-                       if v != float("-inf")]
-                tlp = TokenLogprob(tok, float(lp.token[i]), top)
-            try:
-                text = req.row.add(tok, tlp)
-            except Exception as e:  # one request's failure must not end the others
-                log.exception("request %s: detokenization failed", req.id)
-                self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
-                continue
-            out = RequestOutput(req.id, text=text, token_ids=[tok], logprobs=[tlp] if tlp else [])
-            if len(req.output_ids) == 1:
-                out.prompt_logprobs = req.row.prompt_logprobs
-            if req.row.finish:
-                self._finish(req, req.row.finish, out)
-            else:
-                out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
-                self._deliver(req, out)
+        return tokens, lp
+
+    def _emit(self, req: Request, i: int, tok: int, lp, now: float):
+        """Hand one request its sampled token (text, logprobs; the prompt's with the first)."""
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            self.stats.ttft.observe(now - req.arrival)
+        self.stats.generation_tokens += 1
+        tlp = None
+        if req.row.logprobs is not None:
+            k = req.params.top_logprobs
+            top = [(a, v) for a, v in zip(lp.top_ids[i, :k].tolist(), lp.top_values[i, :k].tolist())
+                   if v != float("-inf")]
+            tlp = TokenLogprob(tok, float(lp.token[i]), top)
+        text = req.row.add(tok, tlp)
+        out = RequestOutput(req.id, text=text, token_ids=[tok], logprobs=[tlp] if tlp else [])
+        if len(req.output_ids) == 1:
+            out.prompt_logprobs = req.row.prompt_logprobs
+        if req.row.finish:
+            self._finish(req, req.row.finish, out)
+        else:
+            out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+            self._deliver(req, out)
 
     def _finish(self, req: Request, reason: str, out: RequestOutput | None = None, error: str | None = None):
         if req.finished:
