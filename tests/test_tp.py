@@ -114,7 +114,7 @@ def test_qwen2_72b_dims_half_the_weights_per_rank(tmp_path):
     # One layer at 72B's width is 0.88 B parameters: stored in bfloat16, run in float32.
     _, ckpt = make_hf_checkpoint(tmp_path / "m", _real("Qwen2-72B", 1, vocab_size=4096), std=0.01,
                                  dtype=torch.bfloat16)
-    got, full = check(ckpt, 2, tmp_path)
+    got, full = check(ckpt, 2, tmp_path, mode="eager")  # eager: no speed pass repacking weights
     for m in got["memory"]:
         assert m["weights"] < 0.52 * full
         # No rank ever holds a full copy: its peak is its half plus the runtime's fixed cost.

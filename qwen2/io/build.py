@@ -118,6 +118,8 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
                 if pname in buffers:
                     _set_param(model, pname, buffers.pop(pname))
                 loaded.add(pname)
+        if shard is not None and release is not None:
+            release(t)  # only this rank's share was copied out; the file's pages can go
     bar.close()
     expected = set(params) - ({"lm_head.weight"} if tied else set())
     missing = sorted(expected - loaded)
