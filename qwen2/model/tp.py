@@ -246,3 +246,31 @@ def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int, i
     dist.broadcast(seed, 0)
     torch.manual_seed(int(seed.item()))
     return dist.get_rank(), dist.get_world_size()
+
+
+# Bytes per weight of a decoder layer's linears by dtype; int8/int4 add a float16 scale per group
+# of 128 inputs (and int4 a zero point), as the family's GPTQ releases store them.
+_LINEAR_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1 + 2 / 128, "int4": 0.5 + 2.5 / 128}
+
+
+def rank_memory(config: ModelConfig, world: int, dtype: str = "bfloat16") -> dict:
+    """What one rank of `world` holds of `config` in `dtype` (float32, bfloat16, float16, int8 or
+    int4 linears): {"weights": bytes, "kv_per_token": bytes}, counted on a meta model of the rank's
+    share (embeddings, norms and the head stay in 16-bit float for int8/int4)."""
+    shard = TPShard(config, 0, world) if world > 1 else None
+    with torch.device("meta"):
+        if shard is not None:
+            model = shard.build()
+        else:
+            from qwen2.model.decoder import Qwen2
+            model = Qwen2(config)
+    per = _LINEAR_BYTES[dtype]
+    other = 4.0 if dtype == "float32" else 2.0
+    total = 0.0
+    for p in {id(p): p for p in model.parameters()}.values():
+        # (2-D weights inside the decoder layers are the linears; the router is tiny either way)
+        total += p.numel() * (per if p.dim() == 2 and p is not getattr(model.model.embed_tokens, "weight", None)
+                              and p is not model.lm_head.weight else other)
+    kv_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    cfg = shard.config if shard is not None else config
+    return {"weights": int(total), "kv_per_token": cfg.kv_bytes_per_token(kv_dtype)}
