@@ -60,3 +60,164 @@ def test_lm_eval_local_completions_loglikelihood(server, ckpt, hf):
         want = rows.gather(1, torch.tensor(cont_ids)[:, None]).sum().item()
         assert ll == pytest.approx(want, abs=1e-4), (ctx, cont)
         assert greedy == bool((rows.argmax(-1) == torch.tensor(cont_ids)).all())
+
+
+# --------------------------------------------------------------------------- one request cannot hurt another
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+from test_serving_api import free_port, metric  # noqa: E402
+
+STREAM_PROMPTS = [f"Stream {i}: the numbers {i}, {i + 1} and" + " more" * i for i in range(8)]
+STREAM_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return qwen2.load(ckpt, dtype="float32")
+
+
+def offline_texts(llm, prompts, n):
+    return [llm.generate(llm.tokenizer.encode(p), max_new_tokens=n, temperature=0).text for p in prompts]
+
+
+async def _stream(aclient, prompt, n, started):
+    text = ""
+    stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                              stream=True)
+    async for chunk in stream:
+        started.add(prompt)
+        text += chunk.choices[0].text if chunk.choices else ""
+    return text
+
+
+async def eight_streams_and(url, bad_requests):
+    """The 8 streams; once all have their first token, the bad requests (raw httpx, so their
+    status and bodies can be read). Returns (the 8 texts, the bad responses)."""
+    aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    started: set = set()
+    streams = [asyncio.ensure_future(_stream(aclient, p, STREAM_TOKENS, started)) for p in STREAM_PROMPTS]
+    while len(started) < len(STREAM_PROMPTS):
+        assert not any(s.done() for s in streams), "a stream ended before all had started"
+        await asyncio.sleep(0.02)
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as c:
+        bad = await asyncio.gather(*[c.post(path, json=body) for path, body in bad_requests])
+    return await asyncio.gather(*streams), bad
+
+
+ISSUE_CASES = [   # the issue's reproductions: each is now answered alone
+    ("/v1/completions", {"prompt": "x", "temperature": 1e308, "max_tokens": 4}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 1e-300, "max_tokens": 4}, 200, None),
+    ("/v1/completions", {"prompt": "x", "temperature": 1e-300, "top_k": 1, "max_tokens": 4, "stream": True}, 200, None),
+    ("/v1/completions", {"prompt": [1, 151700], "echo": True, "logprobs": 1, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [151650], "stream": True, "max_tokens": 2}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 70}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "min_p": -1}, 400, "min_p"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+]
+
+
+def test_bad_requests_while_8_streams_run(server, llm):
+    """The issue's bad requests sent while 8 streams run: each gets its own answer (4xx naming its
+    parameter, or a normal reply), all 8 streams complete equal to their offline greedy output."""
+    want = offline_texts(llm, STREAM_PROMPTS, STREAM_TOKENS)
+    got, bad = asyncio.run(eight_streams_and(server, [(p, b) for p, b, _, _ in ISSUE_CASES]))
+    assert got == want
+    for (path, body, status, param), r in zip(ISSUE_CASES, bad):
+        assert r.status_code == status, (body, r.text)
+        if status == 400:
+            assert r.json()["error"]["param"] == param, r.text
+        elif body.get("stream"):
+            assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text
+    # and the next request on the same keep-alive connection is served
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as c:
+        assert c.post("/v1/completions", json={"prompt": [1, 151700], "echo": True, "logprobs": 1}).status_code == 400
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+class FailingDetokenizer:
+    """The server's tokenizer, whose stream decoder fails on one token id: only the requests that
+    draw it are hit (an injected per-request failure inside the engine thread)."""
+
+    def __init__(self, tok, bad: int):
+        self._tok, self._bad = tok, bad
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def stream_decoder(self, **kw):
+        inner, bad = self._tok.stream_decoder(**kw), self._bad
+
+        class Decoder:
+            def feed(self, t):
+                if t == bad:
+                    raise RuntimeError("injected detokenizer failure")
+                return inner.feed(t)
+
+            def flush(self):
+                return inner.flush()
+        return Decoder()
+
+
+@pytest.fixture
+def thread_server():
+    """Serve an app with uvicorn in a thread of this process (a live HTTP server whose engine the
+    test can inject faults into); yields start(app) -> url."""
+    import uvicorn
+    servers = []
+
+    def start(app):
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        t = threading.Thread(target=srv.run, daemon=True)
+        t.start()
+        servers.append((srv, t))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+    yield start
+    for srv, t in servers:
+        srv.should_exit = True
+        t.join(30)
+
+
+def test_failing_request_alone_fails_while_8_streams_run(llm, thread_server):
+    """A request whose detokenizing fails inside the engine, streamed and not, while 8 streams run:
+    it gets an error (an error event then [DONE]; a 500), /metrics counts 500s and engine errors,
+    and the 8 streams equal their offline greedy output."""
+    from qwen2.engine.core import Engine
+    from qwen2.serve.app import build_app
+
+    want = offline_texts(llm, STREAM_PROMPTS, STREAM_TOKENS)
+    others = {t for p in STREAM_PROMPTS for t in
+              llm.generate(llm.tokenizer.encode(p), max_new_tokens=STREAM_TOKENS, temperature=0).token_ids}
+    victim = "Fault: a request of its own"
+    toks = llm.generate(llm.tokenizer.encode(victim), max_new_tokens=8, temperature=0).token_ids
+    bad = next(t for t in toks[1:] if t not in others)
+    tok = FailingDetokenizer(llm.tokenizer, bad)
+    engine = Engine(llm.model, tok, eos_token_ids=llm.eos_token_ids, max_model_len=512, max_batch=16)
+    url = thread_server(build_app(engine, tok, "tiny", api_key=KEY))
+    body = {"model": "tiny", "prompt": victim, "max_tokens": 8, "temperature": 0}
+    got, (plain, streamed) = asyncio.run(eight_streams_and(
+        url, [("/v1/completions", body), ("/v1/completions", dict(body, stream=True))]))
+    assert got == want
+    assert plain.status_code == 500 and "detokenizing" in plain.json()["error"]["message"]
+    events = [e for e in streamed.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and '"error"' in events[-2] and "detokenizing" in events[-2]
+    text = httpx.get(url + "/metrics").text
+    assert 'qwen2_http_requests_total{endpoint="/v1/completions",status="500"} 2.0' in text
+    assert 'qwen2_request_finished_total{reason="error"} 2.0' in text
+    assert metric(url, "qwen2_requests_running") == 0

@@ -53,7 +53,8 @@ class _Edge:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.state.requests.count(path, status.get("code", 499))   # 499: the client left first
+            # 499: the client left first; a stream that failed after its 200 counts as its error
+            self.state.requests.count(path, scope.get(responses.STATUS) or status.get("code", 499))
 
 
 async def json_body(request: Request) -> bytes:
@@ -116,7 +117,8 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
         job = Job(engine, "chatcmpl", [prompt], req.n, [inputs.sampling_params(state, req, len(prompt))])
         await job.submit()
         if req.stream:
-            return responses.sse(job, responses.chat_chunks(state, job, tools, req.include_usage), req.include_usage)
+            return responses.sse(job, responses.chat_chunks(state, job, tools, req.include_usage), req.include_usage,
+                                 request.scope)
         return json_response(responses.chat_completion(state, job, await job.collect(request), tools))
 
     @app.post("/v1/completions")
@@ -128,7 +130,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
         await job.submit()
         if req.stream:
             return responses.sse(job, responses.completion_chunks(state, job, req.echo, req.include_usage),
-                                 req.include_usage)
+                                 req.include_usage, request.scope)
         return json_response(responses.completion(state, job, await job.collect(request), req.echo))
 
     return app

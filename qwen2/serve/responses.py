@@ -1,6 +1,7 @@
 """Engine outputs -> OpenAI response bodies and stream chunks, and the SSE framing of streams."""
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator
 
 from fastapi.responses import StreamingResponse
@@ -15,17 +16,26 @@ from qwen2.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
 from qwen2.serve.state import ServerState
 from qwen2.text.tool_calls import StreamingToolParser, parse_tool_calls
 
+log = logging.getLogger("qwen2.serve")
 
-def sse(job: Job, chunks: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResponse:
+STATUS = "qwen2.status"   # scope key: the status a stream ended with, for /metrics (the 200 went out first)
+
+
+def sse(job: Job, chunks: AsyncIterator[BaseModel], include_usage: bool, scope: dict) -> StreamingResponse:
     """OpenAI's server-sent events: one `data: {json}` per chunk, then `data: [DONE]`. An error
-    after the 200 went out can only be reported in the stream, as an error chunk."""
+    after the 200 went out can only be reported in the stream, as an error chunk, still followed
+    by [DONE]; /metrics counts the request under the error's status."""
     exclude = None if include_usage else {"usage"}
 
     async def body():
         try:
             async for chunk in chunks:
                 yield f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
-        except APIError as e:
+        except Exception as e:   # this request's failure (engine, tool-call parsing, ...): its stream alone ends
+            if not isinstance(e, APIError):
+                log.exception("stream %s failed", job.id)
+                e = APIError(500, f"internal error: {type(e).__name__}", "server_error")
+            scope[STATUS] = e.status
             yield f"data: {e.body.model_dump_json()}\n\n"
         finally:
             job.abort()  # frees the blocks of a client that left
