@@ -461,7 +461,10 @@ def tokenizer_fields(src: Path, vocab_size: int) -> dict[str, Field]:
     key = {"pad": "padding"}
     for typ, tid in sv.special_token_ids.items():
         f[f"tokenizer.ggml.{key.get(typ, typ)}_token_id"] = Field(int(tid), V.UINT32)
-    for typ, value in sv.add_special_token.items():
+    # Qwen2 adds no BOS / EOS when encoding; llama.cpp's newer SpecialVocab reads that from
+    # tokenizer.json's post-processor, gguf 0.19's only from tokenizer_config.json
+    adds = {"bos": False, "eos": False, **sv.add_special_token}
+    for typ, value in adds.items():
         f[f"tokenizer.ggml.add_{typ}_token"] = Field(bool(value), V.BOOL)
     template = sv.chat_template or tok.chat_template
     if isinstance(template, list):  # named templates: llama.cpp keeps the default one under this key
@@ -471,11 +474,27 @@ def tokenizer_fields(src: Path, vocab_size: int) -> dict[str, Field]:
     return f
 
 
+def _general(w, source: Path | None, name: str | None):
+    """general.* as convert_hf_to_gguf.py writes them: the gguf package's Metadata heuristics over
+    the model directory (its README's model card, the directory name), a size label from the
+    parameter count."""
+    g = _gguf()
+    total, shared, expert, n_expert = w.get_total_parameter_count()
+    model_dir = source if source is not None and source.is_dir() else None
+    meta = g.Metadata.load(None, model_dir, name, total)
+    if meta.name is None:
+        meta.name = model_dir.name if model_dir else (source.stem if source else "model")
+    if meta.size_label is None and total > 0:
+        meta.size_label = g.size_label(total, shared, expert, n_expert)
+    meta.set_gguf_meta_model(w)
+
+
 # ----------------------------------------------------------------------------- writing
 def write_gguf(model: Qwen2, tok_fields: dict[str, Field], out, outtype: str = "f16", *, force: bool = False,
-               name: str | None = None, progress: bool | None = None) -> Path:
-    """Write `model` as a GGUF file (see the module doc). Atomic: the file appears under `out`
-    only once complete (a temporary file in the same directory, renamed)."""
+               source: Path | None = None, name: str | None = None, progress: bool | None = None) -> Path:
+    """Write `model` as a GGUF file (see the module doc); general.* metadata from the `source`
+    directory's model card, `name` overriding. Atomic: the file appears under `out` only once
+    complete (a temporary file in the same directory, renamed)."""
     g = _gguf()
     if outtype not in OUTTYPES:
         raise Qwen2Error(f"unknown GGUF outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
@@ -500,7 +519,6 @@ def write_gguf(model: Qwen2, tok_fields: dict[str, Field], out, outtype: str = "
     w = g.GGUFWriter(tmp, arch)
     try:
         w.add_type(g.GGUFType.MODEL)
-        w.add_name(name or "model")
         for key, fld in model_fields(config, arch).items():
             w.add_key_value(key, fld.value, fld.type, fld.sub_type)
         w.add_file_type(int(file_type(outtype)))
@@ -515,6 +533,7 @@ def write_gguf(model: Qwen2, tok_fields: dict[str, Field], out, outtype: str = "
             byte_shape = shape if dt is not np.uint8 else g.quant_shape_to_byte_shape(shape, qt)
             w.add_tensor_info(tname, byte_shape, np.dtype(dt), n, raw_dtype=qt)
             nbytes += n
+        _general(w, source, name)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -548,7 +567,7 @@ def export_gguf(src, out, outtype: str = "f16", *, force: bool = False, progress
     path = resolve(src)
     model = load_model(path, dtype=_load_dtype(path))
     return write_gguf(model, tokenizer_fields(path, model.config.vocab_size), out, outtype, force=force,
-                      name=path.stem if path.suffix == ".gguf" else path.name, progress=progress)
+                      source=path, progress=progress)
 
 
 def _load_dtype(path: Path) -> str:
