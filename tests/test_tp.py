@@ -154,3 +154,48 @@ def test_shard_slices_cover_every_weight_once():
     experts = [r for r in range(2) for e in range(c.num_experts)
                if TPShard(c, r, 2).slice(f"model.layers.0.mlp.experts.{e}.down_proj.weight", None, w) is not None]
     assert sorted(experts) == [0] * 4 + [1] * 4
+
+
+def _generate_cmd(ckpt, *extra):
+    return ["-m", "qwen2", "generate", "--model", str(ckpt), "--prompt", "Tensor parallel ranks",
+            "--max-new-tokens", "10", "--dtype", "float32", "--json", *extra]
+
+
+def test_torchrun_generate_equals_one_process(ckpt):
+    """`torchrun --nproc-per-node 2 -m qwen2 generate` prints, from rank 0 only, what one process
+    prints: greedy, and sampling without a seed (every rank draws the same tokens, else the
+    collectives would deadlock or the ranks disagree)."""
+    import json
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *_generate_cmd(ckpt, "--temperature", "0")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    for extra in (["--temperature", "0"], ["--temperature", "1.0"]):
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                              f"--master-port={next(_port)}", *_generate_cmd(ckpt, *extra)],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+        lines = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1  # rank 1 stays quiet
+        if extra[1] == "0":
+            assert lines[0]["token_ids"] == json.loads(one.stdout)["token_ids"]
+        assert len(lines[0]["token_ids"]) > 0
+
+
+def test_bad_launches_fail_in_one_line(ckpt, tmp_path):
+    """A size that does not divide the model stops every rank with one line; no hang."""
+    import shutil
+    _, odd = make_hf_checkpoint(tmp_path / "odd", dict(TINY, vocab_size=151936, num_attention_heads=4,
+                                                        num_key_value_heads=4, intermediate_size=96))
+    for f in Path(ckpt).iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges")):
+            shutil.copy(f, odd / f.name)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3",
+                        f"--master-port={next(_port)}", *_generate_cmd(odd)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    # One line from each rank; the only traceback is the launcher's own report of failed ranks.
+    assert r.stderr.count("qwen2: error: tensor-parallel size 3 does not divide this model (4 attention "
+                          "heads); valid sizes: 1, 2, 4") == 3
+    assert "/qwen2/" not in r.stderr
