@@ -5,8 +5,9 @@ request, either its next decode token or a chunk of its prompt (prefill of newco
 with the decode of the others), runs the model once over the packed row, samples one token for
 every request whose prompt is fully in the cache, and hands each request its new text.
 
-KV memory is a fixed pool of blocks (paged.py). A request is admitted (FIFO) only when the pool
-can hold its whole prompt; decode grows a request block by block; when the pool runs dry the most
+KV memory is a fixed pool of blocks (paged.py). A request is admitted only when the pool can hold
+its whole prompt, preempted requests first, then round-robin over groups (one HTTP request's
+prompts and choices form a group, so a 1,000-prompt request cannot starve a small one behind it); decode grows a request block by block; when the pool runs dry the most
 recently admitted request is preempted (blocks freed, recomputed later from its tokens), so the
 oldest requests always make progress and nothing deadlocks.
 
@@ -105,6 +106,8 @@ class Request:
     # from cached blocks; hashes: the chained hashes of this request's full, computed blocks.
     cache_limit: int = 0
     hashes: list[int] = field(default_factory=list)
+    group: str = ""                     # admission is round-robin over groups
+    resumed: bool = False               # preempted once: readmitted before anyone else
 
     @property
     def output_ids(self) -> list[int]:
@@ -162,6 +165,8 @@ class Engine:
             self.max_batch = 1
 
         self.waiting: deque[Request] = deque()
+        self._turns: dict[str, int] = {}   # group -> admission count when it was last served (or arrived)
+        self._admissions = 0
         self.running: list[Request] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue = queue.SimpleQueue()
@@ -198,10 +203,14 @@ class Engine:
         return sum(n for t, n in list(self._recent) if now - t <= window) / window
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    sink: Callable[[RequestOutput], None], score_from: int | None = None) -> Request:
+                    sink: Callable[[RequestOutput], None], score_from: int | None = None,
+                    group: str | None = None, check_waiting: bool = True) -> Request:
         """score_from (with params.prompt_logprobs): only the prompt tokens from this index on are
         scored (their entries before it stay None), so the prefix cache may supply the tokens
-        before it; without it a scoring request computes its whole prompt."""
+        before it; without it a scoring request computes its whole prompt.
+        group: requests of one group (default: each its own) share one turn of the round-robin
+        admission. check_waiting=False: exempt from max_waiting (a caller that keeps a bounded
+        number of its own requests queued, refilling as they finish)."""
         if self._stopping:
             raise EngineStopped("server is shutting down")
         if not prompt_ids:
@@ -209,12 +218,12 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the maximum context length is "
                              f"{self.max_model_len} (including at least one generated token)")
-        if self.num_waiting >= self.max_waiting:
+        if check_waiting and self.num_waiting >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting} requests are already waiting")
         limit = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
         req = Request(request_id, list(prompt_ids), params, sink,
                       row=Row(list(prompt_ids), params, limit, self.tokenizer, self.eos_token_ids),
-                      generator=make_generator(params.seed, self.model.device))
+                      generator=make_generator(params.seed, self.model.device), group=group or request_id)
         if req.row.prompt_logprobs is None:
             req.cache_limit = len(req.prompt_ids) - 1   # the last prompt token's logits are needed
         elif score_from:
@@ -376,19 +385,30 @@ class Engine:
             plan.append((req, self._slice(req, n)))
             budget -= n
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
-            req = self.waiting[0]
+            req = self._next_waiting()
             # Admit only if the whole prompt (+ its first token) fits: no thrashing on arrival.
             hit = self._match_prefix(req)
             if self.pool.blocks_for(req.num_tokens + 1) - len(hit) > alloc.num_free:
                 self._unmatch(req)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
+            self._admissions += 1
+            self._turns[req.group] = self._admissions
             self.running.append(req)
             n = self._chunk(req, budget)
             req.blocks += alloc.allocate(self.pool.blocks_for(req.num_computed + n) - len(req.blocks))
             plan.append((req, self._slice(req, n)))
             budget -= n
         return plan
+
+    def _next_waiting(self) -> Request:
+        """Who is admitted next: a preempted request, else round-robin over groups (the group
+        served, or arrived, longest ago), each group's requests in arrival order."""
+        if self.waiting[0].resumed:
+            return self.waiting[0]
+        if len(self._turns) > 2 * len(self.waiting) + 64:   # forget groups with nothing waiting
+            self._turns = {r.group: self._turns[r.group] for r in self.waiting}
+        return min(self.waiting, key=lambda r: self._turns.get(r.group, -1))
 
     @staticmethod
     def _chunk(req: Request, budget: int) -> int:
@@ -461,6 +481,7 @@ class Engine:
         self.running.remove(req)
         self.pool.allocator.release(req.blocks)
         req.blocks, req.hashes, req.num_computed = [], [], 0
+        req.resumed = True
         self.waiting.appendleft(req)
         self.stats.preemptions += 1
 
@@ -549,9 +570,11 @@ class Engine:
     def _drain_inbox_only(self):
         while True:
             try:
-                self.waiting.append(self._inbox.get_nowait())
+                req = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            self.waiting.append(req)
+            self._turns.setdefault(req.group, self._admissions)   # a new group queues behind those waiting
 
     # ------------------------------------------------------------------ offline helper
     def run_until_done(self):

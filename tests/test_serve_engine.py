@@ -1,5 +1,6 @@
-"""Prompt logprobs from the engine (SamplingParams.prompt_logprobs): transformers' log_softmax of
-the same random checkpoint, through chunked prefill, batching with other requests and preemption."""
+"""Engine behaviours the server relies on: prompt logprobs (SamplingParams.prompt_logprobs) equal to
+transformers' log_softmax of the same random checkpoint, through chunked prefill, batching and
+preemption; one request's failure ending that request alone; round-robin admission."""
 import pytest
 import torch
 from util import TINY, make_hf_checkpoint
@@ -160,3 +161,26 @@ def test_one_request_failing_leaves_the_others_exact(models):
         assert [o.finish_reason for o in outs[name]] == ["error"] and stage in outs[name][0].error
     assert eng.stats.finished["error"] == 2 + sum(bad_tok in w.token_ids for w in want)
     assert eng.pool.allocator.num_free == eng.pool.num_blocks
+
+
+def test_admission_is_round_robin_over_groups(models):
+    """A group of 40 requests queued first cannot starve a later single request: it is admitted
+    at the next free slot (FIFO admission would put it behind all 40), as is a third arriving with
+    it, before the big group's next turn; every group's requests keep their order."""
+    hf, model = models
+    ps = prompts([6] * 42, seed=9)
+    eng = Engine(model, None, max_batch=2, max_batched_tokens=64)
+    admitted = []
+    params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    for i in range(40):
+        eng.add_request(f"big{i}", ps[i], params, lambda o: None, group="big")
+    eng.step()
+    eng.add_request("small", ps[40], params, lambda o: None)
+    eng.add_request("later", ps[41], params, lambda o: None)
+    while eng.has_work():
+        before = {r.id for r in eng.running}
+        eng.step()
+        admitted += [r.id for r in eng.running if r.id not in before]
+    order = ["big0", "big1"] + admitted
+    assert order[3:6] == ["small", "later", "big3"], order[:8]
+    assert [r for r in order if r.startswith("big")] == [f"big{i}" for i in range(40)]
