@@ -199,3 +199,16 @@ def test_bad_launches_fail_in_one_line(ckpt, tmp_path):
     assert r.stderr.count("qwen2: error: tensor-parallel size 3 does not divide this model (4 attention "
                           "heads); valid sizes: 1, 2, 4") == 3
     assert "/qwen2/" not in r.stderr
+
+
+def test_missing_backend_fails_in_one_line(ckpt):
+    """--device cuda under torchrun needs NCCL; this CPU build of torch has none (a CUDA build
+    with fewer GPUs than ranks gets the same kind of line, naming the GPU count)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the missing-backend case cannot happen here")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                        f"--master-port={next(_port)}", *_generate_cmd(ckpt, "--device", "cuda")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    assert r.stderr.count("qwen2: error: torch.distributed backend 'nccl' is not available") == 2, r.stderr[-2000:]
