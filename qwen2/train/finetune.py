@@ -252,8 +252,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     bar = tqdm(total=steps, initial=start, disable=not (main and cfg.progress), unit="step", dynamic_ncols=True)
     t0, tok_seen, rec = time.perf_counter(), 0, {}
-    step = start
-    try:
+    with _StopOnCtrlC() as ctrl_c:
         for step in range(start, steps):
             rec = train_step(step)
             tok_seen += rec["tokens"]
@@ -263,18 +262,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
             done = step + 1
+            if ctrl_c.requested(distributed):
+                bar.close()
+                save_checkpoint(ckpt_dir, model, opt, sched, done, cfg, main)
+                if main:
+                    print(f"interrupted: checkpoint at step {done} saved in {ckpt_dir}; continue with --resume")
+                raise KeyboardInterrupt
             if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
                 ev = {"step": done, **evaluate()}
                 write(ev)
                 bar.write(" ".join(f"{k}={v:.4g}" for k, v in ev.items()))
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                 save_checkpoint(ckpt_dir, model, opt, sched, done, cfg, main)
-    except KeyboardInterrupt:
-        bar.close()
-        save_checkpoint(ckpt_dir, model, opt, sched, step, cfg, main)
-        if main:
-            print(f"interrupted: checkpoint at step {step} saved in {ckpt_dir}; continue with --resume")
-        raise
     bar.close()
     if evals:
         ev = {"step": steps, **evaluate()}
@@ -291,6 +290,40 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if distributed:
         dist.barrier()
     return rec
+
+
+class _StopOnCtrlC:
+    """The first Ctrl-C lets the running step finish (an optimizer step is never half applied),
+    then the loop saves a checkpoint and stops; a second one interrupts at once."""
+
+    def __enter__(self):
+        import signal
+        self._flag = False
+        self._old = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            self._flag = True
+            signal.signal(signal.SIGINT, self._old)
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+            self._installed = True
+        except ValueError:  # not the main thread: Ctrl-C stays a plain KeyboardInterrupt
+            self._installed = False
+        return self
+
+    def requested(self, distributed: bool) -> bool:
+        if not distributed:
+            return self._flag
+        t = torch.tensor([float(self._flag)])
+        dist.all_reduce(t)  # every process stops at the same step
+        return bool(t.item())
+
+    def __exit__(self, *exc):
+        import signal
+        if self._installed:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 def check(cfg: FinetuneConfig):
