@@ -17,7 +17,7 @@ from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import Qwen2Error
 from qwen2.io.load import load_model
 from qwen2.model.config import ModelConfig, preset
-from qwen2.model.tp import TPShard, check_tp_size, valid_tp_sizes
+from qwen2.model.tp import TPShard, check_tp_size, rank_memory, valid_tp_sizes
 from util import TINY, TINY_MOE, make_hf_checkpoint
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -89,9 +89,12 @@ def _real(name, layers, **over):
 def test_qwen2_0_5b_dims_full_vocabulary(tmp_path):
     _, ckpt = make_hf_checkpoint(tmp_path / "m", _real("Qwen2-0.5B", 2), std=0.02)
     got, full = check(ckpt, 2, tmp_path)
+    planned = rank_memory(ModelConfig.from_file(ckpt / "config.json"), 2, "float32")["weights"]
     for m in got["memory"]:
-        # Each rank holds half of the (tied, vocabulary-split) embedding and of every layer.
+        # Each rank holds half of the (tied, vocabulary-split) embedding and of every layer, as
+        # the planner (`qwen2 info --tensor-parallel-size`) counts it.
         assert m["weights"] < 0.55 * full
+        assert abs(m["weights"] - planned) < 0.001 * planned
 
 
 @pytest.mark.slow
@@ -212,3 +215,25 @@ def test_missing_backend_fails_in_one_line(ckpt):
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
     assert r.stderr.count("qwen2: error: torch.distributed backend 'nccl' is not available") == 2, r.stderr[-2000:]
+
+
+def test_info_plans_every_released_config(capsys):
+    import json
+    from qwen2.cli import main
+    assert main(["info", "--tensor-parallel-size", "2", "--json"]) == 0
+    two = {(r["model"], r["dtype"]): r for r in json.loads(capsys.readouterr().out)}
+    assert main(["info", "--tensor-parallel-size", "1", "--json"]) == 0
+    one = {(r["model"], r["dtype"]): r for r in json.loads(capsys.readouterr().out)}
+    assert {m for m, _ in one} >= {"Qwen2-0.5B", "Qwen2-1.5B", "Qwen2-7B", "Qwen2-72B", "Qwen2-57B-A14B"}
+    assert "error" in two["Qwen2-72B", "int4"]  # 29568 / 2 is not whole 128-input groups
+    for key, r in one.items():
+        if "error" in two[key]:
+            continue
+        # Everything but the norms (and the router) halves, the KV cache too.
+        assert 0.5 <= two[key]["weights"] / r["weights"] < 0.502, key
+        assert two[key]["kv_per_token"] * 2 == r["kv_per_token"]
+    assert 140e9 < one["Qwen2-72B", "bfloat16"]["weights"] < 150e9  # "about 145 GB"
+    assert main(["info", "--tensor-parallel-size", "8", "--json"]) == 0
+    eight = {(r["model"], r["dtype"]): r for r in json.loads(capsys.readouterr().out)}
+    assert "valid sizes: 1, 2, 4" in eight["Qwen2-7B", "bfloat16"]["error"]
+    assert "29568 in groups of 128" in eight["Qwen2-72B", "int4"]["error"]

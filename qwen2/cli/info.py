@@ -14,7 +14,48 @@ def register(subparsers):
                               description=__doc__)
     _common.add_model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="plan a tensor-parallel run: each rank's weights and KV cache for N ranks, for "
+                        "every released config and dtype (and --model, when given)")
     p.set_defaults(func=run)
+
+
+def tp_plan(n: int, models: dict) -> list[dict]:
+    """One row per (model, dtype): each of n ranks' weights and KV bytes per token, or why n
+    ranks cannot split the model (qwen2.model.tp)."""
+    from qwen2.model.tp import problems as tp_problems, rank_memory, valid_tp_sizes
+    rows = []
+    for name, config in models.items():
+        for dtype in ("bfloat16", "int8", "int4"):
+            row = {"model": name, "dtype": dtype, "tensor_parallel_size": n}
+            group = 128 if dtype != "bfloat16" else None  # int4/int8 as the GPTQ releases: 128-input groups
+            problems = tp_problems(config, n, group)
+            if problems:
+                sizes = ", ".join(map(str, valid_tp_sizes(config, group, limit=max(n, 16))))
+                row["error"] = f"does not split: {'; '.join(problems)} (valid sizes: {sizes})"
+            else:
+                row.update(rank_memory(config, n, dtype))
+            rows.append(row)
+    return rows
+
+
+def run_tp_plan(args) -> int:
+    from qwen2.model.config import PRESETS, preset
+    models = {}
+    if args.model:
+        from qwen2.io.hub import resolve
+        models[args.model] = read_config(resolve(args.model))[0]
+    models.update({name: preset(name) for name in PRESETS})
+    rows = tp_plan(args.tensor_parallel_size, models)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    w = max(len(r["model"]) for r in rows)
+    print(f"{'model':<{w}}  {'dtype':<8}  per rank (of {args.tensor_parallel_size}): weights, KV cache per token")
+    for r in rows:
+        what = r["error"] if "error" in r else f"{gib(r['weights']):>10}   {r['kv_per_token'] / 1024:g} KiB"
+        print(f"{r['model']:<{w}}  {r['dtype']:<8}  {what}")
+    return 0
 
 
 def read_config(path: Path):
@@ -98,6 +139,10 @@ def describe(path: Path, dtype_arg="auto", device="cpu") -> dict:
 
 
 def run(args) -> int:
+    if args.tensor_parallel_size is not None:
+        if args.tensor_parallel_size < 1:
+            raise CheckpointError("--tensor-parallel-size must be >= 1")
+        return run_tp_plan(args)
     from qwen2.io.hub import resolve
     info = describe(resolve(_common.model_path(args)), args.dtype, args.device)
     if args.json:

@@ -35,7 +35,7 @@ from qwen2.model.config import ModelConfig
 __all__ = ["TPShard", "check_tp_size", "init_from_env", "parallelize", "tp_rank_world", "valid_tp_sizes"]
 
 
-def _problems(config: ModelConfig, n: int, group_size: int | None = None) -> list[str]:
+def problems(config: ModelConfig, n: int, group_size: int | None = None) -> list[str]:
     """Why `n` ranks cannot split `config` (empty: they can). group_size: quantization group width
     along the input of row-parallel layers (GPTQ), which a rank's share must hold whole groups of."""
     h, kv = config.num_attention_heads, config.num_key_value_heads
@@ -58,13 +58,13 @@ def _problems(config: ModelConfig, n: int, group_size: int | None = None) -> lis
 
 
 def valid_tp_sizes(config: ModelConfig, group_size: int | None = None, limit: int = 64) -> list[int]:
-    return [n for n in range(1, limit + 1) if not _problems(config, n, group_size)]
+    return [n for n in range(1, limit + 1) if not problems(config, n, group_size)]
 
 
 def check_tp_size(config: ModelConfig, n: int, group_size: int | None = None):
     if n < 1:
         raise Qwen2Error(f"tensor-parallel size must be >= 1, not {n}")
-    bad = _problems(config, n, group_size)
+    bad = problems(config, n, group_size)
     if bad:
         sizes = ", ".join(map(str, valid_tp_sizes(config, group_size, limit=max(n, 16))))
         raise Qwen2Error(f"tensor-parallel size {n} does not divide this model ({'; '.join(bad)}); "
