@@ -43,6 +43,7 @@ import torch
 from qwen2.errors import Qwen2Error
 from qwen2.engine.request import Row, TokenLogprob
 from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, prompt_logprobs, sample
+from qwen2.engine.lockstep import LockstepError
 from qwen2.engine.stats import Histogram
 from qwen2.engine import runner
 from qwen2.engine.paged import BLOCK_SIZE, KVPool, PackedStep, SeqSlice, block_hashes, one_sequence_per_step
@@ -108,6 +109,7 @@ class Request:
     hashes: list[int] = field(default_factory=list)
     group: str = ""                     # admission is round-robin over groups
     resumed: bool = False               # preempted once: readmitted before anyone else
+    score_from: int | None = None       # add_request's, kept for tensor-parallel ranks
 
     @property
     def output_ids(self) -> list[int]:
@@ -131,8 +133,12 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer=None, *, eos_token_ids=(), max_batch: int = 32,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None,
-                 block_size: int = BLOCK_SIZE, max_batched_tokens: int = 1024, max_waiting: int = 1024):
+                 block_size: int = BLOCK_SIZE, max_batched_tokens: int = 1024, max_waiting: int = 1024,
+                 lockstep=None):
+        """lockstep (qwen2.engine.lockstep.Lockstep): under tensor parallelism, keeps this rank's
+        engine taking the same steps as rank 0's."""
         self.model = model
+        self.lockstep = lockstep
         self.tokenizer = tokenizer
         self.n_valid = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
         self.eos_token_ids = set(int(t) for t in eos_token_ids)
@@ -220,10 +226,21 @@ class Engine:
                              f"{self.max_model_len} (including at least one generated token)")
         if check_waiting and self.num_waiting >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting} requests are already waiting")
+        req = self.new_request(request_id, prompt_ids, params, sink, group=group, score_from=score_from)
+        self._inbox.put(req)
+        self._wake.set()
+        return req
+
+    def new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    sink: Callable[[RequestOutput], None], *, group: str | None = None,
+                    score_from: int | None = None) -> Request:
+        """The request add_request queues, checked but not queued (tensor-parallel ranks other
+        than 0 make rank 0's requests with it)."""
         limit = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
         req = Request(request_id, list(prompt_ids), params, sink,
                       row=Row(list(prompt_ids), params, limit, self.tokenizer, self.eos_token_ids),
-                      generator=make_generator(params.seed, self.model.device), group=group or request_id)
+                      generator=make_generator(params.seed, self.model.device), group=group or request_id,
+                      score_from=score_from)
         if req.row.prompt_logprobs is None:
             req.cache_limit = len(req.prompt_ids) - 1   # the last prompt token's logits are needed
         elif score_from:
@@ -232,8 +249,6 @@ class Engine:
             req.cache_limit = max(score_from - 1, 0)
         if self._single:
             req.cache_limit = 0   # dynamic-NTK keys depend on the prompt's length
-        self._inbox.put(req)
-        self._wake.set()
         return req
 
     def abort(self, request_id: str):
@@ -252,6 +267,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_all("server is shutting down")
+        if self.lockstep is not None:
+            self.lockstep.stop()
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self):
@@ -259,6 +276,11 @@ class Engine:
             self._wake.clear()
             try:
                 worked = self.step()
+            except LockstepError as e:  # a tensor-parallel rank is gone: nothing can run any more
+                self._stopping = True
+                self._fail_all(str(e))
+                self.lockstep.fatal(str(e))
+                return
             except Exception as e:  # never let one bad step kill the server
                 log.exception("engine step failed")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
@@ -267,13 +289,16 @@ class Engine:
                 self._wake.wait(0.5)
 
     def _drain(self):
-        self._drain_inbox_only()
+        new = self._take_inbox()
         aborted = set()
         while True:
             try:
                 aborted.add(self._aborts.get_nowait())
             except queue.Empty:
                 break
+        if self.lockstep is not None:
+            new, aborted = self.lockstep.exchange(self, new, aborted)
+        self._enqueue(new)
         if aborted:
             for req in [r for r in list(self.waiting) + self.running if r.id in aborted]:
                 self._finish(req, "abort")
@@ -568,11 +593,18 @@ class Engine:
             self._finish(req, "error", error=message)
 
     def _drain_inbox_only(self):
+        self._enqueue(self._take_inbox())
+
+    def _take_inbox(self) -> list[Request]:
+        new = []
         while True:
             try:
-                req = self._inbox.get_nowait()
+                new.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
+                return new
+
+    def _enqueue(self, new: list[Request]):
+        for req in new:
             self.waiting.append(req)
             self._turns.setdefault(req.group, self._admissions)   # a new group queues behind those waiting
 
