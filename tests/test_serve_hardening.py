@@ -221,3 +221,94 @@ def test_failing_request_alone_fails_while_8_streams_run(llm, thread_server):
     assert 'qwen2_http_requests_total{endpoint="/v1/completions",status="500"} 2.0' in text
     assert 'qwen2_request_finished_total{reason="error"} 2.0' in text
     assert metric(url, "qwen2_requests_running") == 0
+
+
+# --------------------------------------------------------------------------- limits
+import json  # noqa: E402
+import select  # noqa: E402
+import socket  # noqa: E402
+
+HEADER_TIMEOUT, BODY_TIMEOUT, MAX_BODY = 1.0, 2.0, 64 << 10
+
+
+@pytest.fixture(scope="module")
+def tight(ckpt):
+    proc, url = start_server(ckpt, "--max-model-len", "512", "--max-batch", "4", "--max-waiting", "8",
+                             "--max-body-size", "64K", "--header-timeout", str(HEADER_TIMEOUT),
+                             "--body-timeout", str(BODY_TIMEOUT), "--max-queued-per-request", "4")
+    yield url
+    assert stop_server(proc) == 0
+
+
+def _connect(url):
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def _closed_within(sock, seconds, trickle=b""):
+    """Send `trickle` a byte every 0.2 s until the server closes the connection; returns
+    (seconds until it closed, what it sent back), or fails after `seconds`."""
+    t0, got = time.monotonic(), b""
+    for i in range(int(seconds / 0.2)):
+        if trickle:
+            try:
+                sock.sendall(trickle[i % len(trickle):i % len(trickle) + 1])
+            except OSError:   # closed under us
+                return time.monotonic() - t0, got
+        if select.select([sock], [], [], 0.2)[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return time.monotonic() - t0, got
+            got += chunk
+    pytest.fail(f"connection still open after {seconds} s")
+
+
+def test_slowloris_connections_are_closed(tight):
+    """A connection that sends nothing, one that trickles its headers and one that trickles its
+    body are all closed (the last with a 408), and the server still answers."""
+    with _connect(tight) as s:
+        took, _ = _closed_within(s, 10)
+        assert HEADER_TIMEOUT * 0.9 <= took < HEADER_TIMEOUT + 3
+    with _connect(tight) as s:
+        took, _ = _closed_within(s, 10, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 200)
+        assert took < HEADER_TIMEOUT + 3
+    with _connect(tight) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n")
+        took, got = _closed_within(s, 15, b'{"prompt": "' + b"a" * 990)
+        assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got, got[:200]
+        assert took < BODY_TIMEOUT + 3
+    assert httpx.post(tight + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60).status_code == 200
+
+
+def test_body_size_limit(tight):
+    big = json.dumps({"prompt": "a " * MAX_BODY, "max_tokens": 1}).encode()
+    h = {"Content-Type": "application/json"}
+    r = httpx.post(tight + "/v1/completions", content=big, headers=h, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # no Content-Length (chunked): counted as it arrives
+    r = httpx.post(tight + "/v1/completions", content=iter([big[i:i + 4096] for i in range(0, len(big), 4096)]),
+                   headers=h, timeout=60)
+    assert r.status_code == 413
+    small = json.dumps({"prompt": "a " * 100, "max_tokens": 1}).encode()
+    assert httpx.post(tight + "/v1/completions", content=small, headers=h, timeout=60).status_code == 200
+
+
+def test_many_prompts_neither_starve_nor_fill_the_queue(tight):
+    """One request with 1,000 prompts, on a server with 4 slots and room for 8 waiting: it is
+    not refused (it keeps 4 queued at a time), and a 1-token request sent while it runs is
+    answered long before it finishes (round-robin admission, not FIFO behind 1,000)."""
+    big = {"prompt": [[1, 2, 3 + i % 50] for i in range(1000)], "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=tight, timeout=300) as c:
+            task = asyncio.ensure_future(c.post("/v1/completions", json=big))
+            while metric(tight, "qwen2_requests_running") == 0:
+                await asyncio.sleep(0.02)
+            small = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+            big_done_first = task.done()
+            return small, big_done_first, await task
+    small, big_done_first, r = asyncio.run(main())
+    assert small.status_code == 200 and not big_done_first
+    assert r.status_code == 200 and sorted(c["index"] for c in r.json()["choices"]) == list(range(1000))
+    assert r.json()["usage"]["completion_tokens"] == 2000

@@ -153,9 +153,11 @@ def test_completions_stream_and_not(client, llm):
     want = offline(llm, ids, 8)
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=2, echo=True)
     assert r.object == "text_completion" and r.choices[0].text == prompt + want.text
-    lp = r.choices[0].logprobs
-    assert len(lp.tokens) == 8 and len(lp.top_logprobs[0]) <= 2 and all(v <= 0 for v in lp.token_logprobs)
-    assert lp.token_logprobs[0] == pytest.approx(max(lp.top_logprobs[0].values()), abs=1e-5)
+    lp = r.choices[0].logprobs   # echo: the prompt's tokens first, the first one's logprob null
+    n = len(ids)
+    assert len(lp.tokens) == n + 8 and "".join(lp.tokens[:n]) == prompt and lp.token_logprobs[0] is None
+    assert all(len(t) <= 3 for t in lp.top_logprobs[1:]) and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.token_logprobs[n] == pytest.approx(max(lp.top_logprobs[n].values()), abs=1e-5)   # greedy
     s = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in s) == want.text and s[-1].choices[0].finish_reason == "length"
     # a batch of token-id prompts with n=2: each prompt's choices come in order

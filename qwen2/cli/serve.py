@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qwen2.errors import Qwen2Error
 from qwen2.cli._common import add_model_args, model_path
+from qwen2.serve.limits import Limits
 
 
 def register(subparsers):
@@ -33,6 +34,17 @@ def register(subparsers):
     p.add_argument("--max-batched-tokens", type=int, default=1024,
                    help="tokens per engine step (long prompts are prefilled in chunks of this size)")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 429")
+    d = Limits()
+    p.add_argument("--max-body-size", type=_bytes, default=d.max_body_bytes,
+                   help="largest request body, bytes (K/M/G allowed; default 8M); larger ones get 413")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection may take to send a request's headers before it is closed "
+                        "(default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds a request body may take to arrive (default %(default)s); slower ones get 408")
+    p.add_argument("--max-queued-per-request", type=int, default=d.max_queued_per_request,
+                   help="engine requests (prompts x n) one HTTP request keeps queued at once; the rest "
+                        "follow as they finish, admitted round-robin with other requests (default %(default)s)")
     p.add_argument("--eager", action="store_true",
                    help="no speed passes (default: the fastest path for the machine; see qwen2 bench)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -55,9 +67,12 @@ def build_server(args):
     from qwen2.serve.app import build_app
     from qwen2.engine.core import Engine
 
-    for name in ("max_batch", "max_batched_tokens", "max_waiting"):
+    for name in ("max_batch", "max_batched_tokens", "max_waiting", "max_queued_per_request", "max_body_size"):
         if getattr(args, name) < 1:
             raise Qwen2Error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise Qwen2Error(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise Qwen2Error("--max-model-len must be at least 2")
     path = model_path(args)
@@ -74,7 +89,8 @@ def build_server(args):
                     max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                     max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting)
     name = args.served_model_name or (args.model or "qwen2-demo")
-    return engine, build_app(engine, llm.tokenizer, name, api_key=args.api_key, defaults=defaults)
+    limits = Limits(args.max_body_size, args.header_timeout, args.body_timeout, args.max_queued_per_request)
+    return engine, build_app(engine, llm.tokenizer, name, api_key=args.api_key, defaults=defaults, limits=limits)
 
 
 def _reexec_with_passive_omp():
@@ -100,6 +116,8 @@ def run(args) -> int:
     _reexec_with_passive_omp()
     import uvicorn
 
+    from qwen2.serve.limits import h11_protocol
+
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine, app = build_server(args)
     grace = 5.0
@@ -123,7 +141,7 @@ def run(args) -> int:
                 self._captured_signals.clear()
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=int(grace) + 5)
+                            timeout_graceful_shutdown=int(grace) + 5, http=h11_protocol(args.header_timeout))
     print(f"qwen2 serve: {app.state.server.model_name} on http://{args.host}:{args.port}/v1 "
           f"(max batch {engine.max_batch}, max model len {engine.max_model_len}, "
           f"{engine.pool.num_blocks} KV blocks of {engine.pool.block_size} tokens)", flush=True)

@@ -12,12 +12,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from qwen2.engine.core import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.serve import inputs, metrics, responses
 from qwen2.serve.errors import APIError, json_response, parse_request
 from qwen2.serve.jobs import Job
+from qwen2.serve.limits import Limits, read_body
 from qwen2.serve.protocol import ChatCompletionRequest, CompletionRequest, Health, ModelCard, ModelList
 from qwen2.serve.state import ServerState
 
@@ -57,22 +59,25 @@ class _Edge:
             self.state.requests.count(path, scope.get(responses.STATUS) or status.get("code", 499))
 
 
-async def json_body(request: Request) -> bytes:
-    """The body of a JSON request. Anything else is refused: a web page may send a text/plain POST
-    to a local server without a CORS preflight, and must not be able to drive it."""
+async def json_body(request: Request, limits: Limits) -> bytes:
+    """The body of a JSON request, within the size and time limits. Anything but JSON is refused:
+    a web page may send a text/plain POST to a local server without a CORS preflight, and must
+    not be able to drive it."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise APIError(415, f"Content-Type must be application/json, not {kind or 'missing'!r}",
-                       code="unsupported_media_type")
-    return await request.body()
+                       code="unsupported_media_type", close=True)
+    return await read_body(request, limits)
 
 
 def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None,
-              defaults: SamplingParams | None = None, manage_engine: bool = True) -> FastAPI:
+              defaults: SamplingParams | None = None, manage_engine: bool = True,
+              limits: Limits = Limits()) -> FastAPI:
     """The FastAPI app. With manage_engine the app starts the engine thread on startup and shuts
     it down (failing what is still pending) on shutdown."""
-    state = ServerState(engine, tokenizer, model_name, api_key, defaults or SamplingParams(temperature=1.0))
+    state = ServerState(engine, tokenizer, model_name, api_key, defaults or SamplingParams(temperature=1.0), limits)
     registry = metrics.registry_for(state)
+    limits = state.limits
 
     @asynccontextmanager
     async def lifespan(app):
@@ -111,10 +116,12 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await json_body(request), ChatCompletionRequest)
+        # parsing and tokenizing run off the event loop: a large body must not stall every stream
+        req = await run_in_threadpool(parse_request, await json_body(request, limits), ChatCompletionRequest)
         inputs.check_model(state, req.model)
-        prompt, tools = inputs.chat_prompt(state, req)
-        job = Job(engine, "chatcmpl", [prompt], req.n, [inputs.sampling_params(state, req, len(prompt))])
+        prompt, tools = await run_in_threadpool(inputs.chat_prompt, state, req)
+        job = Job(engine, "chatcmpl", [prompt], req.n, [inputs.sampling_params(state, req, len(prompt))],
+                  limits.max_queued_per_request)
         await job.submit()
         if req.stream:
             return responses.sse(job, responses.chat_chunks(state, job, tools, req.include_usage), req.include_usage,
@@ -123,10 +130,11 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_request(await json_body(request), CompletionRequest)
+        req = await run_in_threadpool(parse_request, await json_body(request, limits), CompletionRequest)
         inputs.check_model(state, req.model)
-        prompts = inputs.completion_prompts(state, req)
-        job = Job(engine, "cmpl", prompts, req.n, [inputs.sampling_params(state, req, len(p)) for p in prompts])
+        prompts = await run_in_threadpool(inputs.completion_prompts, state, req)
+        job = Job(engine, "cmpl", prompts, req.n, [inputs.sampling_params(state, req, len(p)) for p in prompts],
+                  limits.max_queued_per_request)
         await job.submit()
         if req.stream:
             return responses.sse(job, responses.completion_chunks(state, job, req.echo, req.include_usage),

@@ -11,17 +11,18 @@ from qwen2.serve.protocol import ErrorInfo, ErrorResponse
 M = TypeVar("M", bound=BaseModel)
 
 
-def json_response(body: BaseModel, status_code: int = 200) -> Response:
-    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
+def json_response(body: BaseModel, status_code: int = 200, headers: dict | None = None) -> Response:
+    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json",
+                    headers=headers)
 
 
 class APIError(Exception):
     """Raised anywhere below a route; the app answers it with OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, close: bool = False):
         super().__init__(message)
-        self.status = status
+        self.status, self.close = status, close   # close: end the connection (its body was not read)
         self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
 
     @property
@@ -29,7 +30,7 @@ class APIError(Exception):
         return ErrorResponse(error=self.info)
 
     def response(self) -> Response:
-        return json_response(self.body, self.status)
+        return json_response(self.body, self.status, {"Connection": "close"} if self.close else None)
 
 
 def parse_request(body: bytes, schema: type[M]) -> M:

@@ -20,10 +20,13 @@ from qwen2.serve.protocol import Usage
 
 
 class Job:
-    """len(prompts) * n engine requests feeding one asyncio queue; choice i is prompt i // n."""
+    """len(prompts) * n engine requests feeding one asyncio queue; choice i is prompt i // n.
+    At most `window` of them are in the engine at once (the next goes in as one finishes), all
+    in one admission group: a request with many prompts neither fills the queue (429 for
+    everyone else) nor holds the batch against later requests."""
 
     def __init__(self, engine: Engine, prefix: str, prompts: list[list[int]], n: int,
-                 params: list[SamplingParams]):
+                 params: list[SamplingParams], window: int = 64):
         self.engine = engine
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -33,6 +36,7 @@ class Job:
         self.ids = [f"{self.id}-{i}" for i in range(len(prompts) * n)]
         self.done: set[int] = set()
         self.completion_tokens = 0
+        self.window, self.added = max(window, 1), 0   # engine requests 0..added-1 have been added
 
     def prompt_of(self, index: int) -> list[int]:
         return self.prompts[index // self.n]
@@ -43,14 +47,22 @@ class Job:
                      total_tokens=prompt + self.completion_tokens)
 
     async def submit(self):
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
+        self._refill(check_waiting=True)
+
+    def _refill(self, check_waiting: bool = False):
+        """Add engine requests up to the window. Only the first window counts against the
+        engine's max_waiting: the later ones take the places of finished ones."""
         try:
-            for i, rid in enumerate(self.ids):
+            while self.added < len(self.ids) and self.added - len(self.done) < self.window:
+                i = self.added
                 p = self.params[i]
                 if p.seed is not None and i % self.n:
                     p = p.replace(seed=p.seed + i % self.n)   # n choices from one seed must differ
-                self.engine.add_request(rid, self.prompt_of(i), p,
-                                        lambda out, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)))
+                self.engine.add_request(self.ids[i], self.prompt_of(i), p,
+                                        lambda out, i=i: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)),
+                                        group=self.id, check_waiting=check_waiting)
+                self.added += 1
         except EngineOverloaded as e:
             self.abort()
             raise APIError(429, f"server overloaded: {e}; retry later", "rate_limit_error",
@@ -63,10 +75,11 @@ class Job:
             raise APIError(400, str(e)) from None
 
     def abort(self):
-        """Frees the KV blocks of unfinished choices; a no-op for finished ones."""
-        for i, rid in enumerate(self.ids):
+        """Frees the KV blocks of unfinished choices (a no-op for finished ones); adds no more."""
+        for i in range(self.added):
             if i not in self.done:
-                self.engine.abort(rid)
+                self.engine.abort(self.ids[i])
+        self.window = 0
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) as they come, until every choice has finished."""
@@ -77,6 +90,8 @@ class Job:
                 self.completion_tokens += out.completion_tokens
             if out.error:
                 raise APIError(500, out.error, "server_error")
+            if out.finished:
+                self._refill()
             yield i, out
 
     async def collect(self, request: Request) -> list[list[RequestOutput]]:
