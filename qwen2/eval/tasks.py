@@ -310,13 +310,18 @@ class GSM8K(Task):
         ctx = _fewshot([(f"Q: {e['question']}\nA:", e["target"]) for e in ex]) + q
         return [Request(ctx, until=["Q:", "</s>", "<|im_end|>"], max_gen_toks=256)]
 
-    def score(self, doc, responses):
-        text = responses[0]
-        gold = doc["answer"].split("####")[-1].strip()
+    @staticmethod
+    def extract(text: str) -> tuple[str, str]:
+        """(strict-match, flexible-extract) answers, as lm-eval's regex filters take them."""
         m = re.search(r"The answer is (\-?[0-9\.\,]+).", text)
         strict = m.group(1) if m else "[invalid]"
         found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
         flex = next((g for g in found[-1] if g), "[invalid]") if found else "[invalid]"
+        return strict, flex
+
+    def score(self, doc, responses):
+        gold = doc["answer"].split("####")[-1].strip()
+        strict, flex = self.extract(responses[0])
         return {"exact_match,strict-match": float(_exact_match_gsm8k(strict, gold)),
                 "exact_match,flexible-extract": float(_exact_match_gsm8k(flex, gold))}
 
