@@ -37,6 +37,13 @@ def demo():
     return str(demo_model_path())
 
 
+def hf_model(p: Path, args):
+    """lm-eval's hf backend on transformers: the GGUF file itself (dequantized by transformers) or a dir."""
+    from lm_eval.models.huggingface import HFLM
+    kw = dict(pretrained=str(p.parent), gguf_file=p.name) if p.suffix == ".gguf" else dict(pretrained=str(p))
+    return HFLM(**kw, dtype="float32", batch_size=args.hf_batch_size, device="cpu")
+
+
 def lm_eval_run(model, tasks, limit, num_fewshot, tm):
     import lm_eval
     t = time.perf_counter()
@@ -86,9 +93,7 @@ def agree(args):
     p = Path(path)
     backends = [("lm_eval_qwen2", lambda: harness.Qwen2LM(llm=llm, batch_size=args.batch_size))]
     if not args.skip_hf:
-        from lm_eval.models.huggingface import HFLM
-        backends.append(("lm_eval_hf", lambda: HFLM(pretrained=str(p.parent), gguf_file=p.name, dtype="float32",
-                                                     batch_size=args.hf_batch_size, device="cpu")))
+        backends.append(("lm_eval_hf", lambda: hf_model(p, args)))
     for name, make in backends:
         t = time.perf_counter()
         model = make()
@@ -136,10 +141,7 @@ def humaneval_speed(args):
     llm = qwen2.load(path)
     backends = [("qwen2_engine", lambda: harness.Qwen2LM(llm=llm, batch_size=args.batch_size))]
     if not args.skip_hf:
-        from lm_eval.models.huggingface import HFLM
-        p = Path(path)
-        backends.append(("lm_eval_hf", lambda: HFLM(pretrained=str(p.parent), gguf_file=p.name, dtype="float32",
-                                                     batch_size=args.hf_batch_size, device="cpu")))
+        backends.append(("lm_eval_hf", lambda: hf_model(Path(path), args)))
     for name, make in backends:
         model = make()
         t = time.perf_counter()
