@@ -215,7 +215,7 @@ def test_config_from_metadata_matches_source(mixed):
 
 def test_dtypes(mixed):
     _, path = mixed
-    fp32 = load_gguf_model(path)  # auto on CPU: float32
+    fp32 = load_gguf_model(path, dtype="float32")  # dequantized (auto keeps the blocks: test_gguf_kernels.py)
     bf16 = load_gguf_model(path, dtype="bfloat16")
     assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
@@ -240,11 +240,14 @@ def test_parameters_do_not_alias_the_file(tmp_path):
 def test_tied_when_output_absent(tmp_path):
     src = hf_model(dict(CFG, tie_word_embeddings=True))
     path = write_gguf(tmp_path / "tied.gguf", src, default=Q.Q8_0)
-    m = qwen2.load_model(path)  # the checkpoint.py dispatch
-    assert m.config.tie_word_embeddings and m.lm_head.weight is m.model.embed_tokens.weight
+    m = qwen2.load_model(path)  # the checkpoint.py dispatch; Q8_0 blocks shared by embedding and head
+    assert m.config.tie_word_embeddings and m.lm_head is m.model.embed_tokens.table
+    f32 = qwen2.load_model(path, dtype="float32")  # dequantized
+    assert f32.lm_head.weight is f32.model.embed_tokens.weight
     with torch.no_grad():
         ref = hf_from_gguf(path)(IDS).logits
         assert (m(IDS) - ref).abs().max().item() <= 1e-4 * ref.std().item()
+        assert (f32(IDS) - ref).abs().max().item() <= 1e-4 * ref.std().item()
     assert qwen2.load_model(tmp_path).config.tie_word_embeddings  # a directory holding one .gguf
 
 

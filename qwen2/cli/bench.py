@@ -94,12 +94,14 @@ def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer except the embedding
-    table (one row is gathered), counting a tied lm_head once."""
+    table's (one row is gathered), counting a tied lm_head once."""
+    def tensors(m):
+        return [t for t in list(m.parameters()) + list(m.buffers()) if t is not None]
+    head = {id(t) for t in tensors(model.lm_head)}
+    emb_only = {id(t) for t in tensors(model.model.embed_tokens)} - head
     seen, n = set(), 0
-    emb = model.model.embed_tokens.weight
-    head = getattr(model.lm_head, "weight", None)
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen or (t is emb and head is not emb):
+    for t in tensors(model):
+        if id(t) in seen or id(t) in emb_only:
             continue
         seen.add(id(t))
         n += t.numel() * t.element_size()

@@ -5,7 +5,9 @@ drives the model (the CLI, `qwen2.load` and the server all call it; "auto" is th
 
 * float32 on the CPU with qwen2's kernels built: the packed fp32 kernels (qwen2.engine.fast), one
   copy of the weights serving one row, batches and prefill at memory bandwidth. (Compiling a
-  float32 step is no faster than these kernels, and costs start-up time.)
+  float32 step is no faster than these kernels, and costs start-up time.) A GGUF file loaded at
+  its own precision (qwen2.quant.blocks) takes the same path, its blocks run by the block kernels
+  ("gguf-blocks"): no compile, and qwen2's own threads (see below).
 * bfloat16 / int8 / int4: the compiled decode step (qwen2.engine.compiled: Inductor's generated
   C++ and qwen2's GEMV kernels, weights in huge pages). Compiling costs 30-60 s on the first run on
   2 cores; Inductor keeps what it built in its on-disk cache, so later runs start in seconds.
@@ -24,6 +26,8 @@ from qwen2 import kernels
 from qwen2.engine.compiled import can_compile, compile_decode
 from qwen2.engine.fast import f32_supported, prepare_for_serving
 from qwen2.errors import Qwen2Error
+from qwen2.kernels.memory import hugepage_weights
+from qwen2.quant.blocks import BlockLinear
 from qwen2.quant.linear import OneDNNLinear, QuantLinear, pack_linears
 
 MODES = ("auto", "compiled", "eager")
@@ -31,13 +35,16 @@ MODES = ("auto", "compiled", "eager")
 
 def prepare(model, mode: str = "auto") -> str:
     """Apply the speed passes of `mode` to `model` in place; returns the path taken ("f32-kernels",
-    "compiled", "onednn" or "eager")."""
+    "gguf-blocks", "compiled", "onednn" or "eager")."""
     if mode not in MODES:
         raise Qwen2Error(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "eager" or model.device.type != "cpu":
         return "eager"
     if mode == "auto" and f32_supported(model):
         prepare_for_serving(model)
+        if any(isinstance(m, BlockLinear) for m in model.modules()):
+            hugepage_weights(model)  # a GGUF file's own blocks: decode streams them through 2 MB pages
+            return "gguf-blocks"
         return "f32-kernels"
     if mode == "compiled" or can_compile(model) is None:
         compile_decode(model)

@@ -6,10 +6,19 @@ llama.cpp's converter keeps Qwen2's q/k rows in the HF order (it permutes q/k on
 architectures), and the reader already returns tensors in row-major [out, in] order, so each
 llama.cpp tensor maps onto one model parameter (or one part of a fused projection) with the same
 shape (GGUF_NAMES); only MoE experts, stored stacked [n_expert, out, in], are split per expert.
+
+By default (dtype "auto" on the CPU, dense models, qwen2's kernels built) the quantized tensors
+are not dequantized: each is repacked, without loss, into one of qwen2.quant.blocks' layouts
+(`_block_linear`: Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K -> block4, Q8_0/Q6_K -> block8, the file's
+scales kept exactly) and run at the file's own precision with float32 activations; the logits are
+the dequantized model's up to float32 summation order. Any other type, or an explicit dtype,
+dequantizes as before.
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -277,14 +286,191 @@ def _param_count(c: ModelConfig) -> int:
 
 
 def load_gguf_model(path, dtype="auto", device="cpu"):
-    """A `qwen2.model.decoder.Qwen2` from a GGUF file (or a directory holding one), dequantized tensor by
-    tensor into `dtype` ("auto": see `auto_dtype`)."""
+    """A `qwen2.model.decoder.Qwen2` from a GGUF file (or a directory holding one). dtype "auto" on
+    the CPU: the quantized tensors at the file's own precision (qwen2.quant.blocks, see the module
+    doc) where the model and the types allow, else dequantized into `auto_dtype`'s dtype; an
+    explicit dtype: dequantized tensor by tensor into it."""
     reader, f = open_gguf(path)
     config = ModelConfig.from_hf_dict(_config_dict(reader, f), source=str(f))
+    if dtype in (None, "auto") and _blocks_apply(reader, config, device):
+        return _load_blocks(reader, f, config)
     dt = auto_dtype(config, device) if dtype in (None, "auto") else parse_dtype(dtype, config)
     config.torch_dtype = str(dt).removeprefix("torch.")
     return build_model(config, _tensors(reader, f, dt), dt, device, source=str(f), total=len(reader.tensors),
                        names=GGUF_NAMES)
+
+
+# ----------------------------------------------------------------------------- block types
+def _f16(b: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)).float()
+
+
+def _bytes(b: np.ndarray, dtype=np.uint8) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(b).view(dtype))
+
+
+def _k_levels(qs: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K 4-bit levels [blocks, 8, 32] from qs [blocks, 128]: each 32 bytes hold one
+    32-value group in their low nibbles and the next in their high ones."""
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & 15).reshape(-1, 8, 32)
+
+
+def _halves(q: np.ndarray, n: int) -> torch.Tensor:
+    """4-bit levels [..., 32] per group -> block4's bytes [n, K/2] (value i low, 16 + i high)."""
+    return torch.from_numpy(np.ascontiguousarray(((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).astype(np.uint8)
+                                                 .reshape(n, -1)))
+
+
+def _block_linear(t):
+    """A GGUF tensor of a block type as a qwen2.quant.blocks.BlockLinear holding exactly its
+    values (scales and minimums as stored, or their exact float32 products for the K types);
+    None for other types."""
+    from gguf import GGMLQuantizationType as Q
+    from qwen2.quant.blocks import BlockLinear
+    typ = t.tensor_type
+    if typ not in _block_types() or t.data.ndim != 2:
+        return None
+    n = t.data.shape[0]
+    k = int(t.n_elements) // n
+    b = t.data.reshape(-1, _block_types()[typ])  # one block a row
+    if typ in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
+        has_min, has_qh = typ in (Q.Q4_1, Q.Q5_1), typ in (Q.Q5_0, Q.Q5_1)
+        o = 4 if has_min else 2
+        m = BlockLinear.raw("block4", n, k, qweight=_bytes(b[:, o + 4 * has_qh:]).view(n, k // 2),
+                            qh=_bytes(b[:, o:o + 4], np.int32).view(n, k // 32) if has_qh else None,
+                            scales=_bytes(b[:, :2], np.float16).view(n, k // 32),
+                            offsets=_bytes(b[:, 2:4], np.float16).view(n, k // 32) if has_min else None,
+                            zero=0 if has_min else (16 if has_qh else 8))
+        return m
+    if typ == Q.Q8_0:
+        return BlockLinear.raw("block8", n, k, qweight=_bytes(b[:, 2:], np.int8).view(n, k),
+                               scales=_bytes(b[:, :2], np.float16).view(n, k // 32))
+    if typ in (Q.Q4_K, Q.Q5_K):
+        from gguf.quants import Q4_K
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
+        # the reference's own float32 products (d * sc, dmin * m): exact, so w = s * q - dm as there
+        s = (d * torch.from_numpy(sc.astype(np.float32))).view(n, k // 32)
+        off = (-(dmin * torch.from_numpy(mn.astype(np.float32)))).view(n, k // 32)
+        q = _k_levels(b[:, 16:144] if typ == Q.Q4_K else b[:, 48:176])
+        qh = None
+        if typ == Q.Q5_K:  # bit j of qh[l]: the fifth bit of value l of group j
+            bits = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+            qh = torch.from_numpy((bits.astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(-1)
+                                  .astype(np.uint32).view(np.int32).reshape(n, k // 32))
+        return BlockLinear.raw("block4", n, k, qweight=_halves(q, n), qh=qh, scales=s, offsets=off, zero=0)
+    if typ == Q.Q6_K:  # the gguf reference's unpacking, without the scaling
+        ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
+        d = _f16(b[:, 208:210])
+        lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15
+        hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+        q = (lo.reshape(-1, 8, 32) | (hi.reshape(-1, 8, 32) << 4)).astype(np.int8) - np.int8(32)
+        s = (d * torch.from_numpy(np.ascontiguousarray(sc).view(np.int8).astype(np.float32))).view(n, k // 16)
+        return BlockLinear.raw("block8", n, k, qweight=torch.from_numpy(q.reshape(n, k)), scales=s)
+    return None
+
+
+@functools.cache
+def _block_types() -> dict:
+    """The block types run at their own precision -> bytes per block."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+    return {q: GGML_QUANT_SIZES[q][1] for q in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)}
+
+
+def _drop_pages(a: np.ndarray) -> None:
+    """MADV_DONTNEED over the whole pages of a view of the file's mapping: they leave this
+    process's resident memory and stay in the page cache (a later load reads them from there)."""
+    global _libc
+    if not sys.platform.startswith("linux") or a.size == 0:
+        return
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    ptr = a.__array_interface__["data"][0]
+    start, end = -(-ptr // page) * page, (ptr + a.nbytes) // page * page
+    if end > start:
+        _libc.madvise(start, end - start, 4)  # MADV_DONTNEED
+
+
+_libc = None
+
+
+def _blocks_apply(reader, config: ModelConfig, device) -> bool:
+    """Whether to run this file's quantized tensors at their own precision (see the module doc)."""
+    from qwen2 import kernels
+    if torch.device(device).type != "cpu" or config.is_moe or os.environ.get("QWEN2_GGUF_DEQUANTIZE"):
+        return False
+    if not any(t.tensor_type in _block_types() for t in reader.tensors):
+        return False
+    return kernels.available()
+
+
+def _load_blocks(reader, f: Path, config: ModelConfig):
+    """The model with every weight of a block type in a BlockLinear (fused projections as
+    PartsLinear, the embedding a BlockEmbedding over the same blocks as a tied lm_head)."""
+    from torch import nn
+    from qwen2.kernels.memory import trim
+    from qwen2.quant.blocks import BlockEmbedding, BlockLinear, PartsLinear
+    config.torch_dtype = "float32"
+    # The metadata (300k tokenizer strings as small numpy views) is read; freed now, before the
+    # model's objects are made among it, its ~200 MB go back to the OS instead of staying behind.
+    reader.fields.clear()
+    trim()
+    modules: dict[str, dict] = {}  # model module -> {part (None: whole): module}
+
+    def tensors():
+        for t in reader.tensors:
+            m = _block_linear(t)
+            _drop_pages(t.data)  # copied out: the file's pages need not stay resident
+            if m is None:
+                x = _dequantize(t, torch.float32, f).contiguous()
+                if t.name.endswith("ffn_gate_inp_shexp.weight"):
+                    x = x.reshape(1, -1)
+                # float weights stay parameters, except parts of a projection whose other parts
+                # are blocks: those become plain linears beside them
+                if x.dim() != 2 or not t.name.endswith(".weight") or t.name.startswith("token_embd"):
+                    yield t.name, x
+                    continue
+                m = nn.Linear(x.shape[1], x.shape[0], bias=False, device="meta")
+                m.weight = nn.Parameter(x, requires_grad=False)
+            for pname, part, _ in GGUF_NAMES.to_model(t.name, m.qweight if isinstance(m, BlockLinear) else m.weight) or ():
+                modules.setdefault(pname.rpartition(".")[0], {})[part] = m
+            yield t.name, torch.empty(m.out_features, m.in_features, device="meta")
+
+    model = build_model(config, tensors(), torch.float32, "cpu", source=str(f), total=len(reader.tensors),
+                        names=GGUF_NAMES)
+    for path, parts in modules.items():
+        parent, _, attr = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        old = getattr(owner, attr)
+        if path == "model.embed_tokens":
+            table = parts[None]
+            setattr(owner, attr, BlockEmbedding(table))
+            if config.tie_word_embeddings:
+                model.lm_head = table  # the same blocks
+            continue
+        bias = getattr(old, "bias", None)
+        if None in parts:
+            new = parts[None]
+            if bias is not None:
+                new.bias = bias.detach().float().contiguous() if isinstance(new, BlockLinear) else nn.Parameter(bias.detach())
+        else:
+            new = PartsLinear([parts[i] for i in sorted(parts)], bias)
+        setattr(owner, attr, new)
+    meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if meta:
+        raise CheckpointError(f"{f}: no block weights for {', '.join(meta[:5])}")
+    return model
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -131,6 +131,14 @@ def _register_fake(ns: str) -> None:
         torch._check(packed.dim() == 3 and packed.shape[2] == 16, lambda: "f32_linear: packed must be [ceil(N/16), K, 16]")
         return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
 
+    def block4_fake(x, qweight, qh, scales, offsets, zero, bias):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+    def block8_fake(x, qweight, scales, bias):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+    torch.library.register_fake(f"{ns}::block4_linear")(block4_fake)
+    torch.library.register_fake(f"{ns}::block8_linear")(block8_fake)
     torch.library.register_fake(f"{ns}::bf16_gemv")(bf16_fake)
     torch.library.register_fake(f"{ns}::f32_linear")(f32_fake)
     torch.library.register_fake(f"{ns}::int8_gemv")(int8_fake)

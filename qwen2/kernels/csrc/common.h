@@ -102,6 +102,15 @@ at::Tensor f32_rows(const at::Tensor& packed_, const at::Tensor& ids_);
 at::Tensor silu_mul(const at::Tensor& x_);
 at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps);
 at::Tensor argmax_rows(const at::Tensor& x, int64_t n);
+// block_linear.cpp: weights quantized in blocks (GGUF's block types, repacked), fp32 activations
+at::Tensor block4_linear(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& qh,
+                         const at::Tensor& scales, const std::optional<at::Tensor>& offsets, int64_t zero,
+                         const std::optional<at::Tensor>& bias);
+at::Tensor block8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& bias);
+at::Tensor block4_rows(const at::Tensor& qweight, const std::optional<at::Tensor>& qh, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& offsets, int64_t zero, const at::Tensor& ids);
+at::Tensor block8_rows(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& ids);
 // attention.cpp: decode attention over the paged KV pool
 at::Tensor paged_attention(const at::Tensor& q_, const at::Tensor& kpool, const at::Tensor& vpool,
                            const at::Tensor& slots_, const at::Tensor& lens_, double scale, int64_t window);

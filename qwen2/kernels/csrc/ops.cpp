@@ -37,6 +37,10 @@ QWEN2_LIBRARY(QWEN2_NS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("argmax_rows(Tensor x, int n) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor kpool, Tensor vpool, Tensor slots, Tensor lens, float scale, int window) -> Tensor");
+  m.def("block4_linear(Tensor x, Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor? bias) -> Tensor");
+  m.def("block8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("block4_rows(Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor ids) -> Tensor");
+  m.def("block8_rows(Tensor qweight, Tensor scales, Tensor ids) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -50,4 +54,8 @@ QWEN2_LIBRARY_IMPL(QWEN2_NS, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("paged_attention", &paged_attention);
+  m.impl("block4_linear", &block4_linear);
+  m.impl("block8_linear", &block8_linear);
+  m.impl("block4_rows", &block4_rows);
+  m.impl("block8_rows", &block8_rows);
 }

@@ -1,0 +1,180 @@
+"""Weights quantized in small blocks, run with float32 activations: the layouts that GGUF's block
+types repack into without loss (qwen2.io.gguf), usable from any other loader too (AWQ-style
+asymmetric int4: `BlockLinear.int4(q, scales, offsets=-scales * zeros, group_size=128)`).
+
+    block4   w[n, k] = scales[n, g] * (q[n, k] - zero) + offsets[n, g],  g = k // 32, q in 0..31
+             (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K; 5-bit values keep their top bit in a plane `qh`)
+    block8   w[n, k] = scales[n, k // G] * q[n, k],  q int8, G = 16 or 32        (Q8_0, Q6_K)
+
+Scales and offsets are kept in float16 when every value survives the round trip (Q4_0, Q5_0,
+Q8_0: the file's own float16), else float32 (the K types' d * sc products, exact in float32): no
+value is ever rounded, so the weights are exactly the file's. The kernels
+(torch.ops.qwen2.block4_linear / block8_linear, qwen2/kernels/csrc/block_linear.cpp) read these
+layouts as they are: one row streams the blocks once (decode), several rows dequantize 32 output
+columns at a time into the fp32 tiles of f32_linear (prefill). Results equal the dequantized
+weight's float32 product up to float32 summation order. Without qwen2's kernels the same math
+runs as dequantize + F.linear.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen2 import kernels
+from qwen2.errors import Qwen2Error
+
+GROUP = 32  # block4's group; block8 takes 16 or 32
+
+
+def _lossless(*ts: torch.Tensor) -> torch.dtype:
+    """float16 when every value of ts (float32) is a float16 value, else float32."""
+    return torch.float16 if all(bool((t.half().float() == t).all()) for t in ts) else torch.float32
+
+
+class BlockLinear(nn.Module):
+    """y = x @ W.T (+ bias) for W in one of the block layouts above; y float32.
+    Build it with `BlockLinear.int4(...)` or `BlockLinear.int8(...)`."""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.kind, self.zero, self.group_size = "block4", 0, GROUP
+        for name in ("qweight", "qh", "scales", "offsets", "bias"):
+            self.register_buffer(name, None)
+
+    @classmethod
+    def raw(cls, kind: str, out_features: int, in_features: int, qweight: torch.Tensor, scales: torch.Tensor,
+            qh: torch.Tensor | None = None, offsets: torch.Tensor | None = None, zero: int = 0) -> "BlockLinear":
+        """The kernels' layout as it is (see the module doc and qwen2/kernels/csrc/block_linear.cpp);
+        scales / offsets float16 or float32, kept as given."""
+        m = cls(out_features, in_features)
+        m.kind, m.zero = kind, int(zero)
+        m.group_size = GROUP if kind == "block4" else in_features // scales.shape[1]
+        m.qweight, m.qh, m.scales, m.offsets = qweight, qh, scales, offsets
+        return m
+
+    @classmethod
+    def int4(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None, zero: int = 0,
+             bias: torch.Tensor | None = None, group_size: int = GROUP) -> "BlockLinear":
+        """w = scales * (q - zero) + offsets per group of `group_size` inputs (a multiple of 32):
+        q integer levels [out, in] in 0..31 (values past 15 cost a bit plane), scales and offsets
+        (None: 0) [out, in / group_size]."""
+        n, k = q.shape
+        if k % GROUP or group_size % GROUP or k % group_size:
+            raise Qwen2Error(f"block4 needs in_features and group size multiples of {GROUP} (got {k}, {group_size})")
+        q = q.to(torch.int32)
+        if int(q.min()) < 0 or int(q.max()) > 31:
+            raise Qwen2Error("block4 levels must lie in 0..31")
+        rep = group_size // GROUP
+        scales = scales.float().repeat_interleave(rep, 1)
+        offsets = None if offsets is None else offsets.float().repeat_interleave(rep, 1)
+        m = cls(n, k)
+        m.zero = int(zero)
+        g = q.view(n, k // GROUP, 2, GROUP // 2)
+        m.qweight = ((g[:, :, 0] & 15) | ((g[:, :, 1] & 15) << 4)).to(torch.uint8).reshape(n, k // 2).contiguous()
+        if int(q.max()) > 15:
+            bits = (q.view(n, k // GROUP, GROUP) >> 4).to(torch.int64) << torch.arange(GROUP)
+            m.qh = bits.sum(-1).to(torch.int32).contiguous()  # int64 sum, then two's-complement wrap
+        dt = _lossless(scales, *(() if offsets is None else (offsets,)))
+        m.scales = scales.to(dt).contiguous()
+        m.offsets = None if offsets is None else offsets.to(dt).contiguous()
+        m.bias = None if bias is None else bias.detach().float().contiguous()
+        return m
+
+    @classmethod
+    def int8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> "BlockLinear":
+        """w = scales[:, k // G] * q for q int8 [out, in] and scales [out, in / G], G 16 or 32."""
+        n, k = q.shape
+        if scales.shape[0] != n or k % scales.shape[1] or k // scales.shape[1] not in (16, 32):
+            raise Qwen2Error(f"block8 needs scales [out, in/16] or [out, in/32], got {list(scales.shape)}")
+        m = cls(n, k)
+        m.kind, m.group_size = "block8", k // scales.shape[1]
+        m.qweight = q.to(torch.int8).contiguous()
+        m.scales = scales.float().to(_lossless(scales.float())).contiguous()
+        m.bias = None if bias is None else bias.detach().float().contiguous()
+        return m
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of the dequantized weight, float32 [*ids.shape, in]."""
+        if kernels.available():
+            if self.kind == "block4":
+                return torch.ops.qwen2.block4_rows(self.qweight, self.qh, self.scales, self.offsets, self.zero, ids)
+            return torch.ops.qwen2.block8_rows(self.qweight, self.scales, ids)
+        flat = ids.reshape(-1)
+        return self._dequantize(flat).view(*ids.shape, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [out, in]."""
+        return self.rows(torch.arange(self.out_features))
+
+    def _dequantize(self, rows: torch.Tensor) -> torch.Tensor:
+        """PyTorch's version of the kernels' dequantization (no qwen2 kernels here)."""
+        n, k = rows.numel(), self.in_features
+        s = self.scales[rows].float()
+        if self.kind == "block8":
+            return (self.qweight[rows].float().view(n, -1, self.group_size) * s[..., None]).view(n, k)
+        b = self.qweight[rows].to(torch.int32).view(n, -1, GROUP // 2)
+        q = torch.cat([b & 15, b >> 4], -1)
+        if self.qh is not None:
+            q = q + ((self.qh[rows].to(torch.int64)[..., None] >> torch.arange(GROUP)) & 1).to(torch.int32) * 16
+        w = (q - self.zero).float() * s[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets[rows].float()[..., None]
+        return w.view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.available():
+            if self.kind == "block4":
+                return torch.ops.qwen2.block4_linear(x, self.qweight, self.qh, self.scales, self.offsets, self.zero,
+                                                     self.bias)
+            return torch.ops.qwen2.block8_linear(x, self.qweight, self.scales, self.bias)
+        return F.linear(x.float(), self.dequantized(), self.bias)
+
+    def extra_repr(self):
+        more = f", zero={self.zero}" + (", 5-bit" if self.qh is not None else "") + \
+            (", offsets" if self.offsets is not None else "") if self.kind == "block4" else ""
+        return (f"{self.in_features}, {self.out_features}, {self.kind}, group_size={self.group_size}{more}, "
+                f"scales {str(self.scales.dtype).removeprefix('torch.')}")
+
+
+class PartsLinear(nn.Module):
+    """A fused projection (q/k/v, gate/up) whose parts are stored separately (their block types
+    may differ): the parts' outputs side by side, plus the fused bias."""
+
+    def __init__(self, parts: list[nn.Module], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x):
+        y = torch.cat([p(x) for p in self.parts], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class BlockEmbedding(nn.Module):
+    """Embedding lookups that dequantize only the rows asked for, from a BlockLinear's blocks (the
+    same storage as a tied lm_head's)."""
+
+    def __init__(self, table: BlockLinear):
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.register_buffer("_probe", torch.zeros(0, device=table.qweight.device), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Not the table: an empty float32 tensor that says the model's compute dtype and device."""
+        return self._probe
+
+    def forward(self, ids):
+        return self.table.rows(ids)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.kind}"
