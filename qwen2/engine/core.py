@@ -261,17 +261,27 @@ class Engine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0):
-        """Stop taking requests, fail whatever is still pending, stop the thread."""
+        """Stop taking requests, fail whatever is still pending, stop the thread. The thread ends
+        after its current step and fails what is pending itself; only if it is gone already
+        (or was never started) is that done here, so the two never race over the queues. A step
+        that outlives `timeout` (a compile, a huge prefill) is left to finish on its own."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._fail_all("server is shutting down")
+        if self._thread is None or not self._thread.is_alive():
+            self._fail_all("server is shutting down")
         if self.lockstep is not None:
             self.lockstep.stop()
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self):
+        try:
+            self._steps()
+        finally:
+            self._fail_all("server is shutting down")
+
+    def _steps(self):
         while not self._stopping:
             self._wake.clear()
             try:
