@@ -298,3 +298,81 @@ def test_cli_gptq_end_to_end(ckpt, tmp_path, capsys):
     assert cli(["quantize", str(ckpt), str(tmp_path / "y"), "--bits", "4", "--method", "gptq",
                 "--calib", str(short)]) == 1
     assert "fewer than one sample" in capsys.readouterr().err
+
+
+# ------------------------------------------------ official GPTQ-Int8 layout (AutoGPTQ / GPTQModel)
+def _autogptq_pack(intweight: torch.Tensor, zeros: torch.Tensor, bits: int):
+    """AutoGPTQ's QuantLinear.pack loops: levels [in, out] and zero points [n_groups, out] ->
+    qweight int32 [in * bits / 32, out], qzeros int32 [n_groups, out * bits / 32] (z - 1 stored)."""
+    per = 32 // bits
+    iw = intweight.to(torch.int64)
+    qweight = torch.zeros(iw.shape[0] // per, iw.shape[1], dtype=torch.int64)
+    for row in range(qweight.shape[0]):
+        for j in range(per):
+            qweight[row] |= iw[row * per + j] << (bits * j)
+    z = zeros.to(torch.int64) - 1
+    qzeros = torch.zeros(z.shape[0], z.shape[1] // per, dtype=torch.int64)
+    for col in range(qzeros.shape[1]):
+        for j in range(per):
+            qzeros[:, col] |= z[:, col * per + j] << (bits * j)
+    as_i32 = lambda t: torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32)  # noqa: E731
+    return as_i32(qweight), as_i32(qzeros)
+
+
+def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits):
+    """GPTQModel's dequantize_weight (classic format, zeros + 1) -> W^T [in, out], float32."""
+    per, maxq = 32 // bits, 2 ** bits - 1
+    wf = torch.arange(0, 32, bits, dtype=torch.int32)
+    zeros = torch.bitwise_right_shift(qzeros.unsqueeze(2).expand(-1, -1, per), wf.unsqueeze(0)).to(torch.int16)
+    zeros = (torch.bitwise_and(zeros, maxq) + 1).reshape(scales.shape)
+    weight = torch.bitwise_right_shift(qweight.unsqueeze(1).expand(-1, per, -1), wf.unsqueeze(-1)).to(torch.int16)
+    weight = torch.bitwise_and(weight, maxq).reshape(-1, weight.shape[2])
+    return scales.float()[g_idx.long()] * (weight - zeros[g_idx.long()]).float()
+
+
+@pytest.mark.parametrize("dims,group_size,sym", [("0.5B", 128, True), ("1.5B", 128, True), ("0.5B", -1, True),
+                                                 ("0.5B", 128, False)])
+def test_official_int8_layout_equals_reference(tmp_path, dims, group_size, sym):
+    """GPTQ-Int8 as released (bits 8, group 128, sym, AutoGPTQ's packing) at real dims: weights
+    equal GPTQModel's reference dequantization; per-channel symmetric int8 lands on the int8
+    kernel, grouped or asymmetric int8 (which it cannot hold) is dequantized to float."""
+    import json as _json
+
+    from safetensors.torch import save_file
+    from test_awq import config, float_tensors, reference_model, shapes
+    cfg = config(dims)
+    g = torch.Generator().manual_seed(7)
+    tensors, ref = float_tensors(cfg, g), {}
+    for i in range(cfg["num_hidden_layers"]):
+        for name, (out_f, in_f) in shapes(cfg).items():
+            gs = in_f if group_size == -1 else group_size
+            n_groups = in_f // gs
+            q = torch.randint(0, 256, (in_f, out_f), generator=g)
+            z = torch.full((n_groups, out_f), 128) if sym else torch.randint(1, 256, (n_groups, out_f), generator=g)
+            s = (torch.rand(n_groups, out_f, generator=g) * 0.0004 + 0.0001).half()
+            g_idx = (torch.arange(in_f) // gs).to(torch.int32)
+            qw, qz = _autogptq_pack(q, z, 8)
+            p = f"model.layers.{i}.{name}"
+            tensors.update({f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": s, f"{p}.g_idx": g_idx})
+            ref[p] = _gptqmodel_dequantize(qw, qz, s, g_idx, 8)
+    d = tmp_path / "gptq8"
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    qc = {"quant_method": "gptq", "bits": 8, "group_size": group_size, "sym": sym, "desc_act": False,
+          "static_groups": False, "true_sequential": True, "damp_percent": 0.01}
+    (d / "config.json").write_text(_json.dumps(dict(cfg, quantization_config=qc)))
+    model = qwen2.load_model(d, dtype="float32")
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, QuantLinear) == (group_size == -1 and sym)
+    for i in range(cfg["num_hidden_layers"]):
+        for mod, parts in {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                           "mlp.down_proj": ("mlp.down_proj",)}.items():
+            m = model.get_submodule(f"model.layers.{i}.{mod}")
+            got = m.dequantized().float() if isinstance(m, QuantLinear) else m.weight
+            want = torch.cat([ref[f"model.layers.{i}.{p}"].T for p in parts])
+            assert torch.equal(got, want) if not isinstance(m, QuantLinear) else \
+                (got - want).abs().max() <= 1e-7  # int8 scales held as float32: one rounding of q * s
+    ids = torch.randint(0, cfg["vocab_size"], (2, 20), generator=g)
+    with torch.no_grad():
+        ours, want = model(ids), reference_model(tmp_path, cfg, tensors, ref)(ids)
+    assert (ours - want).abs().max().item() <= 1e-4 * want.std().item()

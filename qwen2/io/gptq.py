@@ -26,7 +26,7 @@ from qwen2.io.names import HF_NAMES
 from qwen2.io.safetensors import write_safetensors
 from qwen2.io.save import checkpoint_tensors
 from qwen2.model.decoder import fused_linears
-from qwen2.quant.linear import QuantLinear, _targets, quantize_tensor
+from qwen2.quant.linear import INT4_GROUPS, QuantLinear, _targets, dequantize, quantize_tensor
 
 
 def _pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,12 +63,12 @@ def to_gptq(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
             "g_idx": (torch.arange(in_f) // g).to(torch.int32)}
 
 
-def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str):
+def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str, zero_offset: int = 1):
     """The four GPTQ tensors -> (q uint8 [out, in], scales float32 [n_groups, out], zeros uint8
-    [n_groups, out])."""
+    [n_groups, out]). zero_offset: 1 for the classic layout (stores z - 1), 0 for gptq_v2."""
     try:
         q = _unpack_rows(t["qweight"], bits).T.contiguous()
-        zeros = _unpack_rows(t["qzeros"].T.contiguous(), bits).T.to(torch.int16) + 1
+        zeros = _unpack_rows(t["qzeros"].T.contiguous(), bits).T.to(torch.int16) + zero_offset
         scales = t["scales"].float()
     except KeyError as e:
         raise CheckpointError(f"{name}: missing GPTQ tensor {e}") from None
@@ -76,8 +76,8 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, name: str)
     g = in_f if group_size in (-1, None) else group_size
     if "g_idx" in t and not torch.equal(t["g_idx"].long(), torch.arange(in_f) // g):
         raise CheckpointError(f"{name}: act-order GPTQ (desc_act, permuted g_idx) is not supported")
-    if bits == 8 and not bool((zeros == 2 ** (bits - 1)).all()):
-        raise CheckpointError(f"{name}: asymmetric int8 GPTQ is not supported (the int8 kernel has no zero point)")
+    if bool((zeros > 2 ** bits - 1).any()):
+        raise CheckpointError(f"{name}: zero points out of range for {bits} bits")
     return q, scales, zeros.to(torch.uint8)
 
 
@@ -151,27 +151,38 @@ def _parts(module: str, fused: dict, rows: int) -> list[tuple[str, int]]:
 
 
 def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release=None):
-    """Build a model from a GPTQ-layout tensor stream: float tensors go through the usual
-    name/shape checks, each quantized linear becomes a QuantLinear once its tensors (all of its
-    parts' for a fused projection) are in. release: as build_model's."""
+    """Build a model from a GPTQ-layout tensor stream (classic AutoGPTQ, or GPTQModel's
+    `checkpoint_format: gptq_v2`, which stores z instead of z - 1). release: as build_model's."""
     qc = config.raw.get("quantization_config") or {}
-    if qc.get("quant_method") != "gptq":
-        raise CheckpointError(f"{source}: quantization method {qc.get('quant_method')!r} is not supported (gptq only)")
     bits, gs = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
     if bits not in (4, 8) or qc.get("desc_act"):
         raise CheckpointError(f"{source}: GPTQ bits={bits} desc_act={qc.get('desc_act')} "
                               "is not supported (4 or 8 bits, no act-order)")
-    lm_head = bool(qc.get("lm_head", False))
+    offset = 0 if qc.get("checkpoint_format") == "gptq_v2" else 1
+    unpack = lambda t, name: from_gptq(t, bits, gs, name, zero_offset=offset)  # noqa: E731
+    model = load_packed(config, tensors, dtype, device, source, release, ("qweight", "qzeros", "scales", "g_idx"),
+                        unpack, bits, gs, bool(qc.get("lm_head", False)))
+    model.quant["sym"] = bool(qc.get("sym", True))
+    return model
+
+
+def load_packed(config, tensors, dtype, device, source, release, leaves: tuple, unpack, bits: int, gs: int,
+                lm_head: bool):
+    """Build a model from a stream of packed quantized linears (GPTQ, AWQ): float tensors go
+    through the usual name/shape checks; each quantized linear, once its `leaves` are in (all of
+    its parts' for a fused projection), is unpacked by `unpack(tensors, name) -> (q uint8 [out, in],
+    scales float32 [n_groups, out], zeros uint8 [n_groups, out])` and becomes a QuantLinear where
+    our kernels take its layout, a float Linear holding its exact dequantization otherwise."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     quantized: dict[str, tuple] = {}
 
     def float_tensors():
         for name, t in tensors:
             mod, _, leaf = name.rpartition(".")
-            if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            if leaf in leaves:
                 pending.setdefault(mod, {})[leaf] = t
-                if len(pending[mod]) == 4:
-                    quantized[mod] = from_gptq(pending.pop(mod), bits, gs, f"{source}: {mod}")
+                if len(pending[mod]) == len(leaves):
+                    quantized[mod] = unpack(pending.pop(mod), f"{source}: {mod}")
                     yield f"{mod}.weight", torch.empty(quantized[mod][0].shape, device="meta")
                 continue
             yield name, t
@@ -183,7 +194,7 @@ def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release
     # Quantized linears arrive as meta placeholders, which build_model leaves unallocated.
     model = build_model(cfg, float_tensors(), dtype, device, source=source, release=release)
     if pending:
-        raise CheckpointError(f"{source}: incomplete GPTQ tensors for {', '.join(sorted(pending))[:200]}")
+        raise CheckpointError(f"{source}: incomplete quantized tensors for {', '.join(sorted(pending))[:200]}")
     if set(quantized) and not lm_head:
         quantized.pop("lm_head", None)
     fused = fused_linears(model)
@@ -191,14 +202,27 @@ def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release
         parts = [name for name, _ in _parts(full, fused, lin.out_features)]
         for name in parts:
             if name not in quantized:
-                raise CheckpointError(f"{source}: {name} is not quantized (expected GPTQ tensors)")
+                raise CheckpointError(f"{source}: {name} is not quantized (expected {'/'.join(leaves)} tensors)")
         # q [out, in], scales and zeros [n_groups, out]: the parts' rows one after the other
         q, s, z = (torch.cat(x, dim) for x, dim in zip(zip(*(quantized.pop(n) for n in parts)), (0, 1, 1)))
         bias = None if lin.bias is None else lin.bias.data
-        setattr(mod, attr, QuantLinear(q, s, bits, gs, bias, dtype, z))
+        setattr(mod, attr, quant_linear(q, s, z, bits, gs, bias, dtype, device))
     model.config = config
     if not lm_head:  # float head in the file (GPTQ's default): int8 at run time, +0.03% perplexity
         model.lm_head = QuantLinear.from_linear(model.lm_head, 8, -1, dtype)
-    model.quant = {"bits": bits, "group_size": gs, "sym": bool(qc.get("sym", True)),
-                   "lm_head": 8 if not lm_head else bits}
+    model.quant = {"bits": bits, "group_size": gs, "sym": True, "lm_head": 8 if not lm_head else bits}
     return model
+
+
+def quant_linear(q, s, z, bits: int, gs: int, bias, dtype, device="cpu") -> torch.nn.Module:
+    """QuantLinear where our kernels take the layout (int4 in groups of 32..256, any zero points;
+    int8 with one symmetric scale per output channel); otherwise (int8 in groups: the official
+    GPTQ-Int8 releases' group 128) a float Linear holding the exact dequantization, in dtype."""
+    sym8 = bits == 8 and s.shape[0] == 1 and bool((z == 128).all())
+    if sym8 or (bits == 4 and gs in INT4_GROUPS and q.shape[1] % gs == 0):
+        return QuantLinear(q, s, bits, gs, bias, dtype, z)
+    lin = torch.nn.Linear(q.shape[1], q.shape[0], bias=bias is not None, device="meta")
+    lin.weight = torch.nn.Parameter(dequantize(q, s, bits, z).to(device=device, dtype=dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+    return lin

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from qwen2.errors import CheckpointError, Qwen2Error
 from qwen2.io.build import build_model, parse_dtype
 from qwen2.io.gguf import load_gguf_model, load_gguf_tokenizer
+from qwen2.io.awq import load_awq
 from qwen2.io.gptq import load_gptq
 from qwen2.io.hub import resolve
 from qwen2.io.qwen1 import load_qwen1
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def load_hf(ckpt: Path, dtype="auto", device="cpu", tp: tuple[int, int] | None = None) -> Qwen2:
-    """A Hugging Face safetensors checkpoint directory, float or GPTQ (quantization_config).
+    """A Hugging Face safetensors checkpoint directory, float, GPTQ or AWQ (quantization_config).
     tp: (rank, world size): load only this tensor-parallel rank's share (qwen2.model.tp)."""
     config = ModelConfig.from_file(ckpt / "config.json")
     dt = parse_dtype(dtype, config)
@@ -32,7 +33,11 @@ def load_hf(ckpt: Path, dtype="auto", device="cpu", tp: tuple[int, int] | None =
         if tp is not None:
             raise Qwen2Error(f"{ckpt}: tensor parallelism runs float checkpoints only for now (this one "
                              "is quantized)")
-        return load_gptq(config, iter_safetensors(files), dt, device, source=str(ckpt), release=release_pages)
+        method = str(config.raw["quantization_config"].get("quant_method", "")).lower()
+        loaders = {"gptq": load_gptq, "awq": load_awq}
+        if method not in loaders:
+            raise CheckpointError(f"{ckpt}: quantization method {method!r} is not supported (gptq or awq)")
+        return loaders[method](config, iter_safetensors(files), dt, device, source=str(ckpt), release=release_pages)
     shard = TPShard(config, *tp) if tp is not None else None
     return build_model(config, iter_safetensors(files), dt, device, source=str(ckpt),
                        total=count_safetensors(files), release=release_pages, shard=shard)
