@@ -274,3 +274,25 @@ def rank_memory(config: ModelConfig, world: int, dtype: str = "bfloat16") -> dic
     kv_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
     cfg = shard.config if shard is not None else config
     return {"weights": int(total), "kv_per_token": cfg.kv_bytes_per_token(kv_dtype)}
+
+
+def spawn_local_ranks(n: int, argv: list[str]) -> list:
+    """Make this process rank 0 of an n-rank group on this machine and start ranks 1..n-1 as
+    `python -m qwen2.cli *argv` (what `qwen2 serve --tensor-parallel-size N` does; across
+    machines, use torchrun: docs/distributed.md). Each rank gets its share of the cores. Returns
+    the started processes; call init_from_env() next."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, (os.cpu_count() or n) // n)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), RANK="0",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(n))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return [subprocess.Popen([sys.executable, "-m", "qwen2.cli", *argv],
+                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r)), stdin=subprocess.DEVNULL)
+            for r in range(1, n)]
