@@ -166,14 +166,14 @@ def humaneval_llamacpp(args):
     from llama_cpp import Llama
     from qwen2.eval import sandbox
     from qwen2.eval.evaluate import evaluate
-    from qwen2.eval.lm import EngineLM
     from qwen2.eval.tasks import HumanEval
     path = args.model or demo()
     llm = qwen2.load(path)
     task = HumanEval()
     docs = task.docs(args.limit)
     reqs = [task.requests(d, 0, True)[0] for d in docs]
-    ids = [EngineLM.chat_ids(type("T", (), {"tokenizer": llm.tokenizer})(), r.messages, r.prefill) for r in reqs]
+    tok = llm.tokenizer   # the prompt ids qwen2 eval builds (EngineLM.chat_ids)
+    ids = [tok.encode_chat(r.messages, add_generation_prompt=True) + tok.encode(r.prefill) for r in reqs]
     t = time.perf_counter()
     ours = evaluate(llm, ["humaneval"], limit=args.limit, chat="on", log_samples=True, progress=False)
     t_ours = time.perf_counter() - t
