@@ -41,6 +41,9 @@ class Qwen2LM(TemplateLM):
                  batch_size: int | str = 16, mode: str = "auto", max_length: int | None = None, llm=None, **kwargs):
         super().__init__()
         import qwen2
+        import torch
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"   # lm-eval's CLI passes --device (default cuda) to every model
         self.llm = llm or qwen2.load(pretrained or None, dtype=dtype, device=device, mode=mode)
         bs = 16 if str(batch_size) in ("auto", "") else int(str(batch_size).split(":")[0])
         self.engine_lm = EngineLM(self.llm, batch_size=bs)
