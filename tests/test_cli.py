@@ -1,12 +1,16 @@
 """The `qwen2` generate / chat / info commands, run as real processes (chat through a pseudo-terminal)."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pexpect
 import pytest
+import torch
 
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -52,9 +56,22 @@ def test_generate_streams_stdin_prompt_and_stops(ckpt, llm):
     (["generate", "-m", "{ckpt}", "--prompt", "x", "--top-p", "2"], "top_p"),
     (["generate", "-m", "{ckpt}", "--prompt", "x", "--dtype", "float16"], "float16 is not supported"),
     (["bench", "-m", "{ckpt}", "--tokens", "0"], "--tokens must be at least 2"),
+    (["generate", "-m", "{ckpt}", "--prompt", "x", "--device", "foo"], "--device 'foo': not a device"),
+    (["generate", "-m", "{ckpt}", "--prompt", "x", "--device", "cuda"] if not torch.cuda.is_available()
+     else ["generate", "-m", "{ckpt}", "--prompt", "x", "--device", "cuda:999"], "--device cuda"),
+    (["chat", "-m", "{ckpt}", "--device", "bogus:0"], "not a device"),
+    (["generate", "-m", "{nocfg}", "--prompt", "x"], "no config.json"),
+    (["generate", "-m", "{ckpt}", "--prompt", "x", "--max-new-tokens", "10000000"],
+     "exceeds the maximum context length of 4096 tokens"),
+    (["chat", "-m", "{ckpt}", "--max-new-tokens", "10000000"], "exceeds the maximum context length"),
 ])
 def test_errors_are_one_line(ckpt, tmp_path, args, message):
-    args = [a.format(ckpt=ckpt, empty=tmp_path) for a in args]
+    nocfg = tmp_path / "nocfg"  # tokenizer files but no config.json
+    nocfg.mkdir()
+    for f in Path(ckpt).glob("tokenizer*"):
+        shutil.copy(f, nocfg / f.name)
+    args = [a.format(ckpt=ckpt, empty=tmp_path / "empty", nocfg=nocfg) for a in args]
+    (tmp_path / "empty").mkdir()
     r = qwen2_cmd(*args, timeout=120)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
@@ -84,19 +101,34 @@ def spawn_chat(*args):
     return child
 
 
-def reply_after(child, line: str) -> str:
+STATS = re.compile(r"\n\[(\d+) tokens · ([\d.]+|-) tok/s · first token ([\d.]+) s\]$")
+
+
+def reply_after(child, line: str, stats: list | None = None) -> str:
+    """The reply to `line`, without the stats line that follows a reply (appended to `stats`)."""
     child.sendline(line)
     child.expect_exact(">>> ")
     out = child.before.replace("\r\n", "\n")
     assert out.startswith(line + "\n")  # the terminal echoes the line
-    return out[len(line) + 1:].removesuffix("\n")
+    out = out[len(line) + 1:].removesuffix("\n")
+    m = STATS.search(out)
+    if m:
+        out = out[:m.start()]
+        if stats is not None:
+            stats.append((int(m[1]), None if m[2] == "-" else float(m[2]), float(m[3])))
+    return out
 
 
 def test_chat_repl(ckpt, llm):
     child = spawn_chat("-m", ckpt, "--dtype", "float32", "--max-new-tokens", 6)
     user1 = {"role": "user", "content": "Hello"}
-    a1 = reply_after(child, "Hello")
-    assert a1 == llm.chat([user1], max_new_tokens=6).text
+    stats = []
+    a1 = reply_after(child, "Hello", stats)
+    want = llm.chat([user1], max_new_tokens=6)
+    assert a1 == want.text
+    # after each reply: its tokens, decode tokens/s and the wait for its first token
+    [(n, tok_s, first)] = stats
+    assert n == len(want.token_ids) and first > 0 and (tok_s is None) == (n < 2) and (tok_s is None or tok_s > 0)
     # The second turn sees the first (multi-turn history).
     a2 = reply_after(child, "And then?")
     assert a2 == llm.chat([user1, {"role": "assistant", "content": a1}, {"role": "user", "content": "And then?"}],

@@ -1,11 +1,13 @@
 """`qwen2 chat`: an interactive multi-turn chat with streaming replies.
 
 Commands: /reset (forget the conversation), /system TEXT (new system prompt, starts over),
-/exit. Ctrl-C stops the reply being written and keeps the session; Ctrl-D (EOF) exits."""
+/exit. Ctrl-C stops the reply being written and keeps the session; Ctrl-D (EOF) exits. After each
+reply a line on stderr gives its tokens, decode speed (tokens/s) and the wait for its first token."""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from qwen2.engine.sampling import SamplingParams
 from qwen2.cli import _common
@@ -26,13 +28,16 @@ def register(subparsers):
 def run(args) -> int:
     sampling = sampling_overrides(args)
     SamplingParams().replace(**sampling)  # bad values fail before the (slow) model load
+    t0 = time.monotonic()
     llm = load_llm(args)
+    loaded = time.monotonic() - t0
+    _common.check_max_new_tokens(llm, sampling.get("max_new_tokens"))
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    print(f"qwen2 chat · {args.model or 'demo model'} · {HELP}", file=sys.stderr)
+    print(f"qwen2 chat · {args.model or 'demo model'} · loaded in {loaded:.1f} s · {HELP}", file=sys.stderr)
     system, turns = args.system, []
     while True:
         try:
@@ -81,4 +86,12 @@ def _reply(llm, messages, sampling) -> str:
         sys.stdout.write(" [stopped]")
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if stream.completion is not None:
+        print(stats_line(stream.completion.timings), file=sys.stderr, flush=True)
     return reply
+
+
+def stats_line(t: dict) -> str:
+    """[42 tokens · 31.5 tok/s · first token 0.21 s] from a completion's timings."""
+    speed = f"{t['decode_tokens_per_s']:.1f} tok/s" if t.get("decode_tokens_per_s") else "- tok/s"
+    return f"[{t['completion_tokens']} tokens · {speed} · first token {t['prefill_s']:.2f} s]"

@@ -81,8 +81,11 @@ def run(args) -> int:
     llm = load_llm(args)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-        stream = llm.chat(msgs + [{"role": "user", "content": prompt}], stream=True, **kw)
+        msgs = msgs + [{"role": "user", "content": prompt}]
+        _common.check_max_new_tokens(llm, kw.get("max_new_tokens"), len(llm.tokenizer.encode_chat(msgs)))
+        stream = llm.chat(msgs, stream=True, **kw)
     else:
+        _common.check_max_new_tokens(llm, kw.get("max_new_tokens"), len(llm.tokenizer.encode(prompt)))
         stream = llm.stream(prompt, **kw)
     if args.json:
         for _ in stream:
