@@ -237,3 +237,104 @@ def test_info_plans_every_released_config(capsys):
     eight = {(r["model"], r["dtype"]): r for r in json.loads(capsys.readouterr().out)}
     assert "valid sizes: 1, 2, 4" in eight["Qwen2-7B", "bfloat16"]["error"]
     assert "29568 in groups of 128" in eight["Qwen2-72B", "int4"]["error"]
+
+
+# ---- serving: `qwen2 serve --tensor-parallel-size 2` -----------------------------------------
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    """The pid of tensor-parallel rank `rank` among the descendants of process `root`."""
+    children = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    todo, found = [root], []
+    while todo:
+        pid = todo.pop()
+        for c in children.get(pid, []):
+            todo.append(c)
+            try:
+                env = Path(f"/proc/{c}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and f"LOCAL_RANK={rank}".encode() in env:
+                found.append(c)
+    return max(found) if found else None  # the rank itself, not a wrapper that re-executed into it
+
+
+@pytest.fixture(scope="module")
+def tp_server(tmp_path_factory):
+    from conftest import build_qwen_ckpt
+    from test_serving_api import start_server, stop_server
+    ckpt = build_qwen_ckpt(tmp_path_factory)
+    proc, url = start_server(ckpt, "--tensor-parallel-size", "2", "--max-batch", "8",
+                             log_dir=tmp_path_factory.mktemp("tp_serve"))
+    yield ckpt, proc, url
+    if proc.poll() is None:
+        assert stop_server(proc) == 0  # SIGTERM: a clean exit of every rank
+
+
+def test_serve_tensor_parallel_openai_client(tp_server):
+    """Two ranks behind one server: chat and completions (streamed and not, concurrent) equal the
+    single-process model's greedy output; sampled requests keep the ranks in step."""
+    import asyncio
+
+    import openai
+    import qwen2
+    from test_serving_api import KEY
+    ckpt, proc, url = tp_server
+    llm = qwen2.load(ckpt, dtype="float32")
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Say something about tensor parallelism."}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == llm.chat(messages, max_new_tokens=12, temperature=0).text
+    prompts = [f"Request number {i} asks" for i in range(6)]
+    want = [llm.generate(p, max_new_tokens=10, temperature=0).text for p in prompts]
+
+    async def one(aclient, p):
+        text = ""
+        async for chunk in await aclient.completions.create(model="tiny", prompt=p, max_tokens=10,
+                                                            temperature=0, stream=True):
+            text += chunk.choices[0].text
+        return text
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(aclient, p) for p in prompts))
+
+    assert asyncio.run(main()) == want
+    # Unseeded sampling: every rank draws alike, or the requests after these would hang.
+    for _ in range(2):
+        client.completions.create(model="tiny", prompt="Random", max_tokens=8, temperature=1.0)
+    assert client.completions.create(model="tiny", prompt=prompts[0], max_tokens=10,
+                                     temperature=0).choices[0].text == want[0]
+
+
+def test_serve_tensor_parallel_rank_death_takes_server_down(ckpt, tmp_path):
+    """Kill rank 1 mid-stream: the stream ends (no hang) and the server exits with an error."""
+    import httpx
+    from test_serving_api import KEY, start_server
+    proc, url = start_server(ckpt, "--tensor-parallel-size", "2", log_dir=tmp_path)
+    try:
+        rank1 = _rank_pid(proc.pid, 1)
+        assert rank1 is not None
+        with httpx.Client(timeout=120) as c:
+            with c.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "tiny", "prompt": "Long", "max_tokens": 3000, "stream": True,
+                                "ignore_eos": True}) as resp:
+                lines = resp.iter_lines()
+                first = next(lines)
+                assert first.startswith("data: ")
+                os.kill(rank1, 9)
+                try:
+                    rest = list(lines)  # must end, not hang
+                except httpx.HTTPError:
+                    rest = []           # or the connection closes
+        assert proc.wait(90) != 0
+        assert not rest or rest[-1] == "data: [DONE]" or any("error" in x for x in rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
