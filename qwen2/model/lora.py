@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TARGETS", "LoRALinear", "add_lora", "adapter_disabled", "lora_modules", "lora_parameters",
+__all__ = ["TARGETS", "LoRALinear", "adapter_disabled", "add_lora", "lora_modules", "lora_parameters",
            "merge_lora", "peft_name"]
 
 # PEFT/checkpoint names of the parts of each fused projection, in row order (the module's `splits`).

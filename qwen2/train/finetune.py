@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from qwen2.errors import Qwen2Error
-from qwen2.model.lora import TARGETS, adapter_disabled, add_lora, lora_modules, merge_lora
+from qwen2.model.lora import TARGETS, adapter_disabled, add_lora, merge_lora
 from qwen2.train import data as D
 from qwen2.train.loss import dpo_loss, sequence_logprobs, token_logprobs
 
