@@ -124,7 +124,6 @@ def agree(args):
 
 
 def humaneval_speed(args):
-    import yaml  # noqa: F401
     import qwen2
     from lm_eval.api.instance import Instance
     from qwen2.eval import data, harness, sandbox

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from qwen2.errors import Qwen2Error
 from qwen2.eval import sandbox
-from qwen2.eval.lm import EngineLM, log
+from qwen2.eval.lm import EngineLM
 from qwen2.eval.tasks import Request, Task, get_task
 
 CHAT_MODES = ("auto", "on", "off")

@@ -13,7 +13,6 @@ context is replaced by the end-of-text token.
 """
 from __future__ import annotations
 
-import sys
 from collections import deque
 from typing import Callable, Sequence
 
@@ -60,7 +59,7 @@ class EngineLM:
         params = SamplingParams(max_new_tokens=0, prompt_logprobs=1)
 
         def result(i, out):
-            ids, start = items[i]
+            start = items[i][1]
             lps = out.prompt_logprobs[start:]
             ll = sum(lp.logprob for lp in lps)
             greedy = all(lp.top and lp.top[0][0] == lp.token_id for lp in lps)
@@ -148,6 +147,3 @@ class EngineLM:
     def prefix_cache_hit_rate(self) -> float:
         return self.engine.prefix_cache_hit_rate
 
-
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)

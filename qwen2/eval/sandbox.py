@@ -15,7 +15,6 @@ A program passes when it exits with status 0 within the timeout.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -25,8 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
-# Runs before the program. Limits are applied in the child before exec (preexec_fn); the guard
-# removes what could escape them from inside Python.
+# Runs before the program, in its process: the limits first (set here rather than in a preexec_fn,
+# which can deadlock a child forked from a threaded parent), then the guard removing what could
+# escape them from inside Python.
+LIMITS = r'''
+import resource as _r
+for _k, _v in (("RLIMIT_AS", {mem}), ("RLIMIT_DATA", {mem}), ("RLIMIT_CPU", {cpu}), ("RLIMIT_CORE", 0),
+               ("RLIMIT_FSIZE", 64 << 20), ("RLIMIT_NPROC", 64)):
+    _r.setrlimit(getattr(_r, _k), (_v, _v))
+'''
 PREAMBLE = r'''
 import builtins, os, shutil, socket, subprocess, sys
 def _blocked(*a, **k):
@@ -86,31 +92,19 @@ def _netns_prefix() -> tuple[str, ...]:
     return ()
 
 
-def _limits(memory_bytes: int, cpu_seconds: int):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20))
-        resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))
-    return apply
-
-
 def run(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> Result:
     """Run `program` (Python source) sandboxed; see the module docstring."""
     work = tempfile.mkdtemp(prefix="qwen2-sandbox-")
     try:
         path = os.path.join(work, "program.py")
         with open(path, "w", encoding="utf-8") as f:
-            f.write(PREAMBLE + "\n" + program)
+            f.write(LIMITS.format(mem=memory_mb << 20, cpu=int(timeout) + 1) + PREAMBLE + "\n" + program)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": work, "TMPDIR": work,
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
         cmd = [*_netns_prefix(), sys.executable, "-I", "-B", path]
         try:
             p = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 preexec_fn=_limits(memory_mb << 20, int(timeout) + 1))
+                                 stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             return Result(False, f"error: {e}")
         try:
