@@ -48,10 +48,11 @@ def encode(x: np.ndarray, qtype: Q, seed: int = 0) -> np.ndarray:
 
 
 def write_gguf(path, model, qtypes: dict | None = None, default: Q = Q.F32, arch: str | None = None,
-               drop: tuple = (), extra: dict | None = None, tie: bool | None = None) -> Path:
+               drop: tuple = (), extra: dict | None = None, tie: bool | None = None,
+               tokenizer_from: Path | None = None) -> Path:
     """Write a transformers Qwen2/Qwen2-MoE model as a GGUF file. `qtypes`: GGUF tensor name -> type
     for 2-D weights (others use `default`); `drop`: GGUF names to leave out; `extra`: more tensors
-    (array, or (raw bytes, type))."""
+    (array, or (raw bytes, type)); `tokenizer_from`: a GGUF file whose tokenizer metadata to copy."""
     path = Path(path)
     cfg = model.config
     moe = getattr(cfg, "num_experts", 0) > 0
@@ -72,6 +73,20 @@ def write_gguf(path, model, qtypes: dict | None = None, default: Q = Q.F32, arch
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if tokenizer_from is not None:
+        r = gguf.GGUFReader(tokenizer_from)
+
+        def field(key):
+            return r.fields[key].contents() if key in r.fields else None
+        w.add_tokenizer_model(field("tokenizer.ggml.model"))
+        w.add_token_list(field("tokenizer.ggml.tokens"))
+        w.add_token_merges(field("tokenizer.ggml.merges"))
+        w.add_token_types(field("tokenizer.ggml.token_type"))
+        for key, add in (("eos", w.add_eos_token_id), ("bos", w.add_bos_token_id), ("padding", w.add_pad_token_id)):
+            if field(f"tokenizer.ggml.{key}_token_id") is not None:
+                add(field(f"tokenizer.ggml.{key}_token_id"))
+        w.add_chat_template(field("tokenizer.chat_template"))
+        del r
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     if tie or (tie is None and cfg.tie_word_embeddings):
         state.pop("lm_head.weight", None)

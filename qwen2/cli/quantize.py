@@ -1,7 +1,9 @@
 """`qwen2 quantize`: weight-only int8 (per channel) or int4 (grouped) quantization, round-to-nearest
 (--method rtn, the default) or GPTQ (--method gptq: error-compensated on calibration text, see
 qwen2/gptq.py), saved in the GPTQ layout (see qwen2/quant.py and docs/performance.md). The result
-loads like any checkpoint: `qwen2.load_model(OUT_DIR)`, `--model OUT_DIR`."""
+loads like any checkpoint: `qwen2.load_model(OUT_DIR)`, `--model OUT_DIR`, with the input's
+tokenizer (a GGUF input's is written out as tokenizer.json / tokenizer_config.json with its chat
+template)."""
 from __future__ import annotations
 
 import shutil
@@ -74,7 +76,10 @@ def run(args) -> int:
         gptq_model(model, args.bits, args.group_size, calib, lm_head=head, sym=sym, progress=True)
     save_quantized(model, out, args.bits, args.group_size, lm_head=lm_head, sym=sym)
     copied = []
-    if src.is_dir():
+    if src.suffix == ".gguf" or (src.is_dir() and not (src / "config.json").exists() and any(src.glob("*.gguf"))):
+        from qwen2.io.gguf import find_gguf, save_gguf_tokenizer
+        copied = [f.name for f in save_gguf_tokenizer(find_gguf(src), out)]  # the file's tokenizer and chat template
+    elif src.is_dir():
         for name in _SIDE_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, out / name)

@@ -478,17 +478,9 @@ def _load_blocks(reader, f: Path, config: ModelConfig):
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 
-def load_gguf_tokenizer(path):
-    """The byte-level BPE tokenizer described by `tokenizer.ggml.*` and `tokenizer.chat_template`.
-
-    Control tokens (`<|im_end|>`, ...) become special added tokens, user-defined ones (Qwen2.5's
-    `<tool_call>`) plain added tokens, as in transformers; the unused `[PAD...]` rows stay in the
-    vocabulary (no merge reaches them) so that every id the model can emit decodes.
-    The split regex is Qwen2's whatever `tokenizer.ggml.pre` says (qwen2, deepseek-r1-qwen, ...:
-    the same regex), and text is NFC-normalized like Qwen2's own tokenizer.json (the GGUF file
-    does not record the normalizer; transformers' and llama.cpp's GGUF paths skip it).
-    """
-    from qwen2.text.tokenizer import Tokenizer
+def _tokenizer_parts(path) -> dict:
+    """vocab {token: id}, merges, added tokens, chat template and bos/eos/pad token strings from
+    the `tokenizer.ggml.*` metadata (see load_gguf_tokenizer)."""
     reader, f = open_gguf(path)
     architecture(reader, f)
     model = _field(reader, "tokenizer.ggml.model")
@@ -512,7 +504,77 @@ def load_gguf_tokenizer(path):
         i = _field(reader, f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
+    parts = dict(vocab=vocab, merges=merges, added=added, chat_template=_field(reader, "tokenizer.chat_template"),
+                 bos_token=name("bos_token_id"), eos_token=name("eos_token_id"), pad_token=name("padding_token_id"),
+                 eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"))
+    del reader
+    from qwen2.kernels.memory import trim
+    trim()  # the metadata's small objects (~200 MB) back to the OS
+    return parts
+
+
+def load_gguf_tokenizer(path):
+    """The byte-level BPE tokenizer described by `tokenizer.ggml.*` and `tokenizer.chat_template`.
+
+    Control tokens (`<|im_end|>`, ...) become special added tokens, user-defined ones (Qwen2.5's
+    `<tool_call>`) plain added tokens, as in transformers; the unused `[PAD...]` rows stay in the
+    vocabulary (no merge reaches them) so that every id the model can emit decodes.
+    The split regex is Qwen2's whatever `tokenizer.ggml.pre` says (qwen2, deepseek-r1-qwen, ...:
+    the same regex), and text is NFC-normalized like Qwen2's own tokenizer.json (the GGUF file
+    does not record the normalizer; transformers' and llama.cpp's GGUF paths skip it).
+    """
+    from qwen2.text.tokenizer import Tokenizer
+    p = _tokenizer_parts(path)
     return Tokenizer.from_vocab_merges(
-        vocab, merges, added, chat_template=_field(reader, "tokenizer.chat_template"),
-        bos_token=name("bos_token_id"), eos_token=name("eos_token_id"), pad_token=name("padding_token_id"),
-        normalize_nfc=True)
+        p["vocab"], p["merges"], p["added"], chat_template=p["chat_template"], bos_token=p["bos_token"],
+        eos_token=p["eos_token"], pad_token=p["pad_token"], normalize_nfc=True)
+
+
+def save_gguf_tokenizer(path, out_dir) -> list[Path]:
+    """Write the GGUF file's tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json
+    with the chat template, vocab.json, merges.txt; generation_config.json with its eos), so that a
+    checkpoint made from the file (`qwen2 quantize`) loads with its tokenizer like any other."""
+    import json
+    from qwen2.text.tokenizer import QWEN_PATTERN
+    p = _tokenizer_parts(path)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in p["merges"]]
+    # As in Qwen's own files: the vocabulary stops where the added tokens begin (the GGUF file's
+    # [PAD...] rows past them are embedding padding, which transformers would renumber otherwise)
+    first_added = min((t["id"] for t in p["added"]), default=None)
+    if first_added is not None:
+        p["vocab"] = {t: i for t, i in p["vocab"].items() if i < first_added}
+    added = [{"id": t["id"], "content": t["content"], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": not t["special"], "special": t["special"]} for t in p["added"]]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
+            byte_level]},
+        "post_processor": byte_level, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": p["vocab"], "merges": merges},
+    }
+    config = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
+        "bos_token": p["bos_token"], "chat_template": p["chat_template"], "clean_up_tokenization_spaces": False,
+        "eos_token": p["eos_token"], "errors": "replace", "pad_token": p["pad_token"],
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+    files = {
+        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False, indent=2),
+        "tokenizer_config.json": json.dumps({k: v for k, v in config.items() if v is not None or k == "unk_token"},
+                                            ensure_ascii=False, indent=2),
+        "vocab.json": json.dumps(p["vocab"], ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+    }
+    if p["eos_token_id"] is not None:
+        files["generation_config.json"] = json.dumps({"eos_token_id": int(p["eos_token_id"])}, indent=2)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return [out / name for name in files]
