@@ -234,3 +234,28 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, ckpt)
     assert x.keys() == y.keys()
     for k in x:
         torch.testing.assert_close(y[k], x[k], atol=2e-4 * x[k].abs().max().item() + 1e-7, rtol=1e-3, msg=k)
+
+
+def test_qlora_on_a_quantized_checkpoint(tmp_path, ckpt):
+    """`qwen2 quantize` output trains as it is (int4 linears and an int8 head, no float copy); the
+    trainer's eval loss (scored rows only, gradients through the int4 kernels' dequantized weights)
+    equals the quantized model's own full-logits loss with the saved adapter."""
+    from qwen2.io.adapter import load_adapter
+    from qwen2.quant.linear import QuantLinear
+    q4 = tmp_path / "q4"
+    r = subprocess.run([sys.executable, "-m", "qwen2", "quantize", str(ckpt), str(q4), "--bits", "4"],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = _write(tmp_path / "train.jsonl", CHATS[:8])
+    out = tmp_path / "out"
+    _cli("--model", q4, "--data", data, "--eval-data", data, "--output", out, "--method", "qlora", "--max-steps", 3,
+         "--lr", 1e-2, "--lora-dropout", 0)
+    final = [x for x in _log(out) if "eval_loss" in x][-1]
+    model = load_adapter(qwen2.load_model(q4, dtype="float32"), out)
+    assert isinstance(model.lm_head, QuantLinear)
+    tok = qwen2.load_tokenizer(ckpt)
+    ids, mask, labels = D.collate(D.load_sft(data, tok, 1024).examples, tok.pad_token_id)
+    with torch.no_grad():
+        loss = model(ids, attention_mask=mask, labels=labels).loss.item()
+    assert abs(final["eval_loss"] - loss) < 1e-4 * loss
+    assert _cli("--model", q4, "--data", data, "--output", tmp_path / "x", check=False).stderr.count("--method qlora") == 1

@@ -15,7 +15,9 @@ def register(subparsers):
     p.add_argument("--data", required=True, help="training data, JSONL")
     p.add_argument("--eval-data", default=None, help="held-out data, JSONL (loss and perplexity; DPO: reward accuracy)")
     p.add_argument("--output", "-o", required=True, help="output directory")
-    p.add_argument("--method", default="lora", choices=("lora", "qlora", "full", "dpo"))
+    p.add_argument("--method", default="lora", choices=("lora", "qlora", "full", "dpo"),
+                   help="qlora: LoRA over int4/int8 weights: a float --model is quantized in memory, a checkpoint "
+                        "from `qwen2 quantize` is taken as it is (the lowest peak memory: no float copy at load)")
     p.add_argument("--dpo-weights", default="lora", choices=("lora", "full"), help="what DPO trains")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
     g = p.add_argument_group("schedule")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TARGETS", "LoRALinear", "adapter_disabled", "add_lora", "lora_modules", "lora_parameters",
+__all__ = ["TARGETS", "LoRALinear", "adapter_disabled", "add_lora", "frozen_forward", "lora_modules", "lora_parameters",
            "merge_lora", "peft_name"]
 
 # PEFT/checkpoint names of the parts of each fused projection, in row order (the module's `splits`).
@@ -50,6 +50,13 @@ class _QuantMatmul(torch.autograd.Function):
         gx = sum(g[:, i:i + step] @ base.dequantized(slice(i, i + step))
                  for i in range(0, base.out_features, step))
         return gx.reshape(*grad.shape[:-1], base.in_features), None
+
+
+def frozen_forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) with the input's gradient also through a quantized linear (QLoRA)."""
+    if not isinstance(linear, nn.Linear) and torch.is_grad_enabled() and x.requires_grad:
+        return _QuantMatmul.apply(x, linear)
+    return linear(x)
 
 
 class LoRALinear(nn.Module):
@@ -83,9 +90,7 @@ class LoRALinear(nn.Module):
         return not isinstance(self.base, nn.Linear)
 
     def base_forward(self, x):
-        if self.quantized and torch.is_grad_enabled() and x.requires_grad:
-            return _QuantMatmul.apply(x, self.base)
-        return self.base(x)
+        return frozen_forward(self.base, x)
 
     def delta(self, x) -> torch.Tensor:
         """scaling * B @ A @ x over the whole output (float32)."""

@@ -89,10 +89,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tok = load_tokenizer(path)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[cfg.dtype]
     model = load_model(path, dtype=dtype)
-    if cfg.method == "qlora":
+    if cfg.method == "qlora" and not model.quant:
         from qwen2.quant.linear import quantize_model
         # the lm_head (tied to the embedding in small Qwen2s) stays float: one table, not two
         quantize_model(model, cfg.qlora_bits, cfg.qlora_group_size, lm_head=False)
+    elif model.quant and cfg.method != "qlora":
+        raise Qwen2Error(f"{path.name} is quantized: train an adapter on it with --method qlora")
     lora = cfg.method in ("lora", "qlora") or (cfg.method == "dpo" and cfg.dpo_weights == "lora")
     ref_model = None
     if lora:

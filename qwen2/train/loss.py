@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qwen2.model.decoder import IGNORE_INDEX
+from qwen2.model.lora import frozen_forward
 
 # Rows of the vocabulary projection computed at once (with recomputation in backward).
 CHUNK = 1024
@@ -30,7 +31,7 @@ def _head_off(model):
 
 
 def _chunk_logp(head, h, y):
-    return -F.cross_entropy(head(h).float(), y, reduction="none")
+    return -F.cross_entropy(frozen_forward(head, h).float(), y, reduction="none")
 
 
 def token_logprobs(model, ids, mask, labels):
@@ -39,7 +40,7 @@ def token_logprobs(model, ids, mask, labels):
         hidden = model(ids, attention_mask=mask)
     target = labels[:, 1:]
     sel = target != IGNORE_INDEX
-    h = hidden[:, :-1][sel].to(head.weight.dtype)
+    h = hidden[:, :-1][sel].to(head.weight.dtype if isinstance(head, nn.Linear) else head.dtype)
     y = target[sel]
     rows = torch.nonzero(sel)[:, 0]
     if h.shape[0] <= CHUNK:
