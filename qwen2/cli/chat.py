@@ -21,6 +21,8 @@ def register(subparsers):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter directory (PEFT format, e.g. from qwen2 finetune), merged at load")
     add_sampling_args(p)
     p.set_defaults(func=run, max_new_tokens=1024)
 

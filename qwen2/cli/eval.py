@@ -24,6 +24,8 @@ def register(subparsers):
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--limit", type=int, default=None,
                    help="first N documents of each task (of each subject for mmlu/ceval/cmmlu, as lm-eval)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter directory (PEFT format, e.g. from qwen2 finetune), merged at load")
     p.add_argument("--batch-size", type=int, default=16, help="requests the engine runs at once")
     p.add_argument("--chat", default="auto", choices=("auto", "on", "off"),
                    help="chat prompts for generation tasks (auto: for instruct/chat checkpoints)")
@@ -55,7 +57,8 @@ def run(args) -> int:
     import qwen2
     from qwen2.eval.evaluate import default_cache_path, evaluate, markdown_table, use_chat
     t0 = time.perf_counter()
-    llm = qwen2.load(model_path(args), dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto")
+    llm = qwen2.load(model_path(args), dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto",
+                     adapter=args.adapter)
     use_chat(llm, args.chat)         # --chat on with a model that cannot chat: fail before any work
     cache = None if args.no_cache else default_cache_path(llm, args.output)
     res = evaluate(llm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,

@@ -45,13 +45,16 @@ def sampling_overrides(args) -> dict:
 
 def load_llm(args):
     from qwen2.api import load
-    return load(_common.model_path(args), dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto")
+    return load(_common.model_path(args), dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto",
+                adapter=getattr(args, "adapter", None))
 
 
 def register(subparsers):
     p = subparsers.add_parser("generate", help="complete a prompt (streams to stdout)", description=__doc__)
     _common.add_model_args(p)
     p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter directory (PEFT format, e.g. from qwen2 finetune), merged at load")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
