@@ -12,6 +12,7 @@ as in transformers); every SamplingParams field can be overridden per call by ke
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -178,6 +179,9 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
         if model.quant or tp is not None:
             raise Qwen2Error("an adapter merges into whole float weights: not into a quantized or tensor-parallel model")
         merge_lora(load_adapter(model, adapter)).requires_grad_(True)
+        # the adapter is part of the model's identity (per-sample caches key on the source)
+        w = Path(adapter) / "adapter_model.safetensors"
+        path_or_id = f"{path_or_id} + adapter {Path(adapter).resolve()}:{w.stat().st_size}:{int(w.stat().st_mtime)}"
     if tp is not None and mode == "auto" and model.dtype != torch.float32:
         mode = "eager"  # the compiled step does not trace the collectives
     path_taken = prepare(model, mode)
