@@ -42,7 +42,8 @@ import torch
 
 from qwen2.errors import Qwen2Error
 from qwen2.engine.request import Row, TokenLogprob
-from qwen2.engine.sampling import SamplingParams, make_generator, process_logits, prompt_logprobs, sample
+from qwen2.engine.sampling import Logprobs, SamplingParams, make_generator, process_logits, prompt_logprobs, sample
+from qwen2.engine.speculative import Proposal, Speculator, verify
 from qwen2.engine.lockstep import LockstepError
 from qwen2.engine.stats import Histogram
 from qwen2.engine import runner
@@ -110,6 +111,7 @@ class Request:
     group: str = ""                     # admission is round-robin over groups
     resumed: bool = False               # preempted once: readmitted before anyone else
     score_from: int | None = None       # add_request's, kept for tensor-parallel ranks
+    proposal: Proposal | None = None    # draft tokens this step verifies (speculative decoding)
 
     @property
     def output_ids(self) -> list[int]:
@@ -134,9 +136,10 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, eos_token_ids=(), max_batch: int = 32,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None,
                  block_size: int = BLOCK_SIZE, max_batched_tokens: int = 1024, max_waiting: int = 1024,
-                 lockstep=None):
+                 lockstep=None, speculator: Speculator | None = None):
         """lockstep (qwen2.engine.lockstep.Lockstep): under tensor parallelism, keeps this rank's
-        engine taking the same steps as rank 0's."""
+        engine taking the same steps as rank 0's. speculator (qwen2.engine.speculative): draft
+        tokens verified in the packed step."""
         self.model = model
         self.lockstep = lockstep
         self.tokenizer = tokenizer
@@ -182,9 +185,20 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)   # (time, tokens) per step
         # busy_seconds: time inside step() with work; decode_*: the steps that only decoded
         # (one token per running request), the steady state of a loaded server.
+        # spec_*: speculative decoding (qwen2.engine.speculative): verification slices, draft
+        # tokens proposed and accepted, tokens emitted by verification slices.
         self.stats = SimpleNamespace(prompt_tokens=0, generation_tokens=0, steps=0, preemptions=0,
                                      finished={}, ttft=Histogram(), busy_seconds=0.0,
-                                     decode_steps=0, decode_seconds=0.0)
+                                     decode_steps=0, decode_seconds=0.0,
+                                     spec_steps=0, spec_proposed=0, spec_accepted=0, spec_emitted=0)
+        self.spec = speculator
+        if speculator is not None:
+            if self._single or lockstep is not None:
+                raise Qwen2Error("speculative decoding needs a model that runs packed steps on one process "
+                                 "(not tensor parallelism, a long-context attention variant or "
+                                 "first-generation Qwen's dynamic NTK)")
+            speculator.bind(min(num_blocks, self.pool.blocks_for(self.max_model_len) * speculator.max_batch)
+                            * block_size, block_size)
 
     # ------------------------------------------------------------------ public, any thread
     @property
@@ -325,10 +339,12 @@ class Engine:
         processing raises is sampled again row by row, and a forward that raises is run again one
         request at a time, so that only the request(s) it belongs to fail."""
         self._drain()
+        t0 = time.perf_counter()
         plan = self._schedule()
         if not plan:
             return False
-        t0 = time.perf_counter()
+        if self.spec is not None:
+            self._speculate(plan)
         try:
             runs = [(plan, *self._forward(plan))]
         except Exception as e:
@@ -367,13 +383,22 @@ class Engine:
     def _consume(self, plan, packed: PackedStep, logits: torch.Tensor):
         """One forward's logits: prompt scores, then one token for each request that samples."""
         sampling, tails, row, tail = [], [], 0, packed.num_prompt_logits
+        verifying = []
         for req, s in plan:
             if s.all_logits:
                 nb = len(s.token_ids) - s.sample
-                self._guard(req, "scoring the prompt", self._score_prompt, req, s.start, logits[row:row + nb])
+                if req.proposal is not None:
+                    verifying.append((req, row, tail))
+                else:
+                    self._guard(req, "scoring the prompt", self._score_prompt, req, s.start, logits[row:row + nb])
                 row += nb
             if req.finished:
                 tail += s.sample
+                continue
+            if req.proposal is not None:
+                req.num_computed += 1   # the drafts' keys count once they are accepted (_accept)
+                self._register_blocks(req)
+                tail += 1
                 continue
             req.num_computed += len(s.token_ids)
             self._register_blocks(req)
@@ -388,6 +413,96 @@ class Engine:
             contiguous = tails == list(range(tails[0], tails[0] + len(tails)))
             self._sample(sampling, logits[tails[0]:tails[-1] + 1] if contiguous else logits[torch.tensor(tails)])
             self._recent.append((time.monotonic(), len(sampling)))
+        for req, row, tail in verifying:
+            if not req.finished:
+                k = len(req.proposal.tokens)
+                self._guard(req, "verifying draft tokens", self._accept, req,
+                            torch.cat([logits[row:row + k], logits[tail:tail + 1]]))
+            req.proposal = None
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _speculate(self, plan: list[tuple[Request, SeqSlice]]):
+        """Turn this step's decode slices into verification slices ([last token, d1..dk], the
+        logits of each) where the proposer has drafts; k per request from the speculator's load
+        policy. Drafts never preempt anyone: a request without room decodes plainly."""
+        spec = self.spec
+        spec.retain(self.running)
+        decoding = [j for j, (req, s) in enumerate(plan)
+                    if s.sample and not s.all_logits and len(s.token_ids) == 1]
+        k = spec.tokens_per_request(len(decoding))
+        budget = self.max_batched_tokens - sum(len(s.token_ids) for _, s in plan)
+        asks = []
+        for j in decoding:
+            req = plan[j][0]
+            n = min(k, req.row.limit - len(req.output_ids) - 1, budget)
+            if n > 0:
+                asks.append((j, n))
+                budget -= n
+        if not asks:
+            return
+        try:
+            proposals = spec.propose([(plan[j][0], plan[j][0].prompt_ids, plan[j][0].output_ids, n,
+                                       plan[j][0].params, plan[j][0].generator) for j, n in asks],
+                                     self.model.config.vocab_size)
+        except Exception:   # a failing proposer costs the speedup, never the requests
+            log.exception("speculative proposer failed; decoding without drafts this step")
+            return
+        alloc = self.pool.allocator
+        for (j, _), prop in zip(asks, proposals):
+            req, s = plan[j]
+            if not prop.tokens:
+                continue
+            need = self.pool.blocks_for(s.start + 1 + len(prop.tokens)) - len(req.blocks)
+            if need > alloc.num_free:
+                continue
+            req.blocks += alloc.allocate(max(need, 0))
+            req.proposal = prop
+            plan[j] = (req, SeqSlice(s.token_ids + prop.tokens, s.start, req.blocks, sample=True, all_logits=True))
+
+    def _accept(self, req: Request, logits: torch.Tensor):
+        """A verification slice's logits [k+1, V]: the accepted drafts and the target's own token
+        are emitted one by one (stop ids, stop strings and the length limit cut them as in plain
+        decoding); the keys past the last accepted draft are dropped."""
+        prop, params = req.proposal, req.params
+        drafts, k = prop.tokens, len(prop.tokens)
+        n_valid = self.n_valid if self.n_valid is not None and self.n_valid < logits.shape[-1] else logits.shape[-1]
+        lp = None
+        if _plain_greedy(params) and _fast_argmax(logits):
+            best = torch.ops.qwen2.argmax_rows(logits, n_valid).tolist()
+            n = 0
+            while n < k and best[n] == drafts[n]:
+                n += 1
+            tokens = drafts[:n] + [best[n]]
+        else:
+            if n_valid < logits.shape[-1]:
+                logits[:, n_valid:] = float("-inf")
+            hist = [req.output_ids + drafts[:i] for i in range(k + 1)]
+            logits = process_logits(logits, [params] * (k + 1), hist, [req.prompt_ids] * (k + 1))
+            tokens = verify(logits, drafts, prop.q, params.greedy, req.generator)
+            if req.row.logprobs is not None:
+                logp = torch.log_softmax(logits[:len(tokens)], dim=-1)
+                ids = torch.tensor(tokens)[:, None]
+                top_values, top_ids = logp.topk(params.top_logprobs, dim=-1) if params.top_logprobs \
+                    else (logp[:, :0], ids[:, :0])
+                lp = Logprobs(logp.gather(1, ids)[:, 0], top_ids, top_values)
+        st = self.stats
+        st.spec_steps += 1
+        st.spec_proposed += k
+        st.spec_accepted += len(tokens) - 1
+        start = req.num_computed   # the slice's last token is in (_consume)
+        now = time.monotonic()
+        for i, tok in enumerate(tokens):
+            self._emit(req, i, tok, lp, now)
+            st.spec_emitted += 1
+            if req.finished:
+                break
+        self._recent.append((now, i + 1))
+        if not req.finished:
+            req.num_computed = start + len(tokens) - 1
+            self._register_blocks(req)
+            keep = self.pool.blocks_for(req.num_tokens)
+            self.pool.allocator.release(req.blocks[keep:])
+            del req.blocks[keep:]
 
     def _fail(self, req: Request, err: Exception, what: str):
         log.error("request %s: %s failed", req.id, what, exc_info=err)

@@ -25,10 +25,11 @@ from qwen2.errors import Qwen2Error
 
 @torch.inference_mode()
 def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                    tokenizer=None, eos_ids: Sequence[int] = (), chunk_size: int | None = None) -> Iterator[Delta]:
+                    tokenizer=None, eos_ids: Sequence[int] = (), chunk_size: int | None = None,
+                    speculator=None) -> Iterator[Delta]:
     """Generate for a batch of token-id prompts; yields a Delta per live row per step.
     chunk_size: prompt tokens per step (bounds prefill memory for long prompts; default: the
-    longest prompt, at least 1024)."""
+    longest prompt, at least 1024). speculator: qwen2.engine.speculative.Speculator (None: none)."""
     prompts = check_prompts(model, prompts)
     b = len(prompts)
     params = [params] * b if isinstance(params, SamplingParams) else list(params)
@@ -43,7 +44,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     need = KVPool.bytes_for(model.config, [n + k for n, k in zip(lens, limits)], model.dtype)
     try:
         engine = Engine(model, tokenizer, eos_token_ids=eos_ids, max_batch=b, kv_cache_memory=need,
-                        max_batched_tokens=chunk_size or max(1024, max(lens)))
+                        max_batched_tokens=chunk_size or max(1024, max(lens)), speculator=speculator)
     except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
         if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
@@ -80,10 +81,11 @@ def _timings(t0: float, req, batch: int, batch_prompt_tokens: int) -> dict:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-             tokenizer=None, eos_ids: Sequence[int] = (), chunk_size: int | None = None) -> list[Completion]:
+             tokenizer=None, eos_ids: Sequence[int] = (), chunk_size: int | None = None,
+             speculator=None) -> list[Completion]:
     """All completions, in prompt order."""
     out: list[Completion | None] = [None] * len(prompts)
-    for d in stream_generate(model, prompts, params, tokenizer, eos_ids, chunk_size):
+    for d in stream_generate(model, prompts, params, tokenizer, eos_ids, chunk_size, speculator):
         if d.completion is not None:
             out[d.index] = d.completion
     return out

@@ -1,0 +1,361 @@
+"""Speculative decoding: cheap proposals that the target checks in one forward, exactly.
+
+Batch-1 decode reads every weight once per token; a verification step reads them once for a
+whole run of tokens. A proposer guesses the next K tokens of a request, the engine feeds
+[last token, d1..dK] as one slice of its packed step (`SeqSlice(all_logits=True)`: the target's
+logits at every one of those positions), and `verify` keeps the guesses the target agrees with,
+plus one token of the target's own. Keys of rejected guesses stay in the pool but are never seen
+again: the request's `num_computed` is lowered past them and the next step overwrites them.
+
+Proposers:
+* prompt lookup (`ngram_propose`): the tokens that followed the most recent earlier occurrence
+  of the longest suffix n-gram of prompt + output; free, strong where the output quotes its
+  input (editing code, summarising);
+* a draft model (`DraftModel`): a smaller model of the same vocabulary, with its own KV pool and
+  per-request state; each step it catches up on the tokens the target accepted, then drafts K
+  tokens in K small batched forwards, stopping early where its own confidence drops below p_min
+  (llama.cpp's --draft-p-min).
+
+The acceptance rule (`verify`), with p the target's distribution after the request's own
+sampling pipeline (penalties, temperature, top-k/top-p/min-p; its history includes the accepted
+drafts before each position):
+* greedy: accept while the target's argmax equals the draft, then the argmax: the output is the
+  plain greedy output, token for token;
+* sampling: accept d_i with probability min(1, p(d_i) / q(d_i)), else draw from
+  norm(max(0, p - q)) and stop; all accepted: one more token from p after the last draft. q is
+  the draft model's distribution (the same pipeline on its logits) or, for prompt lookup, one-hot
+  on d_i. Each emitted token is then distributed exactly as the target's own sample (Leviathan et
+  al. 2023, Chen et al. 2023), though a seeded request draws different numbers than without
+  speculation.
+
+`Speculator` is what the engine holds: the proposer, K, and the load policy (fewer draft tokens
+per request as the batch grows, none past `max_batch`, where the step is no longer bound by
+reading the weights and verifying guesses costs more than it saves).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from qwen2.engine import runner
+from qwen2.engine.paged import BLOCK_SIZE, KVPool, PackedStep, SeqSlice, one_sequence_per_step
+from qwen2.engine.sampling import SamplingParams, process_logits
+from qwen2.errors import Qwen2Error
+
+log = logging.getLogger("qwen2.engine")
+
+METHODS = ("ngram", "draft")
+P_MIN = 0.75          # llama.cpp's default --draft-p-min
+VOCAB_SLACK = 128     # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
+
+
+@dataclass
+class Proposal:
+    """Draft tokens for one request and the distributions they were drawn from."""
+    tokens: list[int]
+    q: torch.Tensor | None = None   # [len(tokens), V] draft probabilities; None: deterministic (one-hot)
+
+
+# --------------------------------------------------------------------------------- prompt lookup
+def ngram_propose(tokens: Sequence[int], k: int, n_max: int = 3, n_min: int = 1) -> list[int]:
+    """Up to k tokens continuing the most recent earlier occurrence of the longest suffix n-gram
+    of `tokens` (n from n_max down to n_min); [] when no suffix n-gram occurred before."""
+    if k <= 0 or len(tokens) < 2:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
+    size = len(arr)
+    for n in range(min(n_max, size - 1), n_min - 1, -1):
+        # windows arr[j:j+n] for j + n <= size - 1: every earlier occurrence that has a successor
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:size - 1], n)
+        hits = np.flatnonzero((windows == arr[size - n:]).all(axis=1))
+        if len(hits):
+            j = int(hits[-1]) + n
+            return arr[j:j + k].tolist()
+    return []
+
+
+# --------------------------------------------------------------------------------- verification
+def verify(logits: torch.Tensor, draft: Sequence[int], q: torch.Tensor | None, greedy: bool,
+           generator: torch.Generator | None = None) -> list[int]:
+    """The tokens to emit after a verification step: the accepted drafts, then one of the target's.
+
+    logits [k+1, V]: the target's processed logits at the positions of d_1..d_k and after d_k.
+    q [k, V]: the draft's probabilities (None: the drafts were deterministic, q one-hot)."""
+    k = len(draft)
+    if greedy:
+        best = logits.argmax(-1).tolist()
+        n = 0
+        while n < k and best[n] == draft[n]:
+            n += 1
+        return list(draft[:n]) + [best[n]]
+    p = torch.softmax(logits.float(), -1)
+    for i, d in enumerate(draft):
+        qd = 1.0 if q is None else float(q[i, d])
+        if float(torch.rand((), generator=generator)) * qd < float(p[i, d]):
+            continue
+        if q is None:
+            residual = p[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - q[i].to(p.dtype)).clamp_min_(0.0)
+        if not float(residual.sum()) > 0:   # only by rounding: p equals q wherever p > 0
+            residual = p[i]
+        return list(draft[:i]) + [int(torch.multinomial(residual, 1, generator=generator))]
+    return list(draft) + [int(torch.multinomial(p[k], 1, generator=generator))]
+
+
+# --------------------------------------------------------------------------------- draft model
+def check_vocabularies(target_tok, draft_tok, target_cfg, draft_cfg, draft_name: str = "the draft model"):
+    """Raise Qwen2Error unless the two models share a vocabulary (the same bytes for every token id
+    both tokenizers know; at most VOCAB_SLACK ids more in one), as llama.cpp's speculative checks."""
+    if target_tok is None or draft_tok is None:
+        if target_cfg.vocab_size != draft_cfg.vocab_size:
+            raise Qwen2Error(f"{draft_name} has a vocabulary of {draft_cfg.vocab_size} ids, the target "
+                             f"{target_cfg.vocab_size}: speculation needs one shared vocabulary")
+        return
+    nt, nd = len(target_tok), len(draft_tok)
+    if abs(nt - nd) > VOCAB_SLACK:
+        raise Qwen2Error(f"{draft_name} has a vocabulary of {nd} tokens, the target {nt}: speculation "
+                         f"needs one shared vocabulary (the Qwen2/Qwen2.5 sizes share one)")
+    for i in range(min(nt, nd)):
+        a, b = _token_bytes(target_tok, i), _token_bytes(draft_tok, i)
+        if a != b:
+            raise Qwen2Error(f"{draft_name} has another vocabulary than the target: token {i} is {b!r} "
+                             f"in the draft, {a!r} in the target")
+
+
+def _token_bytes(tok, i: int) -> bytes | None:
+    try:
+        return tok.id_to_bytes(i)
+    except (ValueError, TypeError):
+        return None
+
+
+def num_parameters(model) -> int:
+    """Parameters as the config counts them (quantized weights store fewer elements)."""
+    c = model.config
+    layer = (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+             + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+    return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size
+
+
+class DraftItem(NamedTuple):
+    key: object                  # the request (any hashable)
+    tokens: list[int]            # prompt + output so far
+    k: int                       # draft at most this many tokens
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_len: int = 0          # tokens[:prompt_len] is the prompt (penalties)
+
+
+@dataclass(eq=False)
+class _DraftSeq:
+    blocks: list[int] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)   # tokens whose keys/values are in the draft pool
+
+
+class DraftModel:
+    """A smaller model of the target's vocabulary drafting for it, with its own KV pool.
+
+    State per request (keyed by any hashable): the draft's blocks and the tokens they hold. Each
+    `propose` first recomputes whatever the draft does not hold yet (the prompt on first sight,
+    then the tokens the target accepted: whatever differs from what the draft fed itself is simply
+    not held), so rolling back after a rejection needs no call."""
+
+    def __init__(self, model, tokenizer=None, p_min: float = P_MIN):
+        if one_sequence_per_step(model):
+            raise Qwen2Error("a model with a long-context attention variant cannot draft (it runs one sequence per step)")
+        self.model, self.tokenizer, self.p_min = model, tokenizer, p_min
+        self.n_valid = len(tokenizer) if tokenizer is not None else model.config.vocab_size
+        self.pool: KVPool | None = None
+        self.seqs: dict = {}
+
+    def bind(self, num_tokens: int, block_size: int = BLOCK_SIZE):
+        """A fresh pool holding num_tokens tokens (a new engine; the old state is dropped)."""
+        nblocks = max(1, -(-num_tokens // block_size))
+        self.pool = KVPool(self.model.config, nblocks, block_size, self.model.dtype, self.model.device)
+        self.seqs = {}
+
+    def release(self, key):
+        seq = self.seqs.pop(key, None)
+        if seq is not None:
+            self.pool.allocator.release(seq.blocks)
+
+    def retain(self, keys):
+        """Free the state of every request but these."""
+        keep = set(keys)
+        for key in [k for k in self.seqs if k not in keep]:
+            self.release(key)
+
+    @torch.inference_mode()
+    def propose(self, items: list[DraftItem], vocab: int) -> list[Proposal]:
+        """One DraftItem per request; the drafts are returned with their
+        distributions q over `vocab` ids (the target's logits width) for sampled requests."""
+        out = [Proposal([]) for _ in items]
+        pool, alloc = self.pool, self.pool.allocator
+        rows = []   # (item index, seq, position of the next token to feed)
+        slices = []
+        for i, (key, tokens, k, *_) in enumerate(items):
+            seq = self.seqs.get(key)
+            if seq is None:
+                seq = self.seqs[key] = _DraftSeq()
+            n = len(tokens)
+            held = min(len(seq.fed), n - 1)
+            if seq.fed[:held] != list(tokens[:held]):
+                held = next(j for j, (a, b) in enumerate(zip(seq.fed, tokens)) if a != b)
+            need = pool.blocks_for(n + k - 1) - len(seq.blocks)
+            if need > alloc.num_free:
+                self.release(key)   # no room in the draft pool: this request decodes plainly
+                continue
+            seq.blocks += alloc.allocate(max(need, 0))
+            seq.fed = list(tokens[:held])
+            slices.append(SeqSlice(list(tokens[held:]), held, seq.blocks, sample=True))
+            seq.fed += tokens[held:]
+            rows.append(i)
+        drafts = {i: [] for i in rows}
+        qs = {i: [] for i in rows}
+        while rows:
+            logits = runner.forward(self.model, PackedStep(pool, slices, self.model.device), pool).float()
+            logits = self._fit(logits, vocab)
+            picks, probs, conf = self._pick(logits, [items[i] for i in rows], [drafts[i] for i in rows])
+            nxt_rows, nxt_slices = [], []
+            for j, i in enumerate(rows):
+                if conf[j] < self.p_min:
+                    continue
+                drafts[i].append(picks[j])
+                if probs is not None and not items[i].params.greedy:
+                    qs[i].append(probs[j])
+                key, k = items[i].key, items[i].k
+                if len(drafts[i]) < k:
+                    seq = self.seqs[key]
+                    nxt_slices.append(SeqSlice([picks[j]], len(seq.fed), seq.blocks, sample=True))
+                    seq.fed.append(picks[j])
+                    nxt_rows.append(i)
+            rows, slices = nxt_rows, nxt_slices
+        for i, d in drafts.items():
+            out[i] = Proposal(d, torch.stack(qs[i]) if qs[i] else None)
+        return out
+
+    def _fit(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
+        """The draft's logits on the target's ids: ids past the draft's tokenizer never drawn."""
+        if logits.shape[-1] > self.n_valid:
+            logits[:, self.n_valid:] = float("-inf")
+        if logits.shape[-1] > vocab:
+            logits = logits[:, :vocab]
+        elif logits.shape[-1] < vocab:
+            logits = torch.nn.functional.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
+        return logits
+
+    def _pick(self, logits, items, drafts):
+        """One draft token per row: greedy rows their argmax, sampled rows a draw from the draft's
+        processed distribution (which is their q); and each row's confidence (top probability)."""
+        params = [it.params for it in items]
+        if all(p.greedy for p in params) and not any(p.repetition_penalty != 1 or p.presence_penalty
+                                                       or p.frequency_penalty for p in params):
+            top = torch.softmax(logits, -1).max(-1)
+            return top.indices.tolist(), None, top.values.tolist()
+        hist = [list(it.tokens[it.prompt_len:]) + d for it, d in zip(items, drafts)]
+        prompts = [list(it.tokens[:it.prompt_len]) for it in items]
+        processed = process_logits(logits, params, hist, prompts)
+        probs = torch.softmax(processed, -1)
+        picks = []
+        for j, (p, it) in enumerate(zip(params, items)):
+            if p.greedy:
+                picks.append(int(probs[j].argmax()))
+            else:
+                picks.append(int(torch.multinomial(probs[j], 1, generator=it.generator)))
+        return picks, probs, probs.max(-1).values.tolist()
+
+
+# --------------------------------------------------------------------------------- the engine's part
+class Speculator:
+    """The proposer, K and the load policy the engine uses (one per LLM / server; `bind` per engine).
+
+    method "ngram": prompt lookup, K default 10 (proposals cost nothing, a miss costs a few rows of
+    the verification step); "draft": `draft` is the drafting model (DraftModel or a loaded model),
+    K default 5. Policy: with b requests decoding, each gets min(K, budget // b) draft tokens, none
+    when b > max_batch (budget default 2K)."""
+
+    def __init__(self, method: str, num_draft_tokens: int | None = None, draft: DraftModel | None = None,
+                 n_max: int = 3, n_min: int = 1, max_batch: int = 4, budget: int | None = None):
+        if method not in METHODS:
+            raise Qwen2Error(f"speculative method must be one of {', '.join(METHODS)}, not {method!r}")
+        if method == "draft" and draft is None:
+            raise Qwen2Error("draft-model speculation needs a draft model")
+        if method == "ngram" and draft is not None:
+            raise Qwen2Error("prompt lookup (ngram) takes no draft model")
+        k = num_draft_tokens if num_draft_tokens is not None else (10 if method == "ngram" else 5)
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise Qwen2Error(f"--num-draft-tokens must be a positive integer, not {k!r}")
+        if not 1 <= n_min <= n_max:
+            raise Qwen2Error(f"prompt lookup n-gram sizes must satisfy 1 <= n_min <= n_max (got {n_min}, {n_max})")
+        self.method, self.k, self.draft = method, k, draft
+        self.n_max, self.n_min = n_max, n_min
+        self.max_batch = max_batch
+        self.budget = budget if budget is not None else 2 * k
+
+    def __repr__(self):
+        return f"Speculator({self.method}, k={self.k})"
+
+    def bind(self, num_tokens: int, block_size: int = BLOCK_SIZE):
+        if self.draft is not None:
+            self.draft.bind(num_tokens, block_size)
+
+    def tokens_per_request(self, num_decoding: int) -> int:
+        """The load policy: draft tokens per request when num_decoding requests decode."""
+        if num_decoding <= 0 or num_decoding > self.max_batch:
+            return 0
+        return min(self.k, self.budget // num_decoding)
+
+    def retain(self, keys):
+        if self.draft is not None:
+            self.draft.retain(keys)
+
+    def propose(self, requests: list[tuple], vocab: int) -> list[Proposal]:
+        """requests: (key, prompt_ids, output_ids, k, params, generator) per request."""
+        if self.method == "ngram":
+            return [Proposal(ngram_propose(list(p) + list(o), k, self.n_max, self.n_min))
+                    for _, p, o, k, _, _ in requests]
+        items = [DraftItem(key, list(p) + list(o), k, params, gen, len(p)) for key, p, o, k, params, gen in requests]
+        return self.draft.propose(items, vocab)
+
+
+def speculator_for(method: str | None, draft_model=None, num_draft_tokens: int | None = None, *,
+                   target=None, target_tokenizer=None, draft_tokenizer=None, p_min: float = P_MIN,
+                   draft_name: str = "the draft model") -> Speculator | None:
+    """The Speculator for the user's options (None: no speculation), their mistakes in one line."""
+    if method is None and draft_model is None:
+        if num_draft_tokens is not None:
+            raise Qwen2Error("--num-draft-tokens needs --draft-model or --speculative ngram")
+        return None
+    method = method or "draft"
+    draft = None
+    if draft_model is not None:
+        if method != "draft":
+            raise Qwen2Error(f"--speculative {method} takes no --draft-model (use one or the other)")
+        if target is not None:
+            check_vocabularies(target_tokenizer, draft_tokenizer, target.config, draft_model.config, draft_name)
+            if num_parameters(draft_model) >= num_parameters(target):
+                warnings.warn(f"{draft_name} ({num_parameters(draft_model) / 1e9:.1f}B parameters) is not smaller "
+                              f"than the target ({num_parameters(target) / 1e9:.1f}B): it will slow decoding down",
+                              stacklevel=2)
+            if one_sequence_per_step(target):
+                raise Qwen2Error("speculation needs a target that runs packed steps (not a long-context "
+                                 "attention variant or first-generation Qwen's dynamic NTK)")
+        draft = DraftModel(draft_model, draft_tokenizer, p_min)
+    elif target is not None and one_sequence_per_step(target):
+        raise Qwen2Error("speculation needs a target that runs packed steps (not a long-context "
+                         "attention variant or first-generation Qwen's dynamic NTK)")
+    return Speculator(method, num_draft_tokens, draft)
+
+
+def combinable(params: SamplingParams) -> str | None:
+    """Why these sampling parameters cannot speculate (None: they can)."""
+    if params.prompt_logprobs is not None:
+        return "prompt_logprobs"
+    return None

@@ -1,0 +1,263 @@
+"""Speculative decoding (qwen2.engine.speculative) on the one engine: greedy output identical to
+plain decoding token for token, sampled output distributed as the target's own (chi-square, with
+a draft of a deliberately different distribution), prompt lookup against a brute-force search,
+stop ids / limits / logprobs / streaming as without speculation, and the bad-input lines."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import qwen2
+from qwen2.engine.core import Engine
+from qwen2.engine.generate import generate, stream_generate
+from qwen2.engine.paged import KVPool
+from qwen2.engine.sampling import SamplingParams, process_logits
+from qwen2.engine.speculative import (DraftModel, Speculator, check_vocabularies, ngram_propose, speculator_for,
+                                      verify)
+from qwen2.errors import Qwen2Error
+from util import TINY, make_hf_checkpoint
+
+
+# ------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(target, other draft, transformers target): two tiny random models of one vocabulary."""
+    from qwen2.engine.runner import prepare
+    root = tmp_path_factory.mktemp("spec")
+    hf, a = make_hf_checkpoint(root / "target", TINY, seed=0)
+    _, b = make_hf_checkpoint(root / "draft", dict(TINY, num_hidden_layers=1), seed=1)
+    target, draft = qwen2.load_model(a, dtype="float32"), qwen2.load_model(b, dtype="float32")
+    prepare(target)
+    prepare(draft)
+    return target, draft, hf
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Random prompts, some with repeats so that prompt lookup finds n-grams in them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(0, TINY["vocab_size"], (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist()
+        out.append(p * (1 + i % 3))
+    return out
+
+
+def run_engine(model, reqs, speculator=None, max_batch=16, max_batched_tokens=1024):
+    """Run (prompt, params) requests on one engine; (token ids per request, stats, outputs)."""
+    need = KVPool.bytes_for(model.config, [len(p) + sp.max_new_tokens + 16 for p, sp in reqs], model.dtype)
+    eng = Engine(model, eos_token_ids=(), max_batch=max_batch, kv_cache_memory=need, speculator=speculator,
+                 max_batched_tokens=max_batched_tokens)
+    outs = [[] for _ in reqs]
+    for i, (p, sp) in enumerate(reqs):
+        eng.add_request(str(i), p, sp, outs[i].append, check_waiting=False)
+    eng.run_until_done()
+    for o in outs:
+        assert o[-1].finished and not o[-1].error, o[-1]
+    return [[t for x in o for t in x.token_ids] for o in outs], eng.stats, outs
+
+
+def draft_of(model, p_min=0.0):
+    return DraftModel(model, p_min=p_min)
+
+
+# ------------------------------------------------------------------------------- prompt lookup
+def brute_ngram(tokens, k, n_max, n_min):
+    for n in range(n_max, n_min - 1, -1):
+        if n >= len(tokens):
+            continue
+        suffix = tokens[-n:]
+        for j in range(len(tokens) - n - 1, -1, -1):   # most recent earlier occurrence first
+            if tokens[j:j + n] == suffix:
+                return tokens[j + n:j + n + k]
+    return []
+
+
+def test_ngram_propose_examples():
+    assert ngram_propose([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
+    assert ngram_propose([1, 2, 3, 9, 2, 3, 7, 2, 3], 2) == [7, 2]         # the most recent occurrence
+    assert ngram_propose([5, 1, 2, 6, 2, 8, 1, 2], 1, n_max=2) == [6]      # the longest suffix wins
+    assert ngram_propose([1, 2, 3], 4) == []
+    assert ngram_propose([7, 7, 7, 7], 3) == [7]                           # continuation ends at the end
+    assert ngram_propose([1, 2, 1], 5, n_max=3, n_min=2) == []             # n_min bounds it
+    assert ngram_propose([4, 4], 0) == []
+
+
+def test_ngram_propose_matches_brute_force():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(500):
+        toks = torch.randint(0, 4, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        k, n_max = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+        n_min = int(torch.randint(1, n_max + 1, (1,), generator=g))
+        assert ngram_propose(toks, k, n_max, n_min) == brute_ngram(toks, k, n_max, n_min), (toks, k, n_max, n_min)
+
+
+# ------------------------------------------------------------------------------- greedy: exact
+@pytest.mark.parametrize("method", ["ngram", "draft", "self"])
+@pytest.mark.parametrize("batch", [1, 4, 9])
+def test_greedy_identical_to_plain(pair, method, batch):
+    target, draft, _ = pair
+    ps = prompts(18, seed=batch)
+    sp = SamplingParams(temperature=0, max_new_tokens=48)
+    plain, _, _ = run_engine(target, [(p, sp) for p in ps], max_batch=batch)
+    spec = Speculator("ngram", 6, max_batch=16, budget=64) if method == "ngram" else \
+        Speculator("draft", 4, draft_of(target if method == "self" else draft), max_batch=16, budget=64)
+    fast, st, _ = run_engine(target, [(p, sp) for p in ps], spec, max_batch=batch)
+    assert fast == plain
+    assert st.spec_steps > 0 and st.spec_proposed > 0
+    assert st.spec_accepted > (st.spec_proposed * 0.9 if method == "self" else 0)
+    assert st.steps < sum(len(t) for t in plain) / batch + len(ps)   # drafts were accepted: fewer steps
+
+
+def test_greedy_with_penalties_stop_ids_and_limits(pair):
+    """Repetition/presence penalties see the accepted drafts as history; a stop id or the length
+    limit inside a run of accepted drafts ends the request there, as in plain decoding."""
+    target, _, _ = pair
+    ps = prompts(8, seed=11)
+    plain_out, _, _ = run_engine(target, [(p, SamplingParams(temperature=0, max_new_tokens=40)) for p in ps])
+    reqs = []
+    for i, p in enumerate(ps):
+        kw = dict(temperature=0, max_new_tokens=5 + 3 * i)
+        if i % 3 == 0:
+            kw.update(repetition_penalty=1.3, presence_penalty=0.5)
+        if i % 3 == 1 and len(plain_out[i]) > 6:
+            kw["stop_token_ids"] = [plain_out[i][6]]   # a token the output reaches mid-run
+        reqs.append((p, SamplingParams(**kw)))
+    plain, _, _ = run_engine(target, reqs)
+    for spec in (Speculator("ngram", 8), Speculator("draft", 5, draft_of(target))):
+        out, st, _ = run_engine(target, reqs, spec)
+        assert out == plain and st.spec_accepted > 0
+    for o, (_, sp) in zip(plain, reqs):
+        assert len(o) <= sp.max_new_tokens
+
+
+def test_logprobs_as_plain(pair):
+    target, _, _ = pair
+    ps = prompts(4, seed=5)
+    sp = SamplingParams(temperature=0, max_new_tokens=24, logprobs=True, top_logprobs=3)
+    plain, _, po = run_engine(target, [(p, sp) for p in ps])
+    out, st, so = run_engine(target, [(p, sp) for p in ps], Speculator("draft", 4, draft_of(target)))
+    assert out == plain and st.spec_accepted > 0
+    a = [lp for o in po for x in o for lp in x.logprobs]
+    b = [lp for o in so for x in o for lp in x.logprobs]
+    assert len(a) == len(b) == sum(len(t) for t in plain)
+    for x, y in zip(a, b):
+        assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+        assert abs(x.logprob - y.logprob) < 1e-4
+        assert max(abs(u - v) for (_, u), (_, v) in zip(x.top, y.top)) < 1e-4
+
+
+def test_stop_strings_and_streaming(llm):
+    """Real tokenizer: stop strings cut, text streamed in deltas, equal to plain decoding."""
+    ids = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return")
+    for stop in ([], ["a +"], ["\n"]):
+        sp = SamplingParams(temperature=0, max_new_tokens=30, stop=stop)
+        plain = generate(llm.model, [ids], sp, llm.tokenizer, llm.eos_token_ids)[0]
+        spec = Speculator("draft", 4, DraftModel(llm.model, llm.tokenizer, p_min=0.0))
+        deltas = list(stream_generate(llm.model, [ids], sp, llm.tokenizer, llm.eos_token_ids, speculator=spec))
+        done = deltas[-1].completion
+        assert done.token_ids == plain.token_ids and done.text == plain.text
+        assert "".join(d.text for d in deltas) == plain.text
+        assert done.finish_reason == plain.finish_reason and done.stop_reason == plain.stop_reason
+
+
+# ------------------------------------------------------------------------------- sampling: the target's distribution
+def test_verify_rule_distribution():
+    """The first emitted token is distributed as p_1, and given a second one, that as p_2, for a
+    draft q far from p (random tables, 6 tokens, 3 drafts)."""
+    torch.manual_seed(0)
+    v, k, n = 6, 3, 40000
+    p_logits = torch.randn(k + 1, v) * 1.5
+    q = torch.softmax(torch.randn(k, v) * 1.5, -1)
+    q[:, 0] = 0.0   # the draft never proposes token 0, which the target may pick
+    q = q / q.sum(-1, keepdim=True)
+    g = torch.Generator().manual_seed(1)
+    firsts, seconds = torch.zeros(v), torch.zeros(v)
+    draws = torch.multinomial(q, n, replacement=True, generator=g).T   # [n, k]
+    for d in draws.tolist():
+        out = verify(p_logits, d, q, greedy=False, generator=g)
+        firsts[out[0]] += 1
+        if len(out) > 1:
+            seconds[out[1]] += 1
+    p = torch.softmax(p_logits, -1)
+    for obs, probs in ((firsts, p[0]), (seconds, p[1])):
+        assert chisquare(obs.numpy(), (probs * obs.sum()).numpy()).pvalue > 1e-3, (obs, probs)
+
+
+def test_verify_rule_deterministic_draft():
+    """Prompt lookup's drafts (q one-hot): still exactly p."""
+    torch.manual_seed(2)
+    v, n = 5, 30000
+    p_logits = torch.randn(3, v)
+    g = torch.Generator().manual_seed(3)
+    firsts, seconds = torch.zeros(v), torch.zeros(v)
+    for _ in range(n):
+        out = verify(p_logits, [1, 3], None, greedy=False, generator=g)
+        firsts[out[0]] += 1
+        if len(out) > 1:
+            seconds[out[1]] += 1
+    p = torch.softmax(p_logits, -1)
+    assert chisquare(firsts.numpy(), (p[0] * n).numpy()).pvalue > 1e-3
+    assert chisquare(seconds.numpy(), (p[1] * seconds.sum()).numpy()).pvalue > 1e-3
+
+
+def test_engine_sampling_matches_target_distribution(pair):
+    """End to end: 3 tokens per request, top-k 4 (the draft's candidates mostly differ from the
+    target's); the joint distribution of the first two tokens equals the target's, computed with
+    transformers."""
+    target, draft, hf = pair
+    prompt = [3, 17, 100, 42, 7]
+    sp = SamplingParams(temperature=1.0, top_k=4, max_new_tokens=3)
+    n = 1500
+    reqs = [(prompt, sp.replace(seed=i)) for i in range(n)]
+    out, st, _ = run_engine(target, reqs, Speculator("draft", 3, draft_of(draft), max_batch=n, budget=3 * n),
+                            max_batch=n, max_batched_tokens=8 * n)
+    assert st.spec_steps >= n and 0 < st.spec_accepted < st.spec_proposed
+    with torch.no_grad():
+        p1 = torch.softmax(process_logits(hf(torch.tensor([prompt])).logits[0, -1:], [sp], [[]])[0], -1)
+        firsts = p1.nonzero()[:, 0].tolist()
+        ctx = torch.tensor([prompt + [t] for t in firsts])
+        p2 = torch.softmax(process_logits(hf(ctx).logits[:, -1], [sp] * len(firsts), [[t] for t in firsts]), -1)
+    cells, expected = {}, {}
+    for i, t in enumerate(firsts):
+        for u in p2[i].nonzero()[:, 0].tolist():
+            expected[(t, u)] = float(p1[t] * p2[i, u]) * n
+            cells[(t, u)] = 0
+    for o in out:
+        assert (o[0], o[1]) in cells, "a token outside the target's top-k"
+        cells[(o[0], o[1])] += 1
+    keys = sorted(cells)
+    assert chisquare([cells[c] for c in keys], [expected[c] for c in keys]).pvalue > 1e-3
+
+
+# ------------------------------------------------------------------------------- policy and bad input
+def test_policy_turns_speculation_down_with_the_batch():
+    spec = Speculator("draft", 5, draft=object(), max_batch=4)
+    assert [spec.tokens_per_request(b) for b in (1, 2, 3, 4, 5, 16)] == [5, 5, 3, 2, 0, 0]
+
+
+def test_bad_input_is_one_line(pair, llm, tmp_path):
+    target, draft, _ = pair
+    with pytest.raises(Qwen2Error, match="positive integer"):
+        Speculator("ngram", 0)
+    with pytest.raises(Qwen2Error, match="positive integer"):
+        speculator_for("ngram", num_draft_tokens=-2)
+    with pytest.raises(Qwen2Error, match="must be one of"):
+        speculator_for("beam")
+    with pytest.raises(Qwen2Error, match="takes no --draft-model"):
+        speculator_for("ngram", draft_model=draft)
+    with pytest.raises(Qwen2Error, match="needs --draft-model"):
+        speculator_for(None, num_draft_tokens=4)
+    # a vocabulary of another size, and one of equal size with other tokens
+    with pytest.raises(Qwen2Error, match="vocabulary of 512 ids"):
+        speculator_for(None, draft, target=llm.model)
+    other = qwen2.load(llm.source, dtype="float32")
+    other.tokenizer._bytes[1000] = b"not the same"
+    with pytest.raises(Qwen2Error, match="token 1000"):
+        check_vocabularies(llm.tokenizer, other.tokenizer, llm.model.config, other.model.config)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        speculator_for(None, target, target=draft)
+    assert any("not smaller than the target" in str(x.message) for x in w)
