@@ -147,6 +147,9 @@ def test_block_embedding_and_tied_head(tmp_path):
     m = load_gguf_model(path)
     ref = load_gguf_model(path, dtype="float32")
     assert isinstance(m.model.embed_tokens, BlockEmbedding) and m.lm_head is m.model.embed_tokens.table
+    layer = m.model.layers[0]  # parts of one layout: one BlockLinear (one kernel call), bias kept
+    assert isinstance(layer.mlp.gate_up_proj, BlockLinear) and isinstance(layer.self_attn.qkv_proj, BlockLinear)
+    assert layer.self_attn.qkv_proj.bias is not None
     assert torch.equal(m.model.embed_tokens(IDS), ref.model.embed_tokens(IDS))  # Q5_0: exact
     with torch.no_grad():
         a, b = m(IDS), ref(IDS)

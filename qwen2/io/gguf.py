@@ -465,7 +465,12 @@ def _load_blocks(reader, f: Path, config: ModelConfig):
             if bias is not None:
                 new.bias = bias.detach().float().contiguous() if isinstance(new, BlockLinear) else nn.Parameter(bias.detach())
         else:
-            new = PartsLinear([parts[i] for i in sorted(parts)], bias)
+            ps = [parts[i] for i in sorted(parts)]
+            new = BlockLinear.cat(ps) if all(isinstance(p, BlockLinear) for p in ps) else None
+            if new is None:
+                new = PartsLinear(ps, bias)
+            elif bias is not None:
+                new.bias = bias.detach().float().contiguous()
         setattr(owner, attr, new)
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if meta:

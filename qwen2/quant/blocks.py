@@ -95,6 +95,27 @@ class BlockLinear(nn.Module):
         m.bias = None if bias is None else bias.detach().float().contiguous()
         return m
 
+    @classmethod
+    def cat(cls, parts: list["BlockLinear"]) -> "BlockLinear | None":
+        """One BlockLinear of the parts' rows stacked (a fused projection as one kernel call), or
+        None when their layouts differ (kind, group, zero, offsets or not, scale dtype)."""
+        a = parts[0]
+        same = all(p.kind == a.kind and p.group_size == a.group_size and p.zero == a.zero
+                   and p.in_features == a.in_features and (p.offsets is None) == (a.offsets is None)
+                   and p.scales.dtype == a.scales.dtype and p.bias is None for p in parts)
+        if not same:
+            return None
+        m = cls(sum(p.out_features for p in parts), a.in_features)
+        m.kind, m.zero, m.group_size = a.kind, a.zero, a.group_size
+        m.qweight = torch.cat([p.qweight for p in parts])
+        m.scales = torch.cat([p.scales for p in parts])
+        if a.offsets is not None:
+            m.offsets = torch.cat([p.offsets for p in parts])
+        if any(p.qh is not None for p in parts):  # a part without the 5th-bit plane gets a zero one
+            m.qh = torch.cat([p.qh if p.qh is not None else torch.zeros(p.out_features, p.in_features // GROUP,
+                                                                           dtype=torch.int32) for p in parts])
+        return m
+
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
