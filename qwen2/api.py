@@ -48,13 +48,14 @@ class LLM:
     """A model, its tokenizer and its default sampling parameters."""
 
     def __init__(self, model, tokenizer, defaults: SamplingParams | None = None, eos_token_ids=None,
-                 source: str | None = None, mode: str = "eager"):
+                 source: str | None = None, mode: str = "eager", speculator=None):
         self.model, self.tokenizer = model, tokenizer
         self.defaults = defaults or SamplingParams(temperature=0)
         ids = eos_token_ids if eos_token_ids is not None else tokenizer.stop_token_ids
         self.eos_token_ids = list(dict.fromkeys(int(i) for i in ids))
         self.source = source
         self.mode = mode  # the speed path the model was prepared with (qwen2.engine.runner.prepare)
+        self.speculator = speculator  # qwen2.engine.speculative.Speculator, or None
 
     def __repr__(self):
         c = self.model.config
@@ -73,7 +74,8 @@ class LLM:
         raise Qwen2Error(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
 
     def _deltas(self, ids: list[list[int]], params, eos=None) -> Iterator[Delta]:
-        return stream_generate(self.model, ids, params, self.tokenizer, eos or self.eos_token_ids)
+        return stream_generate(self.model, ids, params, self.tokenizer, eos or self.eos_token_ids,
+                               speculator=self.speculator)
 
     @property
     def chat_stop_ids(self) -> list[int]:
@@ -93,7 +95,8 @@ class LLM:
         if not batch:
             return []
         params = self.params(sampling_params, **overrides)
-        out = generate(self.model, [self._ids(p) for p in batch], params, self.tokenizer, self.eos_token_ids)
+        out = generate(self.model, [self._ids(p) for p in batch], params, self.tokenizer, self.eos_token_ids,
+                       speculator=self.speculator)
         return out[0] if single else out
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None, **overrides) -> TextStream:
@@ -125,7 +128,7 @@ class LLM:
         params = self.params(sampling_params, **overrides)
         if stream:
             return TextStream(self._deltas([ids], params, self.chat_stop_ids))
-        return generate(self.model, [ids], params, self.tokenizer, self.chat_stop_ids)[0]
+        return generate(self.model, [ids], params, self.tokenizer, self.chat_stop_ids, speculator=self.speculator)[0]
 
     def _first_generation_ids(self, tokenizer, query, history, system) -> list[int]:
         tok = tokenizer or self.tokenizer
@@ -142,7 +145,7 @@ class LLM:
     def _chat_first_generation(self, tokenizer, query, history, system, sampling_params, **overrides):
         ids = self._first_generation_ids(tokenizer, query, history, system)
         reply = generate(self.model, [ids], self.params(sampling_params, **overrides), self.tokenizer,
-                         self.chat_stop_ids)[0].text
+                         self.chat_stop_ids, speculator=self.speculator)[0].text
         history = copy.deepcopy(list(history or []))
         history.append((query, reply))
         return reply, history
@@ -157,12 +160,17 @@ class LLM:
             yield text
 
 
-def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapter=None) -> LLM:
+def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapter=None, *,
+         draft_model=None, speculative: str | None = None, num_draft_tokens: int | None = None) -> LLM:
     """Load model + tokenizer + generation defaults from a checkpoint dir, a .gguf file or a hub
     id (None: the embedded demo model, when installed). mode: the speed passes
     (qwen2.engine.runner.prepare): "auto" picks the fastest path for the machine, "eager" none.
     adapter: a LoRA adapter directory (PEFT's format, e.g. from `qwen2 finetune`), merged into the
-    float weights so that generation runs at the base model's speed."""
+    float weights so that generation runs at the base model's speed.
+    Speculative decoding (docs/speculative.md): draft_model (a path, hub id, or a loaded LLM of the
+    same vocabulary) drafts num_draft_tokens (default 5) tokens per step; speculative="ngram"
+    drafts by prompt lookup (default 10). Greedy output is unchanged, sampled output keeps its
+    distribution."""
     from qwen2.engine.runner import prepare
     from qwen2.io.hub import resolve
     from qwen2.io.load import load_model, load_tokenizer
@@ -184,7 +192,19 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
         path_or_id = f"{path_or_id} + adapter {Path(adapter).resolve()}:{w.stat().st_size}:{int(w.stat().st_mtime)}"
     if tp is not None and mode == "auto" and model.dtype != torch.float32:
         mode = "eager"  # the compiled step does not trace the collectives
+    from qwen2.engine.speculative import speculator_for
+    draft = draft_model
+    if draft_model is not None and not isinstance(draft_model, LLM):
+        if tp is not None:
+            raise Qwen2Error("speculative decoding does not combine with tensor parallelism")
+        draft = load(draft_model, dtype=dtype, device=device, mode=mode)
+    spec = speculator_for(speculative, draft.model if draft is not None else None, num_draft_tokens,
+                          target=model, target_tokenizer=tokenizer,
+                          draft_tokenizer=draft.tokenizer if draft is not None else None,
+                          draft_name=f"draft model {draft.source}" if draft is not None else "the draft model")
+    if spec is not None and tp is not None:
+        raise Qwen2Error("speculative decoding does not combine with tensor parallelism")
     path_taken = prepare(model, mode)
     parallelize(model)
     return LLM(model, tokenizer, SamplingParams.from_generation_config(path if path.is_dir() else None),
-               source=str(path_or_id), mode=path_taken)
+               source=str(path_or_id), mode=path_taken, speculator=spec)

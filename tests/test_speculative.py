@@ -261,3 +261,15 @@ def test_bad_input_is_one_line(pair, llm, tmp_path):
         warnings.simplefilter("always")
         speculator_for(None, target, target=draft)
     assert any("not smaller than the target" in str(x.message) for x in w)
+
+
+def test_load_with_speculation(ckpt, llm):
+    """qwen2.load(draft_model=..., speculative=...): the same text as the plain LLM."""
+    prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):"
+    plain = llm.generate(prompt, max_new_tokens=24, temperature=0)
+    for kw in (dict(draft_model=ckpt, num_draft_tokens=3), dict(speculative="ngram")):
+        fast = qwen2.load(ckpt, dtype="float32", **kw)
+        assert fast.speculator is not None
+        out = fast.generate(prompt, max_new_tokens=24, temperature=0)
+        assert out.token_ids == plain.token_ids and out.text == plain.text
+        assert "".join(fast.stream(prompt, max_new_tokens=24, temperature=0)) == plain.text
