@@ -154,7 +154,9 @@ def prepare_for_serving(model, batch_hint: int = 16, huge_pages: bool = True):
     are left alone. Returns the model."""
     if f32_supported(model):
         _use_f32_kernels(model, huge_pages)
-        _own_memory(model)
+        from qwen2.quant.blocks import BlockLinear
+        if not any(isinstance(m, BlockLinear) for m in model.modules()):  # GGUF blocks are copies already
+            _own_memory(model)
         return model
     if not onednn_supported(model):
         return model
