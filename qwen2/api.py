@@ -176,6 +176,8 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
     from qwen2.io.load import load_model, load_tokenizer
     from qwen2.io.demo import model_or_demo
     from qwen2.model.tp import parallelize, tp_rank_world
+    from qwen2.engine.speculative import check_options, speculator_for
+    check_options(speculative, draft_model is not None, num_draft_tokens)   # before the slow loads
     path_or_id = model_or_demo(path_or_id)
     path = resolve(path_or_id)
     tokenizer = load_tokenizer(path)
@@ -192,7 +194,6 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
         path_or_id = f"{path_or_id} + adapter {Path(adapter).resolve()}:{w.stat().st_size}:{int(w.stat().st_mtime)}"
     if tp is not None and mode == "auto" and model.dtype != torch.float32:
         mode = "eager"  # the compiled step does not trace the collectives
-    from qwen2.engine.speculative import speculator_for
     draft = draft_model
     if draft_model is not None and not isinstance(draft_model, LLM):
         if tp is not None:

@@ -273,3 +273,22 @@ def test_load_with_speculation(ckpt, llm):
         out = fast.generate(prompt, max_new_tokens=24, temperature=0)
         assert out.token_ids == plain.token_ids and out.text == plain.text
         assert "".join(fast.stream(prompt, max_new_tokens=24, temperature=0)) == plain.text
+
+
+def test_cli_generate_with_speculation(ckpt, llm):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    prompt = "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2,"
+    want = llm.generate(prompt, max_new_tokens=12, temperature=0)
+    for flags in (["--speculative", "ngram"], ["--draft-model", str(ckpt), "--num-draft-tokens", "3"]):
+        r = subprocess.run([sys.executable, "-m", "qwen2.cli", "generate", "-m", str(ckpt), "--dtype", "float32",
+                            "-p", prompt, "--json", "--max-new-tokens", "12", "--temperature", "0", *flags],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    r = subprocess.run([sys.executable, "-m", "qwen2.cli", "generate", "-m", str(ckpt), "-p", "hi",
+                        "--speculative", "ngram", "--num-draft-tokens", "0"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--num-draft-tokens" in r.stderr

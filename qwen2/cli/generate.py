@@ -34,6 +34,17 @@ def add_sampling_args(p: argparse.ArgumentParser):
         g.add_argument(flag, type=typ, dest=dest, default=None, help=help_)
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when this text appears (repeatable; not part of the output)")
+    add_speculative_args(p)
+
+
+def add_speculative_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("speculative decoding (same output when greedy, same distribution when sampling)")
+    g.add_argument("--draft-model", default=None, metavar="D",
+                   help="a smaller model of the same vocabulary drafts tokens the model verifies in one pass")
+    g.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="ngram: draft by prompt lookup (tokens that followed the last n-gram before)")
+    g.add_argument("--num-draft-tokens", type=int, default=None, metavar="K",
+                   help="draft tokens per step (default 5 with --draft-model, 10 with ngram)")
 
 
 def sampling_overrides(args) -> dict:
@@ -46,7 +57,8 @@ def sampling_overrides(args) -> dict:
 def load_llm(args):
     from qwen2.api import load
     return load(_common.model_path(args), dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto",
-                adapter=getattr(args, "adapter", None))
+                adapter=getattr(args, "adapter", None), draft_model=getattr(args, "draft_model", None),
+                speculative=getattr(args, "speculative", None), num_draft_tokens=getattr(args, "num_draft_tokens", None))
 
 
 def register(subparsers):

@@ -325,19 +325,31 @@ class Speculator:
         return self.draft.propose(items, vocab)
 
 
+def check_options(method: str | None, has_draft: bool, num_draft_tokens: int | None) -> bool:
+    """Whether these options ask for speculation; mistakes in one line (before any model loads)."""
+    if method is None and not has_draft:
+        if num_draft_tokens is not None:
+            raise Qwen2Error("--num-draft-tokens needs --draft-model or --speculative ngram")
+        return False
+    if method is not None and method not in METHODS:
+        raise Qwen2Error(f"speculative method must be one of {', '.join(METHODS)}, not {method!r}")
+    if method == "ngram" and has_draft:
+        raise Qwen2Error("--speculative ngram takes no --draft-model (use one or the other)")
+    k = num_draft_tokens
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+        raise Qwen2Error(f"--num-draft-tokens must be a positive integer, not {k!r}")
+    return True
+
+
 def speculator_for(method: str | None, draft_model=None, num_draft_tokens: int | None = None, *,
                    target=None, target_tokenizer=None, draft_tokenizer=None, p_min: float = P_MIN,
                    draft_name: str = "the draft model") -> Speculator | None:
     """The Speculator for the user's options (None: no speculation), their mistakes in one line."""
-    if method is None and draft_model is None:
-        if num_draft_tokens is not None:
-            raise Qwen2Error("--num-draft-tokens needs --draft-model or --speculative ngram")
+    if not check_options(method, draft_model is not None, num_draft_tokens):
         return None
     method = method or "draft"
     draft = None
     if draft_model is not None:
-        if method != "draft":
-            raise Qwen2Error(f"--speculative {method} takes no --draft-model (use one or the other)")
         if target is not None:
             check_vocabularies(target_tokenizer, draft_tokenizer, target.config, draft_model.config, draft_name)
             if num_parameters(draft_model) >= num_parameters(target):
