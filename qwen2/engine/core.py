@@ -166,7 +166,11 @@ class Engine:
                     f"--kv-cache-memory {kv_cache_memory} bytes holds {num_blocks * block_size} tokens, "
                     f"fewer than --max-model-len {max_model_len}; raise the first or lower the second")
             self.max_model_len = num_blocks * block_size
-        self.pool = KVPool(cfg, num_blocks, block_size, model.dtype, model.device)
+        # Inference tensors whoever builds the engine (generate runs under inference_mode, the server
+        # does not): the compiled decode step guards on the tensor kind, and a pool of the other kind
+        # recompiled it on the server's first decode steps, stalling every stream (#20).
+        with torch.inference_mode():
+            self.pool = KVPool(cfg, num_blocks, block_size, model.dtype, model.device)
         # Long-context variants that need their sequence alone (paged.one_sequence_per_step) run
         # one request at a time; the rotary is told its prompt length each step.
         self._single = one_sequence_per_step(model)
