@@ -292,3 +292,26 @@ def test_cli_generate_with_speculation(ckpt, llm):
     r = subprocess.run([sys.executable, "-m", "qwen2.cli", "generate", "-m", str(ckpt), "-p", "hi",
                         "--speculative", "ngram", "--num-draft-tokens", "0"], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--num-draft-tokens" in r.stderr
+
+
+def test_server_metrics_show_speculation(llm):
+    """A server engine with prompt lookup: the completion equals offline greedy, /metrics counts
+    the verification steps and shows the policy."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from starlette.testclient import TestClient
+    from qwen2.serve.app import build_app
+    spec = Speculator("ngram", 6)
+    engine = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_model_len=256, max_batch=8,
+                    speculator=spec)
+    prompt = "a b c d e f a b c d e f a b c"
+    want = llm.generate(prompt, max_new_tokens=20, temperature=0)
+    with TestClient(build_app(engine, llm.tokenizer, "tiny", defaults=llm.defaults)) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text
+        fams = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+    val = lambda name: fams[name].samples[0].value
+    st = engine.stats
+    assert val("qwen2_spec_verify_steps") == st.spec_steps > 0
+    assert val("qwen2_spec_acceptance_rate") == pytest.approx(st.spec_accepted / st.spec_proposed)
+    assert val("qwen2_spec_tokens_per_verify_step") == pytest.approx(st.spec_emitted / st.spec_steps)
+    assert val("qwen2_spec_max_batch") == spec.max_batch and val("qwen2_spec_draft_tokens_per_request") == 0

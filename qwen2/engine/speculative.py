@@ -178,7 +178,8 @@ class DraftModel:
     def bind(self, num_tokens: int, block_size: int = BLOCK_SIZE):
         """A fresh pool holding num_tokens tokens (a new engine; the old state is dropped)."""
         nblocks = max(1, -(-num_tokens // block_size))
-        self.pool = KVPool(self.model.config, nblocks, block_size, self.model.dtype, self.model.device)
+        with torch.inference_mode():   # as the engine's pool: the compiled step guards on the tensor kind
+            self.pool = KVPool(self.model.config, nblocks, block_size, self.model.dtype, self.model.device)
         self.seqs = {}
 
     def release(self, key):

@@ -58,6 +58,21 @@ class ServerCollector:
         yield CounterMetricFamily("qwen2_engine_decode_seconds_total", "time spent in decode-only steps",
                                   value=s.decode_seconds)
         yield CounterMetricFamily("qwen2_preemptions_total", "requests preempted for KV room", value=s.preemptions)
+        # speculative decoding (qwen2.engine.speculative): counters, the rates they give, and the
+        # load policy (draft tokens per request at this batch; none past spec_max_batch)
+        yield CounterMetricFamily("qwen2_spec_verify_steps_total", "verification slices (one request's drafts each)",
+                                  value=s.spec_steps)
+        yield CounterMetricFamily("qwen2_spec_draft_tokens_total", "draft tokens proposed", value=s.spec_proposed)
+        yield CounterMetricFamily("qwen2_spec_accepted_tokens_total", "draft tokens accepted", value=s.spec_accepted)
+        yield GaugeMetricFamily("qwen2_spec_acceptance_rate", "accepted / proposed draft tokens",
+                                value=s.spec_accepted / s.spec_proposed if s.spec_proposed else 0.0)
+        yield GaugeMetricFamily("qwen2_spec_tokens_per_verify_step", "tokens emitted per verification slice",
+                                value=s.spec_emitted / s.spec_steps if s.spec_steps else 0.0)
+        spec = e.spec
+        yield GaugeMetricFamily("qwen2_spec_draft_tokens_per_request", "draft tokens per request at the current batch",
+                                value=spec.tokens_per_request(e.num_running) if spec is not None else 0)
+        yield GaugeMetricFamily("qwen2_spec_max_batch", "speculation is off above this many running requests",
+                                value=spec.max_batch if spec is not None else 0)
 
 
 def _labelled(name: str, help_: str, labels: tuple[str, ...], values: dict[tuple[str, ...], float]):
