@@ -17,6 +17,7 @@ def register(subparsers):
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--to", default="gguf", help="output format (gguf)")
     p.add_argument("--outtype", default="f16", help=f"tensor type: {', '.join(OUTTYPES)} (default f16)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (qwen2 finetune, PEFT) to merge first")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=run)
 
@@ -28,6 +29,6 @@ def run(args) -> int:
     if outtype not in OUTTYPES:
         raise Qwen2Error(f"unknown --outtype {args.outtype!r}; use one of {', '.join(OUTTYPES)}")
     from qwen2.io.gguf_export import export_gguf
-    out = export_gguf(args.model, args.out, outtype, force=args.force)
+    out = export_gguf(args.model, args.out, outtype, force=args.force, adapter=args.adapter)
     print(f"wrote {out} ({outtype}, {out.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -48,8 +48,8 @@ def from_awq(t: dict[str, torch.Tensor], group_size: int, name: str):
     return q, scales, zeros
 
 
-def load_awq(config, tensors, dtype, device="cpu", source="checkpoint", release=None):
-    """Build a model from an AWQ (GEMM) tensor stream; release: as build_model's."""
+def load_awq(config, tensors, dtype, device="cpu", source="checkpoint", release=None, float_head=False):
+    """Build a model from an AWQ (GEMM) tensor stream; release, float_head: as load_packed's."""
     qc = config.raw.get("quantization_config") or {}
     bits, gs = int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", 128)))
     version = str(qc.get("version", "gemm")).lower()
@@ -59,6 +59,7 @@ def load_awq(config, tensors, dtype, device="cpu", source="checkpoint", release=
     if qc.get("modules_to_not_convert"):
         raise CheckpointError(f"{source}: AWQ modules_to_not_convert is not supported")
     model = load_packed(config, tensors, dtype, device, source, release, ("qweight", "qzeros", "scales"),
-                        lambda t, name: from_awq(t, gs, name), bits, gs if gs > 0 else -1, lm_head=False)
+                        lambda t, name: from_awq(t, gs, name), bits, gs if gs > 0 else -1, lm_head=False,
+                        float_head=float_head)
     model.quant["sym"] = False
     return model

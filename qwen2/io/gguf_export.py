@@ -58,9 +58,11 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str, n_layers: int, 
     Q = _gguf().GGMLQuantizationType
     if len(shape) <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name or not name.endswith(".weight"):
         return Q.F32
-    if outtype in ("f32", "f16", "bf16", "q8_0"):
-        return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
+    if outtype in ("f32", "f16", "bf16"):
+        return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[outtype]
     ncols = shape[-1]
+    if outtype == "q8_0":
+        return Q.Q8_0 if ncols % 32 == 0 else Q.F16  # convert_hf_to_gguf's fallback on a QuantError
     base = Q.Q4_0 if outtype == "q4_0" else Q.Q4_K
     head = name == "output.weight" or (tied and name == "token_embd.weight")
     if head:
@@ -453,7 +455,7 @@ def tokenizer_fields(src: Path, vocab_size: int) -> dict[str, Field]:
         eos = tok.eos_token_id
         for k in ("bos_token_id", "eos_token_id", "padding_token_id"):
             f[f"tokenizer.ggml.{k}"] = Field(eos, V.UINT32)
-        f["tokenizer.chat_template"] = Field(tok.chat_template_or_default(), V.STRING)
+        f["tokenizer.chat_template"] = Field(tok.chat_template_or_default, V.STRING)
         return f
     sv = g.SpecialVocab(src, load_merges=True, n_vocab=vocab_size)
     if sv.merges:
@@ -554,9 +556,11 @@ def write_gguf(model: Qwen2, tok_fields: dict[str, Field], out, outtype: str = "
     return out
 
 
-def export_gguf(src, out, outtype: str = "f16", *, force: bool = False, progress: bool | None = None) -> Path:
+def export_gguf(src, out, outtype: str = "f16", *, force: bool = False, adapter=None,
+                progress: bool | None = None) -> Path:
     """Load any checkpoint we read (HF dir, GGUF, first-generation Qwen, GPTQ, AWQ; a path or a
-    hub id) and write it as a GGUF file of `outtype`."""
+    hub id) and write it as a GGUF file of `outtype`. adapter: a LoRA adapter directory (PEFT's
+    format, e.g. from `qwen2 finetune`), merged into the weights first (in float32)."""
     from qwen2.io.hub import resolve
     from qwen2.io.load import load_model
     if outtype not in OUTTYPES:
@@ -565,9 +569,41 @@ def export_gguf(src, out, outtype: str = "f16", *, force: bool = False, progress
     if out.exists() and not force:
         raise Qwen2Error(f"{out} exists; pass --force to overwrite it")
     path = resolve(src)
-    model = load_model(path, dtype=_load_dtype(path))
+    dtype = "float32" if adapter is not None else _load_dtype(path)
+    if path.is_dir() and _model_type(path) == "qwen":
+        # first-generation Qwen without its inference-time dynamic NTK / logn attention (llama.cpp
+        # has neither): identical within seq_length, as `qwen2 convert` writes it
+        from qwen2.io.qwen1 import load_qwen1
+        model = load_qwen1(path, dtype=dtype, long_context=False)
+    elif path.is_dir() and (path / "config.json").is_file() and _quantized(path):
+        from qwen2.io.load import load_hf
+        model = load_hf(path, dtype, float_head=True)  # the file's own head, not its run-time int8 copy
+    else:
+        model = load_model(path, dtype=dtype)
+    if adapter is not None:
+        from qwen2.io.adapter import load_adapter
+        from qwen2.model.lora import merge_lora
+        if model.quant:
+            raise Qwen2Error("an adapter merges into whole float weights: not into a quantized checkpoint")
+        merge_lora(load_adapter(model, adapter))
     return write_gguf(model, tokenizer_fields(path, model.config.vocab_size), out, outtype, force=force,
                       source=path, progress=progress)
+
+
+def _config_json(path: Path) -> dict:
+    try:
+        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _model_type(path: Path):
+    return _config_json(path).get("model_type")
+
+
+def _quantized(path: Path) -> bool:
+    return bool(_config_json(path).get("quantization_config"))
 
 
 def _load_dtype(path: Path) -> str:

@@ -150,9 +150,10 @@ def _parts(module: str, fused: dict, rows: int) -> list[tuple[str, int]]:
     return [(HF_NAMES.to_checkpoint(module, k), n) for k, n in enumerate(fused[module])]
 
 
-def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release=None):
+def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release=None, float_head=False):
     """Build a model from a GPTQ-layout tensor stream (classic AutoGPTQ, or GPTQModel's
-    `checkpoint_format: gptq_v2`, which stores z instead of z - 1). release: as build_model's."""
+    `checkpoint_format: gptq_v2`, which stores z instead of z - 1). release, float_head: as
+    load_packed's."""
     qc = config.raw.get("quantization_config") or {}
     bits, gs = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
     if bits not in (4, 8) or qc.get("desc_act"):
@@ -161,18 +162,20 @@ def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release
     offset = 0 if qc.get("checkpoint_format") == "gptq_v2" else 1
     unpack = lambda t, name: from_gptq(t, bits, gs, name, zero_offset=offset)  # noqa: E731
     model = load_packed(config, tensors, dtype, device, source, release, ("qweight", "qzeros", "scales", "g_idx"),
-                        unpack, bits, gs, bool(qc.get("lm_head", False)))
+                        unpack, bits, gs, bool(qc.get("lm_head", False)), float_head)
     model.quant["sym"] = bool(qc.get("sym", True))
     return model
 
 
 def load_packed(config, tensors, dtype, device, source, release, leaves: tuple, unpack, bits: int, gs: int,
-                lm_head: bool):
+                lm_head: bool, float_head: bool = False):
     """Build a model from a stream of packed quantized linears (GPTQ, AWQ): float tensors go
     through the usual name/shape checks; each quantized linear, once its `leaves` are in (all of
     its parts' for a fused projection), is unpacked by `unpack(tensors, name) -> (q uint8 [out, in],
     scales float32 [n_groups, out], zeros uint8 [n_groups, out])` and becomes a QuantLinear where
-    our kernels take its layout, a float Linear holding its exact dequantization otherwise."""
+    our kernels take its layout, a float Linear holding its exact dequantization otherwise. A float
+    head in the file (lm_head false) is rounded to int8 unless float_head (GGUF export keeps the
+    file's own values)."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     quantized: dict[str, tuple] = {}
 
@@ -208,7 +211,7 @@ def load_packed(config, tensors, dtype, device, source, release, leaves: tuple, 
         bias = None if lin.bias is None else lin.bias.data
         setattr(mod, attr, quant_linear(q, s, z, bits, gs, bias, dtype, device))
     model.config = config
-    if not lm_head:  # float head in the file (GPTQ's default): int8 at run time, +0.03% perplexity
+    if not lm_head and not float_head:  # float head in the file (GPTQ's default): int8 at run time, +0.03% perplexity
         model.lm_head = QuantLinear.from_linear(model.lm_head, 8, -1, dtype)
     model.quant = {"bits": bits, "group_size": gs, "sym": True, "lm_head": 8 if not lm_head else bits}
     return model

@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     from qwen2.text.tokenizer import Tokenizer
 
 
-def load_hf(ckpt: Path, dtype="auto", device="cpu", tp: tuple[int, int] | None = None) -> Qwen2:
+def load_hf(ckpt: Path, dtype="auto", device="cpu", tp: tuple[int, int] | None = None,
+            float_head: bool = False) -> Qwen2:
     """A Hugging Face safetensors checkpoint directory, float, GPTQ or AWQ (quantization_config).
-    tp: (rank, world size): load only this tensor-parallel rank's share (qwen2.model.tp)."""
+    tp: (rank, world size): load only this tensor-parallel rank's share (qwen2.model.tp).
+    float_head: a quantized checkpoint's float lm_head stays float (else int8 at run time)."""
     config = ModelConfig.from_file(ckpt / "config.json")
     dt = parse_dtype(dtype, config)
     files = safetensors_files(ckpt)
@@ -37,7 +39,8 @@ def load_hf(ckpt: Path, dtype="auto", device="cpu", tp: tuple[int, int] | None =
         loaders = {"gptq": load_gptq, "awq": load_awq}
         if method not in loaders:
             raise CheckpointError(f"{ckpt}: quantization method {method!r} is not supported (gptq or awq)")
-        return loaders[method](config, iter_safetensors(files), dt, device, source=str(ckpt), release=release_pages)
+        return loaders[method](config, iter_safetensors(files), dt, device, source=str(ckpt), release=release_pages,
+                               float_head=float_head)
     shard = TPShard(config, *tp) if tp is not None else None
     return build_model(config, iter_safetensors(files), dt, device, source=str(ckpt),
                        total=count_safetensors(files), release=release_pages, shard=shard)
