@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -34,6 +35,9 @@ def register(subparsers):
     p.add_argument("--max-batched-tokens", type=int, default=1024,
                    help="tokens per engine step (long prompts are prefilled in chunks of this size)")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 429")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N processes (ranks) with tensor parallelism; rank 0 serves "
+                        "(docs/distributed.md); --kv-cache-memory is then per rank")
     d = Limits()
     p.add_argument("--max-body-size", type=_bytes, default=d.max_body_bytes,
                    help="largest request body, bytes (K/M/G allowed; default 8M); larger ones get 413")
@@ -60,7 +64,7 @@ def _bytes(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not a byte count: {s!r}") from None
 
 
-def build_server(args):
+def build_server(args, lockstep=None):
     """(engine, app) for parsed arguments: loads the model once."""
     import qwen2
     from qwen2.engine.sampling import SamplingParams, read_generation_config
@@ -77,20 +81,30 @@ def build_server(args):
         raise Qwen2Error("--max-model-len must be at least 2")
     path = model_path(args)
     llm = qwen2.load(path, dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto")
-    if llm.mode == "compiled":
-        # Trace the decode step for one row and for several before the first client waits on it.
-        for batch in ([[0, 1], [2, 3]], [[0, 1]]):
-            llm.generate(batch, max_new_tokens=3, temperature=0, ignore_eos=True)
+    warm_up(llm)
     # Sampling defaults as vLLM: the checkpoint's generation_config.json, else OpenAI's.
     p = Path(path)
     has_gc = bool(read_generation_config(p)) if p.is_dir() else False
     defaults = llm.defaults if has_gc else SamplingParams(temperature=1.0)
     engine = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_batch=args.max_batch,
                     max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-                    max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting)
+                    max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting,
+                    lockstep=lockstep)
     name = args.served_model_name or (args.model or "qwen2-demo")
     limits = Limits(args.max_body_size, args.header_timeout, args.body_timeout, args.max_queued_per_request)
     return engine, build_app(engine, llm.tokenizer, name, api_key=args.api_key, defaults=defaults, limits=limits)
+
+
+def warm_up(llm):
+    """Compile every graph of the decode step before the first client waits on one: one row, and
+    several. Two rows then one make Dynamo see the row count change; only the third size makes it
+    compile the graph that serves any count of rows (the first is specialized on 2). Without it
+    the first step with 3+ rows compiled while serving: on a fresh Inductor cache, every stream
+    stalled for 20-60 s (thread dumps showed the engine thread inside Dynamo from runner.forward)."""
+    if llm.mode != "compiled":
+        return
+    for batch in ([[0, 1], [2, 3]], [[0, 1]], [[0, 1], [2, 3], [4, 5]]):
+        llm.generate(batch, max_new_tokens=3, temperature=0, ignore_eos=True)
 
 
 def _reexec_with_passive_omp():
@@ -119,17 +133,34 @@ def run(args) -> int:
     from qwen2.serve.limits import h11_protocol
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    engine, app = build_server(args)
+    # `kill -USR1 PID` prints every thread's stack to stderr: what a stalled server is doing
+    signal.signal(signal.SIGUSR1, _dump_stacks)
+    # SIGTERM while loading stops as Ctrl-C does (uvicorn takes both signals over once it serves)
+    signal.signal(signal.SIGTERM, _interrupt)
+    from qwen2.serve.parallel import Ranks
+    ranks = Ranks(args)  # --tensor-parallel-size: start or join the ranks
+    try:
+        # A lost rank stops the server as SIGTERM does (the engine has failed every request).
+        engine, app = build_server(args, ranks.lockstep(lambda _msg: os.kill(os.getpid(), signal.SIGTERM)))
+    except KeyboardInterrupt:
+        print("qwen2 serve: stopped while starting", file=sys.stderr)
+        ranks.reap(5)
+        return 0
+    except BaseException:
+        ranks.reap(5)
+        raise
+    if ranks.rank != 0:
+        return ranks.follow(engine)
     grace = 5.0
+    state = app.state.server
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             # uvicorn stops accepting and waits for open requests; give them `grace` seconds to
-            # finish, then fail what is left so every client gets an answer and nothing hangs.
-            if not self.should_exit:
-                timer = threading.Timer(grace, engine.shutdown)
-                timer.daemon = True
-                timer.start()
+            # finish, then end what is left (on the event loop, whatever the engine thread is
+            # doing), so every client gets an answer and uvicorn never has to cancel a request.
+            if not self.should_exit and state.loop is not None:
+                state.loop.call_soon_threadsafe(state.loop.call_later, grace, state.close)
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -145,5 +176,30 @@ def run(args) -> int:
     print(f"qwen2 serve: {app.state.server.model_name} on http://{args.host}:{args.port}/v1 "
           f"(max batch {engine.max_batch}, max model len {engine.max_model_len}, "
           f"{engine.pool.num_blocks} KV blocks of {engine.pool.block_size} tokens)", flush=True)
-    Server(config).run()
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:   # a signal between loading and uvicorn taking the signals over
+        pass
+    finally:
+        if ranks.world > 1:
+            engine.shutdown()   # tells the other ranks to exit
+            ranks.reap()
+    if ranks.error:
+        raise Qwen2Error(ranks.error)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _dump_stacks(signum, frame):
+    """Every thread's stack, read under the GIL from the main thread (faulthandler's all-thread
+    dump reads the frames of running threads without it, and crashed the server twice in three
+    dumps taken while the engine thread was inside torch.compile)."""
+    import traceback
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = [f"qwen2 serve: stacks of {len(names)} threads"]
+    for ident, f in sys._current_frames().items():
+        out.append(f"Thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(f)))
+    print("\n".join(out), file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ one HTTP request), responses.py (response bodies, stream chunks, SSE), metrics.p
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -81,11 +82,13 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
 
     @asynccontextmanager
     async def lifespan(app):
+        state.loop = asyncio.get_running_loop()
         if manage_engine:
             engine.start()
         yield
         if manage_engine:
-            engine.shutdown()
+            # requests in flight have ended by now (state.close); a step still running is not waited for long
+            engine.shutdown(timeout=1)
 
     app = FastAPI(title="qwen2", lifespan=lifespan)
     app.state.server = state
@@ -121,7 +124,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
         inputs.check_model(state, req.model)
         prompt, tools = await run_in_threadpool(inputs.chat_prompt, state, req)
         job = Job(engine, "chatcmpl", [prompt], req.n, [inputs.sampling_params(state, req, len(prompt))],
-                  limits.max_queued_per_request)
+                  limits.max_queued_per_request, state.jobs)
         await job.submit()
         if req.stream:
             return responses.sse(job, responses.chat_chunks(state, job, tools, req.include_usage), req.include_usage,
@@ -134,7 +137,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
         inputs.check_model(state, req.model)
         prompts = await run_in_threadpool(inputs.completion_prompts, state, req)
         job = Job(engine, "cmpl", prompts, req.n, [inputs.sampling_params(state, req, len(p)) for p in prompts],
-                  limits.max_queued_per_request)
+                  limits.max_queued_per_request, state.jobs)
         await job.submit()
         if req.stream:
             return responses.sse(job, responses.completion_chunks(state, job, req.echo, req.include_usage),

@@ -26,7 +26,7 @@ class Job:
     everyone else) nor holds the batch against later requests."""
 
     def __init__(self, engine: Engine, prefix: str, prompts: list[list[int]], n: int,
-                 params: list[SamplingParams], window: int = 64):
+                 params: list[SamplingParams], window: int = 64, live: set | None = None):
         self.engine = engine
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -37,6 +37,8 @@ class Job:
         self.done: set[int] = set()
         self.completion_tokens = 0
         self.window, self.added = max(window, 1), 0   # engine requests 0..added-1 have been added
+        self.live = live if live is not None else set()   # the server's jobs in flight; this one until abort()
+        self.closing = False
 
     def prompt_of(self, index: int) -> list[int]:
         return self.prompts[index // self.n]
@@ -48,6 +50,7 @@ class Job:
 
     async def submit(self):
         self.loop = asyncio.get_running_loop()
+        self.live.add(self)
         self._refill(check_waiting=True)
 
     def _refill(self, check_waiting: bool = False):
@@ -80,6 +83,14 @@ class Job:
             if i not in self.done:
                 self.engine.abort(self.ids[i])
         self.window = 0
+        self.live.discard(self)
+
+    def fail(self, message: str):
+        """End every unfinished choice now with `message` (server shutdown; event loop only)."""
+        self.closing = True
+        for i, rid in enumerate(self.ids):
+            if i not in self.done:
+                self.queue.put_nowait((i, RequestOutput(rid, finished=True, finish_reason="error", error=message)))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) as they come, until every choice has finished."""
@@ -89,7 +100,7 @@ class Job:
                 self.done.add(i)
                 self.completion_tokens += out.completion_tokens
             if out.error:
-                raise APIError(500, out.error, "server_error")
+                raise APIError(503 if self.closing else 500, out.error, "server_error")
             if out.finished:
                 self._refill()
             yield i, out

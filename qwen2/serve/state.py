@@ -16,3 +16,13 @@ class ServerState:
         self.api_key, self.defaults, self.limits = api_key, defaults, limits
         self.created = int(time.time())
         self.requests = RequestCounts()
+        self.jobs: set = set()     # HTTP requests in flight (serve.jobs.Job), so a shutdown can end them
+        self.loop = None           # the event loop, once the app has started
+
+    def close(self, message: str = "server is shutting down"):
+        """Shutdown's deadline (on the event loop): the engine takes nothing more, and every HTTP
+        request still in flight ends now (503; a stream with an error event and [DONE]), whatever
+        the engine thread is doing (a step may be stuck in a compile or a huge prefill)."""
+        self.engine.shutdown(timeout=0)
+        for job in list(self.jobs):
+            job.fail(message)
