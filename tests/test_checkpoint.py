@@ -298,3 +298,72 @@ def test_dual_chunk_attention_config_is_applied_at_load(tiny_ckpt, tmp_path):
     with torch.no_grad():  # within one chunk DCA is plain attention; beyond it, it is not
         torch.testing.assert_close(model(short), plain(short), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(model(long), plain(long), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- qwen2 info
+def test_info_parameter_count_equals_the_model():
+    """`qwen2 info` counts parameters from the config (no model built): equal to the model's own
+    count for every released config, tied and untied, dense and MoE (shared expert, dense layers)."""
+    from qwen2.cli.info import param_count
+    from qwen2.model.config import PRESETS, preset
+    from qwen2.model.decoder import Qwen2
+    configs = [preset(n) for n in PRESETS] + [
+        ModelConfig.from_hf_dict(dict(TINY_MOE, model_type="qwen2_moe", mlp_only_layers=[1])),
+        ModelConfig.from_hf_dict(dict(TINY, model_type="qwen2", tie_word_embeddings=False, head_dim=32))]
+    for c in configs:
+        with torch.device("meta"):
+            assert param_count(c) == Qwen2(c).num_parameters(), c
+
+
+def test_gguf_header_reader_equals_gguf_package(tmp_path):
+    """qwen2.io.gguf_header (what info reads) against gguf's GGUFReader on a file with the real
+    tokenizer arrays: every scalar field, array lengths, tensor names, shapes and types."""
+    import gguf
+
+    from qwen2.io.gguf_header import read_header
+    from util import hf_model
+    w = gguf.GGUFWriter(tmp_path / "h.gguf", "qwen2")
+    w.add_block_count(2)
+    w.add_rope_freq_base(1e6)
+    w.add_token_list([f"tok{i}" for i in range(1000)] + ["日本", ""])
+    w.add_token_types([1] * 1002)
+    w.add_bool("x.flag", True)
+    w.add_array("x.floats", [0.5, 1.5])
+    w.add_string("tokenizer.chat_template", "{{ messages }}")
+    for name, t in hf_model(TINY).state_dict().items():
+        w.add_tensor(name, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref, ours = gguf.GGUFReader(tmp_path / "h.gguf"), read_header(tmp_path / "h.gguf")
+    for k, f in ref.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        v = f.contents()
+        long = isinstance(v, list) and (len(v) > 64 or (v and isinstance(v[0], str)))
+        assert ours.fields[k].contents() == (len(v) if long else pytest.approx(v)), k
+    assert [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type)) for t in ref.tensors] == \
+           [(t.name, t.shape, t.tensor_type) for t in ours.tensors]
+
+
+def test_info_shows_the_format(tmp_path, tiny_ckpt, ckpt):
+    from qwen2.cli.info import describe
+    from qwen2.io.gguf_export import export_gguf
+    from qwen2.io.gptq import save_quantized
+    from qwen2.quant.linear import quantize_model
+    _, path = tiny_ckpt
+    assert describe(path)["format"] == "HF safetensors"
+    q4 = save_quantized(quantize_model(qwen2.load_model(path, dtype="float32"), 4, 32), tmp_path / "q4")
+    assert describe(q4)["format"] == "GPTQ int4, group 32"
+    q8 = save_quantized(quantize_model(qwen2.load_model(path, dtype="float32"), 8, -1), tmp_path / "q8")
+    assert describe(q8)["format"] == "GPTQ int8, per channel"
+    cfg = json.loads((q4 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
+    (q4 / "config.json").write_text(json.dumps(cfg))
+    assert describe(q4)["format"] == "AWQ int4, group 128"
+    g = export_gguf(ckpt, tmp_path / "m.gguf", "q8_0")
+    a, b = describe(g), describe(ckpt)
+    assert a["format"] == "GGUF Q8_0" and a["checkpoint_dtype"] == "Q8_0"
+    same = ("parameters", "layers", "hidden_size", "vocab_size", "tied_embeddings", "context_length", "rope_theta")
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}

@@ -59,14 +59,17 @@ def run_tp_plan(args) -> int:
 
 
 def read_config(path: Path):
-    """(ModelConfig, checkpoint dtype name, format) without touching the weights."""
+    """(ModelConfig, checkpoint dtype name, format, files) without touching the weights (nor, for
+    GGUF, the tokenizer arrays: qwen2.io.gguf_header)."""
     from qwen2.model.config import ModelConfig
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
-        from qwen2.io.gguf import find_gguf, open_gguf, read_gguf_config
+        from qwen2.io.gguf import _config_dict, find_gguf
+        from qwen2.io.gguf_header import read_header
         f = find_gguf(path)
-        reader, _ = open_gguf(f)
-        ftype = _gguf_file_type(reader)
-        return read_gguf_config(f), ftype, "gguf", [f]
+        header = read_header(f)
+        config = ModelConfig.from_hf_dict(_config_dict(header, f), source=str(f))
+        ftype = _gguf_file_type(header.fields.get("general.file_type"))
+        return config, ftype, f"GGUF {ftype}", [f]
     cfg = path / "config.json"
     if not cfg.exists():
         raise CheckpointError(f"{path}: not a Qwen2 checkpoint (no config.json or .gguf file)")
@@ -77,22 +80,42 @@ def read_config(path: Path):
     if isinstance(d, dict) and d.get("model_type") == "qwen":
         from qwen2.io.qwen1 import qwen1_config
         config = qwen1_config(d, str(cfg))[0]
+        fmt = "HF safetensors (first-generation Qwen)"
     else:
         config = ModelConfig.from_file(cfg)
+        fmt = "HF safetensors"
     q = (d.get("quantization_config") or {}) if isinstance(d, dict) else {}
-    fmt = f"safetensors, {q.get('quant_method')} int{q.get('bits')}" if q.get("quant_method") else "safetensors"
+    if q.get("quant_method"):
+        gs = q.get("group_size", q.get("q_group_size"))
+        fmt = (f"{str(q['quant_method']).upper()} int{q.get('bits', q.get('w_bit'))}"
+               + (f", group {gs}" if gs not in (None, -1) else ", per channel")
+               + ("" if q.get("sym", True) is not False or q["quant_method"] == "awq" else ", asymmetric"))
     files = sorted(path.glob("*.safetensors"))
     return config, config.torch_dtype or "bfloat16", fmt, files
 
 
-def _gguf_file_type(reader) -> str:
+def _gguf_file_type(field) -> str:
+    """general.file_type's name (Q4_K_M, F16, ...), as llama.cpp's LlamaFileType."""
+    if field is None:
+        return "unknown type"
     try:
-        from qwen2.io.gguf import _field
-        ft = _field(reader, "general.file_type", None)
         import gguf
-        return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_") if ft is not None else "gguf"
-    except Exception:
-        return "gguf"
+        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ValueError, TypeError, ImportError):
+        return f"file type {field.contents()}"
+
+
+def param_count(c) -> int:
+    """Qwen2(c).num_parameters(), from the config alone (building even a meta model costs
+    seconds: nn.init's first call imports torch._dynamo)."""
+    h, d = c.hidden_size, c.head_dim
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    attn = h * (q + 2 * kv) + (q + 2 * kv) + q * h
+    dense = 3 * h * c.intermediate_size
+    moe = (c.num_experts * h + c.num_experts * 3 * h * c.moe_intermediate_size
+           + 3 * h * c.shared_expert_intermediate_size + h) if c.is_moe else 0
+    layers = sum(attn + 2 * h + (moe if c.is_moe_layer(i) else dense) for i in range(c.num_hidden_layers))
+    return layers + h + c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
 
 
 def gib(n: float) -> str:
@@ -103,16 +126,13 @@ def describe(path: Path, dtype_arg="auto", device="cpu") -> dict:
     import torch
 
     from qwen2.io.build import parse_dtype
-    from qwen2.model.decoder import Qwen2
     config, stored, fmt, files = read_config(path)
-    if fmt == "gguf" and dtype_arg in (None, "auto"):
+    if fmt.startswith("GGUF") and dtype_arg in (None, "auto"):
         from qwen2.io.gguf import auto_dtype
         dt = auto_dtype(config, device)
     else:
         dt = parse_dtype(dtype_arg, config)
-    with torch.device("meta"):
-        model = Qwen2(config)
-    n_params = model.num_parameters()
+    n_params = param_count(config)
     embed = config.vocab_size * config.hidden_size
     size = torch.finfo(dt).bits // 8
     kv_per_token = config.kv_bytes_per_token(dt)
@@ -151,7 +171,8 @@ def run(args) -> int:
     heads = f"{info['attention_heads']} heads, {info['kv_heads']} kv heads, head_dim {info['head_dim']}"
     rows = [
         ("model", info["model"]),
-        ("architecture", f"{info['architecture']} ({info['format']})"),
+        ("architecture", info["architecture"]),
+        ("format", info["format"]),
         ("parameters", f"{info['parameters'] / 1e9:.3f} B ({info['parameters']:,}; "
                        f"{info['parameters_without_embeddings']:,} without embeddings)"),
         ("layers", f"{info['layers']} x hidden {info['hidden_size']}, {heads}"),
