@@ -191,3 +191,21 @@ def test_warm_up_compiles_every_decode_graph(ckpt):
         engine.run_until_done()
     assert engine.stats.decode_steps > 0
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_bad_or_busy_port_is_one_line_before_loading():
+    """--port 99999: argparse's one line. A port in use (or a host that does not resolve) is found
+    before the model loads: the error names the port, not the missing checkpoint."""
+    r = subprocess.run([sys.executable, "-m", "qwen2.cli", "serve", "--port", "99999"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("argument --port: '99999' is not a port (0-65535)")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for extra, needle in ((["--port", str(port)], f"127.0.0.1:{port}: another process is listening there"),
+                              (["--host", "no-such-host.invalid"], "cannot serve on no-such-host.invalid:8000")):
+            r = subprocess.run([sys.executable, "-m", "qwen2.cli", "serve", "--model", "/no/such/checkpoint", *extra],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -22,7 +24,7 @@ def register(subparsers):
                     "/health, /metrics. Binds to 127.0.0.1 unless --host says otherwise.")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="0: any free port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("QWEN2_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $QWEN2_API_KEY; "
                         "the environment keeps the key out of `ps`)")
@@ -53,6 +55,30 @@ def register(subparsers):
                    help="no speed passes (default: the fastest path for the machine; see qwen2 bench)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
+
+
+def _port(s: str) -> int:
+    try:
+        port = int(s)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a port (0-65535)")
+    return port
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (seconds to minutes), so that a port in
+    use or a bad host is a one-line error at once; uvicorn listens on it once the model is up."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "another process is listening there" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise Qwen2Error(f"cannot serve on {host}:{port}: {why}") from None
+    return sock
 
 
 def _bytes(s: str) -> int:
@@ -140,6 +166,7 @@ def run(args) -> int:
     from qwen2.serve.parallel import Ranks
     ranks = Ranks(args)  # --tensor-parallel-size: start or join the ranks
     try:
+        sock = _bind(args.host, args.port) if ranks.rank == 0 else None   # rank 0 serves
         # A lost rank stops the server as SIGTERM does (the engine has failed every request).
         engine, app = build_server(args, ranks.lockstep(lambda _msg: os.kill(os.getpid(), signal.SIGTERM)))
     except KeyboardInterrupt:
@@ -173,11 +200,12 @@ def run(args) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(grace) + 5, http=h11_protocol(args.header_timeout))
-    print(f"qwen2 serve: {app.state.server.model_name} on http://{args.host}:{args.port}/v1 "
+    port = sock.getsockname()[1]
+    print(f"qwen2 serve: {app.state.server.model_name} on http://{args.host}:{port}/v1 "
           f"(max batch {engine.max_batch}, max model len {engine.max_model_len}, "
           f"{engine.pool.num_blocks} KV blocks of {engine.pool.block_size} tokens)", flush=True)
     try:
-        Server(config).run()
+        Server(config).run(sockets=[sock])
     except KeyboardInterrupt:   # a signal between loading and uvicorn taking the signals over
         pass
     finally:
