@@ -192,3 +192,20 @@ def test_bench_with_no_model_measures_the_demo_model():
     assert out["model"] == str(demo_model_path()) and out["dtype"] == "float32"
     assert out["path"] != "eager" and out["decode_tok_s"] > 0
 
+
+
+@pytest.mark.parametrize("argv0,preset,expected", [
+    ("/usr/local/bin/qwen2", None, "PASSIVE"),   # the console script: every command
+    ("-m", None, "PASSIVE"),                     # python -m qwen2.cli ..., while the package imports
+    ("/usr/local/bin/qwen2", "ACTIVE", "ACTIVE"),  # the user's own policy is kept
+    ("my_app.py", None, "None"),                 # the Python API in someone else's program: untouched
+])
+def test_one_thread_policy_for_every_command(argv0, preset, expected):
+    """OpenMP threads wait passively under every command (set before torch loads libgomp)."""
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = f"import sys; sys.argv[0] = {argv0!r}; import os, qwen2; print(os.environ.get('OMP_WAIT_POLICY'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected
