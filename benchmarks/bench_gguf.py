@@ -108,8 +108,10 @@ def main():
     engines = args.engines.split(",")
     procs = {}
     for e in engines:  # loaded one after the other: the load times do not overlap
+        # qwen2 as its commands run it (qwen2/__init__: passive OpenMP waits); llama.cpp as it comes
+        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE")) if e == "qwen2" else None
         p = subprocess.Popen([sys.executable, __file__, "--serve", e, "-m", args.model, "--threads", str(args.threads)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         procs[e] = (p, json.loads(p.stdout.readline()))
         print(f"{e}: loaded in {procs[e][1]['load_s']:.1f} s", file=sys.stderr)
     rounds = {e: [] for e in engines}
