@@ -113,6 +113,9 @@ def main():
     ap.add_argument("--draft-k", type=int, default=5)
     ap.add_argument("--ngram-k", type=int, default=10)
     ap.add_argument("--p-min", type=float, default=0.75)
+    ap.add_argument("--policy", action="store_true",
+                    help="keep the engine's measured policy on (off by default: the numbers are what "
+                         "verification gives, the policy would turn a losing speculation off)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-cpp-python")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path)
@@ -123,9 +126,10 @@ def main():
     print(f"target {target.source} ({target.mode}), draft {draft.source}", flush=True)
     data = tasks(target.tokenizer, args.prompts, args.edit_prompts if args.edit_prompts is not None else args.prompts)
     methods = {"ours plain": lambda ids: ours(target, ids, args.max_new_tokens),
-               "ours draft": lambda ids: ours(target, ids, args.max_new_tokens,
-                                              Speculator("draft", args.draft_k, DraftModel(draft.model, draft.tokenizer, args.p_min))),
-               "ours ngram": lambda ids: ours(target, ids, args.max_new_tokens, Speculator("ngram", args.ngram_k))}
+               "ours draft": lambda ids: ours(target, ids, args.max_new_tokens, Speculator(
+                   "draft", args.draft_k, DraftModel(draft.model, draft.tokenizer, args.p_min), adaptive=args.policy)),
+               "ours ngram": lambda ids: ours(target, ids, args.max_new_tokens,
+                                              Speculator("ngram", args.ngram_k, adaptive=args.policy))}
     if not args.no_llama:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding

@@ -46,7 +46,10 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def run_engine(model, reqs, speculator=None, max_batch=16, max_batched_tokens=1024):
-    """Run (prompt, params) requests on one engine; (token ids per request, stats, outputs)."""
+    """Run (prompt, params) requests on one engine; (token ids per request, stats, outputs).
+    The speculator's measured policy is off: these tests are about what verification does."""
+    if speculator is not None:
+        speculator.adaptive = False
     need = KVPool.bytes_for(model.config, [len(p) + sp.max_new_tokens + 16 for p, sp in reqs], model.dtype)
     eng = Engine(model, eos_token_ids=(), max_batch=max_batch, kv_cache_memory=need, speculator=speculator,
                  max_batched_tokens=max_batched_tokens)
@@ -315,3 +318,26 @@ def test_server_metrics_show_speculation(llm):
     assert val("qwen2_spec_acceptance_rate") == pytest.approx(st.spec_accepted / st.spec_proposed)
     assert val("qwen2_spec_tokens_per_verify_step") == pytest.approx(st.spec_emitted / st.spec_steps)
     assert val("qwen2_spec_max_batch") == spec.max_batch and val("qwen2_spec_draft_tokens_per_request") == 0
+
+
+def test_measured_policy_keeps_the_faster_mode():
+    """Synthetic step times: when verification loses, few steps after the first ones speculate,
+    and fewer as the probe keeps losing; when it wins, nearly all do; a change is followed."""
+    def run(spec, steps, spec_cost, spec_tokens, batch=1):
+        modes = []
+        for _ in range(steps):
+            k = spec.begin_step(batch, decode_only=True)
+            rates, mode, t0 = spec._step
+            modes.append(mode)
+            cost, tokens = (spec_cost, spec_tokens) if k else (1.0, batch)
+            spec._step = (rates, mode, t0 - cost)   # as if the step took `cost` seconds
+            spec.end_step(tokens)
+        return modes
+    spec = Speculator("ngram", 5)
+    losing = run(spec, 600, spec_cost=3.0, spec_tokens=2)
+    assert losing[:4] == ["spec"] * 4 and losing.count("spec") < 4 + 2 * 7
+    assert losing[300:].count("spec") <= 2 * 2
+    winning = run(Speculator("ngram", 5), 300, spec_cost=1.2, spec_tokens=4)
+    assert winning[8:].count("plain") <= 2 * 300 / 16
+    later = run(spec, 2000, spec_cost=1.2, spec_tokens=4)   # the workload turned: speculation now pays
+    assert later[-200:].count("spec") > 180

@@ -349,12 +349,15 @@ class Engine:
             return False
         if self.spec is not None:
             self._speculate(plan)
+            generated = self.stats.generation_tokens
         try:
             runs = [(plan, *self._forward(plan))]
         except Exception as e:
             runs = self._forward_alone(plan, e)
         for sub, packed, logits in runs:
             self._consume(sub, packed, logits)
+        if self.spec is not None:
+            self.spec.end_step(self.stats.generation_tokens - generated)
         dt = time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.busy_seconds += dt
@@ -433,7 +436,7 @@ class Engine:
         spec.retain(self.running)
         decoding = [j for j, (req, s) in enumerate(plan)
                     if s.sample and not s.all_logits and len(s.token_ids) == 1]
-        k = spec.tokens_per_request(len(decoding))
+        k = spec.begin_step(len(decoding), decode_only=len(decoding) == len(plan))
         budget = self.max_batched_tokens - sum(len(s.token_ids) for _, s in plan)
         asks = []
         for j in decoding:

@@ -28,14 +28,19 @@ drafts before each position):
   al. 2023, Chen et al. 2023), though a seeded request draws different numbers than without
   speculation.
 
-`Speculator` is what the engine holds: the proposer, K, and the load policy (fewer draft tokens
-per request as the batch grows, none past `max_batch`, where the step is no longer bound by
-reading the weights and verifying guesses costs more than it saves).
+`Speculator` is what the engine holds: the proposer, K, and the policy that keeps speculation
+from ever costing throughput: fewer draft tokens per request as the batch grows, none past
+`max_batch` (the step is no longer bound by reading the weights); and, measured as it runs, the
+tokens per second of decode steps with and without drafts at each batch size: speculation stays
+on only while it is the faster of the two (the slower mode is re-measured for a few steps at
+doubling intervals, so a change of workload is noticed and a losing mode costs little).
 """
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -283,7 +288,8 @@ class Speculator:
     when b > max_batch (budget default 2K)."""
 
     def __init__(self, method: str, num_draft_tokens: int | None = None, draft: DraftModel | None = None,
-                 n_max: int = 3, n_min: int = 1, max_batch: int = 4, budget: int | None = None):
+                 n_max: int = 3, n_min: int = 1, max_batch: int = 4, budget: int | None = None,
+                 adaptive: bool = True):
         if method not in METHODS:
             raise Qwen2Error(f"speculative method must be one of {', '.join(METHODS)}, not {method!r}")
         if method == "draft" and draft is None:
@@ -299,6 +305,9 @@ class Speculator:
         self.n_max, self.n_min = n_max, n_min
         self.max_batch = max_batch
         self.budget = budget if budget is not None else 2 * k
+        self.adaptive = adaptive
+        self._rates: dict[int, _Rates] = {}   # batch size -> measured decode rates with and without drafts
+        self._step: tuple | None = None       # (batch size, mode, start time) of the step being measured
 
     def __repr__(self):
         return f"Speculator({self.method}, k={self.k})"
@@ -312,6 +321,33 @@ class Speculator:
         if num_decoding <= 0 or num_decoding > self.max_batch:
             return 0
         return min(self.k, self.budget // num_decoding)
+
+    # -- measured policy: the engine brackets each step with begin_step / end_step
+    def begin_step(self, num_decoding: int, decode_only: bool) -> int:
+        """Draft tokens per request for this step (0: decode plainly). Steps that only decode are
+        timed, per batch size, with drafts ("spec") and without ("plain")."""
+        k = self.tokens_per_request(num_decoding)
+        self._step = None
+        if k == 0 or not decode_only or not self.adaptive:
+            return k
+        rates = self._rates.setdefault(num_decoding, _Rates())
+        mode = rates.choose()
+        self._step = (rates, mode, time.perf_counter())
+        return k if mode == "spec" else 0
+
+    def end_step(self, tokens: int):
+        """The step begun last is over; it gave `tokens` tokens."""
+        if self._step is not None:
+            rates, mode, t0 = self._step
+            rates.add(mode, time.perf_counter() - t0, tokens)
+            self._step = None
+
+    def speculating(self, num_decoding: int) -> bool:
+        """Whether speculation is on at this batch size (as far as measured)."""
+        if self.tokens_per_request(num_decoding) == 0:
+            return False
+        r = self._rates.get(num_decoding)
+        return r is None or r.best() == "spec"
 
     def retain(self, keys):
         if self.draft is not None:
@@ -340,6 +376,49 @@ def check_options(method: str | None, has_draft: bool, num_draft_tokens: int | N
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
         raise Qwen2Error(f"--num-draft-tokens must be a positive integer, not {k!r}")
     return True
+
+
+class _Rates:
+    """Decode rates (tokens/s over the last steps) with and without drafts at one batch size, and
+    which mode the next step takes: each mode is first measured for WARMUP steps; then the faster
+    one runs, and the slower one is measured again for PROBE steps after `interval` steps, the
+    interval doubling (to MAX_INTERVAL) each time the probe confirms the choice."""
+    WARMUP, PROBE, WINDOW, MAX_INTERVAL = 4, 2, 16, 512
+
+    def __init__(self):
+        self.obs = {"spec": deque(maxlen=self.WINDOW), "plain": deque(maxlen=self.WINDOW)}
+        self.interval, self.since, self.probing = 16, 0, 0
+        self.probe_mode: str | None = None
+
+    def rate(self, mode: str) -> float:
+        o = self.obs[mode]
+        return sum(t for _, t in o) / max(sum(s for s, _ in o), 1e-9)
+
+    def best(self) -> str:
+        return "spec" if self.rate("spec") >= self.rate("plain") else "plain"
+
+    def choose(self) -> str:
+        for mode in ("spec", "plain"):
+            if len(self.obs[mode]) < self.WARMUP:
+                return mode
+        if self.probing:
+            self.probing -= 1
+            return self.probe_mode
+        best = self.best()
+        self.since += 1
+        if self.since >= self.interval:
+            if self.probe_mode is not None and best != self.probe_mode:
+                self.interval = min(2 * self.interval, self.MAX_INTERVAL)   # the probe lost again
+            self.since, self.probing = 0, self.PROBE - 1
+            self.probe_mode = "plain" if best == "spec" else "spec"
+            # a probe's old numbers are stale: it is judged on what it does now
+            for _ in range(min(self.PROBE, len(self.obs[self.probe_mode]))):
+                self.obs[self.probe_mode].popleft()
+            return self.probe_mode
+        return best
+
+    def add(self, mode: str, seconds: float, tokens: int):
+        self.obs[mode].append((seconds, tokens))
 
 
 def speculator_for(method: str | None, draft_model=None, num_draft_tokens: int | None = None, *,
