@@ -94,6 +94,22 @@ def ours(llm, ids, max_new, speculator=None) -> dict:
             "emitted": st.spec_emitted}
 
 
+def concurrent(llm, prompts, max_new, speculator=None) -> dict:
+    """All prompts at once on one engine (a loaded server's batch): aggregate tokens/s."""
+    sp = SamplingParams(temperature=0, max_new_tokens=max_new)
+    need = KVPool.bytes_for(llm.model.config, [len(p) + max_new for p in prompts], llm.model.dtype)
+    eng = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.chat_stop_ids, max_batch=len(prompts),
+                 kv_cache_memory=need, speculator=speculator)
+    for i, ids in enumerate(prompts):
+        eng.add_request(str(i), ids, sp, lambda out: None)
+    t0 = time.perf_counter()
+    eng.run_until_done()
+    secs = time.perf_counter() - t0
+    st = eng.stats
+    return {"tokens": st.generation_tokens, "seconds": round(secs, 3), "tok_per_s": round(st.generation_tokens / secs, 2),
+            "spec_steps": st.spec_steps, "steps": st.steps}
+
+
 def llama(model, ids, max_new, stop_ids) -> dict:
     model.reset()
     times, toks = [], []
@@ -117,6 +133,9 @@ def main():
                     help="keep the engine's measured policy on (off by default: the numbers are what "
                          "verification gives, the policy would turn a losing speculation off)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument("--concurrent", type=int, default=0, metavar="N",
+                    help="then N requests at once (HumanEval prompts), prompt lookup with the policy on vs off")
+    ap.add_argument("--concurrent-tokens", type=int, default=48, help="new tokens per concurrent request")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -177,6 +196,17 @@ def main():
         print(f"== {task}: {len(prompts)} prompts, {args.max_new_tokens} new tokens max", flush=True)
         for m, row in res.items():
             print(f"  {m:24s} {json.dumps(row)}", flush=True)
+    if args.concurrent:
+        prompts = tasks(target.tokenizer, args.concurrent, 0)["humaneval"]
+        rounds = {"off": [], "on": []}
+        for r in range(2):
+            for mode in ("off", "on"):
+                spec = Speculator("ngram", args.ngram_k) if mode == "on" else None
+                rounds[mode].append(concurrent(target, prompts, args.concurrent_tokens, spec))
+                print(f"[concurrent {args.concurrent}, speculation {mode}] {json.dumps(rounds[mode][-1])}", flush=True)
+        results["concurrent"] = {m: {"tok_per_s": round(sum(x["tokens"] for x in rs) / sum(x["seconds"] for x in rs), 2),
+                                     "runs": rs} for m, rs in rounds.items()}
+        print(f"== concurrent: {json.dumps({m: v['tok_per_s'] for m, v in results['concurrent'].items()})}")
     out = {"args": vars(args) | {"json": str(args.json)}, "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
