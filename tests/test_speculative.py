@@ -341,3 +341,13 @@ def test_measured_policy_keeps_the_faster_mode():
     assert winning[8:].count("plain") <= 2 * 300 / 16
     later = run(spec, 2000, spec_cost=1.2, spec_tokens=4)   # the workload turned: speculation now pays
     assert later[-200:].count("spec") > 180
+
+
+def test_serve_builds_a_speculating_engine(ckpt):
+    """`qwen2 serve --speculative ngram` (as build_server builds it): the server's engine speculates."""
+    from qwen2.cli import build_parser
+    from qwen2.cli.serve import build_server
+    args = build_parser().parse_args(["serve", "-m", str(ckpt), "--dtype", "float32", "--speculative", "ngram",
+                                      "--num-draft-tokens", "4", "--max-model-len", "256"])
+    engine, _ = build_server(args)
+    assert engine.spec is not None and engine.spec.method == "ngram" and engine.spec.k == 4

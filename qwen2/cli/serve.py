@@ -51,6 +51,8 @@ def register(subparsers):
     p.add_argument("--max-queued-per-request", type=int, default=d.max_queued_per_request,
                    help="engine requests (prompts x n) one HTTP request keeps queued at once; the rest "
                         "follow as they finish, admitted round-robin with other requests (default %(default)s)")
+    from qwen2.cli.generate import add_speculative_args
+    add_speculative_args(p)
     p.add_argument("--eager", action="store_true",
                    help="no speed passes (default: the fastest path for the machine; see qwen2 bench)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -106,7 +108,8 @@ def build_server(args, lockstep=None):
     if args.max_model_len is not None and args.max_model_len < 2:
         raise Qwen2Error("--max-model-len must be at least 2")
     path = model_path(args)
-    llm = qwen2.load(path, dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto")
+    llm = qwen2.load(path, dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto",
+                     draft_model=args.draft_model, speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
     warm_up(llm)
     # Sampling defaults as vLLM: the checkpoint's generation_config.json, else OpenAI's.
     p = Path(path)
@@ -115,7 +118,7 @@ def build_server(args, lockstep=None):
     engine = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_batch=args.max_batch,
                     max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                     max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting,
-                    lockstep=lockstep)
+                    lockstep=lockstep, speculator=llm.speculator)
     name = args.served_model_name or (args.model or "qwen2-demo")
     limits = Limits(args.max_body_size, args.header_timeout, args.body_timeout, args.max_queued_per_request)
     return engine, build_app(engine, llm.tokenizer, name, api_key=args.api_key, defaults=defaults, limits=limits)
