@@ -174,7 +174,8 @@ def humaneval_llamacpp(args):
     tok = llm.tokenizer   # the prompt ids qwen2 eval builds (EngineLM.chat_ids)
     ids = [tok.encode_chat(r.messages, add_generation_prompt=True) + tok.encode(r.prefill) for r in reqs]
     t = time.perf_counter()
-    ours = evaluate(llm, ["humaneval"], limit=args.limit, chat="on", log_samples=True, progress=False)
+    ours = evaluate(llm, ["humaneval"], limit=args.limit, chat="on", log_samples=True, progress=False,
+                    cache_path=args.cache)   # the scores run's samples, when given its cache
     t_ours = time.perf_counter() - t
     cpp = Llama(model_path=path, n_ctx=4096, n_threads=os.cpu_count(), verbose=False, seed=0)
     texts = []
