@@ -119,6 +119,10 @@ ISSUE_CASES = [   # the issue's reproductions: each is now answered alone
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "min_p": -1}, 400, "min_p"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    # found by fuzzing (tests/test_serve_fuzz.py) and by hand after it
+    ("/v1/completions", {"prompt": "x", "top_k": 2 ** 70, "temperature": 0.5, "max_tokens": 2}, 200, None),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 5e-324, "max_tokens": 2}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "stop": "a long stop string", "max_tokens": 2}, 200, None),
 ]
 
 

@@ -208,8 +208,11 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], sampled: li
     mass falls short of top_p)."""
     b, v = logits.shape
     dev = logits.device
-    ks = [p.top_k if s and p.top_k > 0 else v for s, p in zip(sampled, params)]
+    # a top_k at or past the vocabulary keeps everything (it is off)
+    ks = [min(p.top_k, v) if s and p.top_k > 0 else v for s, p in zip(sampled, params)]
     top_p = [p.top_p if s else 1.0 for s, p in zip(sampled, params)]
+    if all(k == v for k in ks) and all(tp >= 1 for tp in top_p):
+        return logits
     nucleus_only = [k == v and tp < 1 for k, tp in zip(ks, top_p)]
     window = max([k for k in ks if k < v] + ([NUCLEUS_WINDOW] if any(nucleus_only) else []))
     window = min(window, v)

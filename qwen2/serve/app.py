@@ -12,7 +12,9 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from qwen2.engine.core import Engine
@@ -91,6 +93,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
             engine.shutdown(timeout=1)
 
     app = FastAPI(title="qwen2", lifespan=lifespan)
+    app.openapi = lambda: _openapi(app)
     app.state.server = state
     app.add_middleware(_Edge, state=state)
 
@@ -117,7 +120,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
         body, content_type = metrics.exposition(registry, request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         # parsing and tokenizing run off the event loop: a large body must not stall every stream
         req = await run_in_threadpool(parse_request, await json_body(request, limits), ChatCompletionRequest)
@@ -131,7 +134,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
                                  request.scope)
         return json_response(responses.chat_completion(state, job, await job.collect(request), tools))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request):
         req = await run_in_threadpool(parse_request, await json_body(request, limits), CompletionRequest)
         inputs.check_model(state, req.model)
@@ -145,3 +148,24 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
         return json_response(responses.completion(state, job, await job.collect(request), req.echo))
 
     return app
+
+
+# The routes read their bodies themselves (size and time limits, errors that name the parameter),
+# so FastAPI cannot see the request models: /openapi.json declares them here, for clients and
+# for the schema-driven fuzz test (tests/test_serve_fuzz.py).
+_REQUESTS = (ChatCompletionRequest, CompletionRequest)
+
+
+def _json_body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in _REQUESTS],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema

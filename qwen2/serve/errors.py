@@ -37,7 +37,20 @@ def parse_request(body: bytes, schema: type[M]) -> M:
     try:
         return schema.model_validate_json(body)
     except ValidationError as e:
-        raise _bad_request(schema, e.errors()[0]) from None
+        raise _bad_request(schema, _most_telling(e.errors())) from None
+
+
+def _is_union_tag(x) -> bool:
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x)
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """The error to report, with union branches ("str", "list[str]") dropped from its location:
+    for `stop: [5 strings]` "at most 4 items" under `stop`, not "stop.str: should be a string"."""
+    errors = [dict(e, loc=tuple(x for x in e["loc"] if not _is_union_tag(x))) for e in errors]
+    first = errors[0]
+    same_field = [e for e in errors if e["loc"] == first["loc"]]
+    return next((e for e in same_field if not e["type"].endswith("_type")), first)
 
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}

@@ -8,7 +8,7 @@ with its parameter's name.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
@@ -42,7 +42,7 @@ class SamplingRequest(_In):
     temperature: Optional[float] = Field(None, ge=0, le=2)  # OpenAI's range
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Optional[Union[str, list[str]]] = Field(None, max_length=MAX_STOP)
+    stop: Optional[Union[str, Annotated[list[str], Field(max_length=MAX_STOP)]]] = None
     seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # what a torch.Generator takes
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -52,7 +52,8 @@ class SamplingRequest(_In):
     # extensions (vLLM names)
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    # past these, dividing or multiplying the logits overflows them to inf (NaN probabilities)
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100)
     ignore_eos: bool = False
 
     @property
