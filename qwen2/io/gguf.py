@@ -80,13 +80,18 @@ def find_gguf(path: str | os.PathLike) -> Path:
     return p
 
 
-def _reader_class():
-    from gguf import GGUFReader
+@functools.cache
+def _reader_class(arrays: bool = True):
+    import struct
+
+    from gguf import GGUFReader, GGUFValueType
 
     class Reader(GGUFReader):
         """GGUFReader over a plain ndarray view of its memmap: np.memmap adds Python-level work
         (__array_finalize__) to every slice, which made reading the 300k tokenizer strings and
-        the dequantizers' 16-row groups take seconds."""
+        the dequantizers' 16-row groups take seconds. arrays=False: array fields (the tokenizer's
+        tokens, merges and types) are stepped over, not read (seconds less when only the model
+        is wanted); they then hold no values."""
 
         @property
         def data(self):
@@ -96,11 +101,34 @@ def _reader_class():
         def data(self, value):
             self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
+        def _get_field_parts(self, orig_offs, raw_type):
+            if arrays or raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            buf = self._plain
+            if orig_offs + 12 > len(buf):
+                raise ValueError("array field past the end of the file")
+            itype, n = struct.unpack_from("<IQ", buf, orig_offs)
+            offs = orig_offs + 12
+            if itype == GGUFValueType.STRING:
+                for _ in range(n):
+                    if offs + 8 > len(buf):
+                        raise ValueError("array field past the end of the file")
+                    offs += 8 + struct.unpack_from("<Q", buf, offs)[0]
+            elif itype in self.gguf_scalar_to_np:
+                offs += np.dtype(self.gguf_scalar_to_np[itype]).itemsize * n
+            else:  # nested arrays: the reader's own walk
+                return super()._get_field_parts(orig_offs, raw_type)
+            if offs > len(buf):
+                raise ValueError("array field past the end of the file")
+            parts = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+            return offs - orig_offs, parts, [], [GGUFValueType.ARRAY, GGUFValueType(itype)]
+
     return Reader
 
 
-def open_gguf(path: str | os.PathLike):
-    """(GGUFReader, file path), with every way a file can be broken turned into one clear line."""
+def open_gguf(path: str | os.PathLike, arrays: bool = True):
+    """(GGUFReader, file path), with every way a file can be broken turned into one clear line.
+    arrays=False: array metadata (the tokenizer) is skipped, not read."""
     f = find_gguf(path)
     try:
         with open(f, "rb") as fh:
@@ -110,7 +138,7 @@ def open_gguf(path: str | os.PathLike):
     if magic != b"GGUF":
         raise CheckpointError(f"{f}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
-        reader = _reader_class()(f, "r")
+        reader = _reader_class(arrays)(f, "r")
     except ValueError as e:
         # The reader raises ValueError for unknown tensor/value types and for data past the
         # end of the file (its memmap views come out short).
@@ -214,7 +242,7 @@ def _config_dict(reader, f: Path) -> dict:
 
 def read_gguf_config(path) -> ModelConfig:
     """The model configuration stored in a GGUF file's metadata."""
-    reader, f = open_gguf(path)
+    reader, f = open_gguf(path, arrays=False)
     return ModelConfig.from_hf_dict(_config_dict(reader, f), source=str(f))
 
 
@@ -290,7 +318,7 @@ def load_gguf_model(path, dtype="auto", device="cpu"):
     the CPU: the quantized tensors at the file's own precision (qwen2.quant.blocks, see the module
     doc) where the model and the types allow, else dequantized into `auto_dtype`'s dtype; an
     explicit dtype: dequantized tensor by tensor into it."""
-    reader, f = open_gguf(path)
+    reader, f = open_gguf(path, arrays=False)  # the tokenizer's arrays are load_gguf_tokenizer's
     config = ModelConfig.from_hf_dict(_config_dict(reader, f), source=str(f))
     if dtype in (None, "auto") and _blocks_apply(reader, config, device):
         return _load_blocks(reader, f, config)
