@@ -152,19 +152,70 @@ def our_logits(path: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).float()[0].numpy()
 
 
+def llama_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, n_batch=256)
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        llm.eval([tok])
+    del llm
+    return out
+
+
+def lora_check(work: Path, ckpt: Path, n: int = 32) -> dict:
+    """A LoRA adapter (random, large enough to change the model) merged by `qwen2 export
+    --adapter`: llama.cpp's greedy tokens on the file vs ours with qwen2.load(..., adapter=)."""
+    import qwen2
+    from qwen2.io.adapter import save_adapter
+    from qwen2.io.gguf_export import export_gguf
+    from qwen2.model.lora import add_lora, lora_parameters
+    adapter = work / "adapter"
+    if not adapter.exists():
+        m = add_lora(qwen2.load_model(ckpt, dtype="float32"), r=8, alpha=16)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in lora_parameters(m):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        save_adapter(m, adapter)
+    llm = qwen2.load(ckpt, dtype="float32", adapter=adapter, mode="eager")
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Write a haiku about the sea."}])
+    ours = llm.generate(ids, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids
+    base = qwen2.load(ckpt, dtype="float32", mode="eager").generate(ids, max_new_tokens=n, temperature=0,
+                                                                     ignore_eos=True).token_ids
+    res = {}
+    for t in ("f32", "q8_0"):
+        out = work / f"lora-{t}.gguf"
+        if not out.exists():
+            export_gguf(ckpt, out, t, adapter=adapter, progress=False)
+        theirs = llama_greedy(out, ids, len(ours))
+        same = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        res[t] = {"tokens": len(ours), "same_prefix": same, "equal": theirs == ours,
+                  "base_model_same_prefix": next((k for k, (a, b) in enumerate(zip(ours, base)) if a != b), len(ours))}
+        print(f"LoRA-merged export {t}: llama.cpp greedy tokens equal ours for {same}/{len(ours)} "
+              f"(the base model without the adapter agrees for {res[t]['base_model_same_prefix']})", flush=True)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sdist", default="/tmp/peers/sdist/llama_cpp_python-0.3.36.tar.gz")
     ap.add_argument("--work", default=None, help="scratch directory (kept; default: a temporary one)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--lora-only", action="store_true", help="only the LoRA-merged export check")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="verify_gguf_"))
     work.mkdir(parents=True, exist_ok=True)
     root = llama_cpp_dir(Path(args.sdist), work)
     from qwen2.io.gguf_export import export_gguf
     results = {}
-    for k, name in enumerate(args.configs.split(",")):
+    first = work / f"ckpt-{args.configs.split(',')[0]}"
+    make_checkpoint(first, CONFIGS[args.configs.split(",")[0]], seed=0)
+    results["lora"] = lora_check(work, first)
+    for k, name in enumerate([] if args.lora_only else args.configs.split(",")):
         ckpt = work / f"ckpt-{name}"
         make_checkpoint(ckpt, CONFIGS[name], seed=k)
         from qwen2.io.load import load_tokenizer
