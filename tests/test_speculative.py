@@ -102,8 +102,8 @@ def test_ngram_propose_matches_brute_force():
 @pytest.mark.parametrize("batch", [1, 4, 9])
 def test_greedy_identical_to_plain(pair, method, batch):
     target, draft, _ = pair
-    ps = prompts(18, seed=batch)
-    sp = SamplingParams(temperature=0, max_new_tokens=48)
+    ps = prompts(12, seed=batch)
+    sp = SamplingParams(temperature=0, max_new_tokens=40)
     plain, _, _ = run_engine(target, [(p, sp) for p in ps], max_batch=batch)
     spec = Speculator("ngram", 6, max_batch=16, budget=64) if method == "ngram" else \
         Speculator("draft", 4, draft_of(target if method == "self" else draft), max_batch=16, budget=64)
@@ -271,7 +271,9 @@ def test_load_with_speculation(ckpt, llm):
     prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):"
     plain = llm.generate(prompt, max_new_tokens=24, temperature=0)
     for kw in (dict(draft_model=ckpt, num_draft_tokens=3), dict(speculative="ngram")):
-        fast = qwen2.load(ckpt, dtype="float32", **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the self-draft is not smaller than the target
+            fast = qwen2.load(ckpt, dtype="float32", **kw)
         assert fast.speculator is not None
         out = fast.generate(prompt, max_new_tokens=24, temperature=0)
         assert out.token_ids == plain.token_ids and out.text == plain.text
