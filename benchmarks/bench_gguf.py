@@ -23,8 +23,9 @@ import time
 
 def worker_qwen2(path: str, threads: int):
     import torch
+
     import qwen2
-    from qwen2.cli.bench import current_rss, peak_rss, peak_rss_reset, time_generation
+    from qwen2.cli.bench import current_rss, peak_rss_reset, time_generation
     from qwen2.engine.paged import KVPool
     torch.set_num_threads(threads)
     t = time.perf_counter()
@@ -44,6 +45,7 @@ def worker_qwen2(path: str, threads: int):
 def worker_llama(path: str, threads: int):
     import numpy as np
     from llama_cpp import Llama
+
     from qwen2.cli.bench import current_rss, peak_rss, peak_rss_reset
     t = time.perf_counter()
     llm = Llama(path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from test_gguf import CFG, IDS, TYPES, random_kquant, write_gguf
+from util import hf_model
 
 from qwen2 import kernels
 from qwen2.io.demo import demo_model_path
 from qwen2.io.gguf import _block_linear, load_gguf_model, open_gguf
 from qwen2.quant.blocks import BlockEmbedding, BlockLinear, PartsLinear
-from test_gguf import CFG, IDS, TYPES, random_kquant, write_gguf
-from util import hf_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="qwen2's kernels cannot be built here")
 

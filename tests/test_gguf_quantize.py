@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from test_gguf import write_gguf
+from util import TINY, hf_model
 
 import qwen2
 from qwen2.cli import main
 from qwen2.io.demo import demo_model_path
 from qwen2.io.gguf import load_gguf_tokenizer
-from test_gguf import write_gguf
-from util import TINY, hf_model
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write quicksort in Python. 北京"}]
 
@@ -51,6 +51,7 @@ def test_transformers_reads_the_written_tokenizer(tiny_gguf, tmp_path):
     """The files are ordinary Hugging Face tokenizer files: transformers gives the same ids (the
     one deliberate difference: special-token text typed by a user stays text here)."""
     from transformers import AutoTokenizer
+
     from qwen2.io.gguf import save_gguf_tokenizer
     save_gguf_tokenizer(tiny_gguf, tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)

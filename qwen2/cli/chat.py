@@ -9,9 +9,9 @@ import argparse
 import sys
 import time
 
-from qwen2.engine.sampling import SamplingParams
 from qwen2.cli import _common
 from qwen2.cli.generate import add_sampling_args, load_llm, sampling_overrides
+from qwen2.engine.sampling import SamplingParams
 
 HELP = "/reset  forget the conversation · /system TEXT  set the system prompt · /exit  quit · Ctrl-C stops a reply"
 

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from qwen2.errors import Qwen2Error
-from qwen2.engine.sampling import SamplingParams
 from qwen2.cli import _common
+from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import Qwen2Error
 
 # Flag -> SamplingParams field; the same names serve `generate`, `chat` and the Python API.
 SAMPLING_FLAGS = [

@@ -27,10 +27,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from qwen2.model.config import ModelConfig
 from qwen2.errors import CheckpointError
 from qwen2.io.build import build_model, parse_dtype
 from qwen2.io.names import NameTable
+from qwen2.model.config import ModelConfig
 
 ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
 
@@ -377,6 +377,7 @@ def _block_linear(t):
     values (scales and minimums as stored, or their exact float32 products for the K types);
     None for other types."""
     from gguf import GGMLQuantizationType as Q
+
     from qwen2.quant.blocks import BlockLinear
     typ = t.tensor_type
     if typ not in _block_types() or t.data.ndim != 2:
@@ -469,6 +470,7 @@ def _load_blocks(reader, f: Path, config: ModelConfig):
     """The model with every weight of a block type in a BlockLinear (fused projections as
     PartsLinear, the embedding a BlockEmbedding over the same blocks as a tied lm_head)."""
     from torch import nn
+
     from qwen2.kernels.memory import trim
     from qwen2.quant.blocks import BlockEmbedding, BlockLinear, PartsLinear
     config.torch_dtype = "float32"
@@ -563,13 +565,10 @@ def _tokenizer_parts(path) -> dict:
         i = _field(reader, f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    parts = dict(vocab=vocab, merges=merges, added=added, chat_template=_field(reader, "tokenizer.chat_template"),
-                 bos_token=name("bos_token_id"), eos_token=name("eos_token_id"), pad_token=name("padding_token_id"),
-                 eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"))
-    del reader
-    from qwen2.kernels.memory import trim
-    trim()  # the metadata's small objects (~200 MB) back to the OS
-    return parts
+    return {"vocab": vocab, "merges": merges, "added": added,
+            "chat_template": _field(reader, "tokenizer.chat_template"), "bos_token": name("bos_token_id"),
+            "eos_token": name("eos_token_id"), "pad_token": name("padding_token_id"),
+            "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id")}
 
 
 def load_gguf_tokenizer(path):
@@ -594,6 +593,7 @@ def save_gguf_tokenizer(path, out_dir) -> list[Path]:
     with the chat template, vocab.json, merges.txt; generation_config.json with its eos), so that a
     checkpoint made from the file (`qwen2 quantize`) loads with its tokenizer like any other."""
     import json
+
     from qwen2.text.tokenizer import QWEN_PATTERN
     p = _tokenizer_parts(path)
     merges = [m if isinstance(m, str) else " ".join(m) for m in p["merges"]]

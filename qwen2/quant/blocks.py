@@ -45,7 +45,7 @@ class BlockLinear(nn.Module):
 
     @classmethod
     def raw(cls, kind: str, out_features: int, in_features: int, qweight: torch.Tensor, scales: torch.Tensor,
-            qh: torch.Tensor | None = None, offsets: torch.Tensor | None = None, zero: int = 0) -> "BlockLinear":
+            qh: torch.Tensor | None = None, offsets: torch.Tensor | None = None, zero: int = 0) -> BlockLinear:
         """The kernels' layout as it is (see the module doc and qwen2/kernels/csrc/block_linear.cpp);
         scales / offsets float16 or float32, kept as given."""
         m = cls(out_features, in_features)
@@ -56,7 +56,7 @@ class BlockLinear(nn.Module):
 
     @classmethod
     def int4(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None, zero: int = 0,
-             bias: torch.Tensor | None = None, group_size: int = GROUP) -> "BlockLinear":
+             bias: torch.Tensor | None = None, group_size: int = GROUP) -> BlockLinear:
         """w = scales * (q - zero) + offsets per group of `group_size` inputs (a multiple of 32):
         q integer levels [out, in] in 0..31 (values past 15 cost a bit plane), scales and offsets
         (None: 0) [out, in / group_size]."""
@@ -83,7 +83,7 @@ class BlockLinear(nn.Module):
         return m
 
     @classmethod
-    def int8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> "BlockLinear":
+    def int8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> BlockLinear:
         """w = scales[:, k // G] * q for q int8 [out, in] and scales [out, in / G], G 16 or 32."""
         n, k = q.shape
         if scales.shape[0] != n or k % scales.shape[1] or k // scales.shape[1] not in (16, 32):
@@ -96,7 +96,7 @@ class BlockLinear(nn.Module):
         return m
 
     @classmethod
-    def cat(cls, parts: list["BlockLinear"]) -> "BlockLinear | None":
+    def cat(cls, parts: list[BlockLinear]) -> BlockLinear | None:
         """One BlockLinear of the parts' rows stacked (a fused projection as one kernel call), or
         None when their layouts differ (kind, group, zero, offsets or not, scale dtype)."""
         a = parts[0]
