@@ -199,13 +199,32 @@ def lora_check(work: Path, ckpt: Path, n: int = 32) -> dict:
     return res
 
 
+def demo_check(work: Path, n: int = 48) -> dict:
+    """Real weights: the demo model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M) exported to q8_0 by
+    `qwen2 export`; llama.cpp's greedy chat reply on it vs ours on the same file."""
+    import qwen2
+    from qwen2.io.demo import demo_model_path
+    from qwen2.io.gguf_export import export_gguf
+    out = work / "demo-q8_0.gguf"
+    if not out.exists():
+        export_gguf(demo_model_path(), out, "q8_0", progress=False)
+    llm = qwen2.load(out, dtype="float32", mode="eager")
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Write a Python function that reverses a string."}])
+    ours = llm.generate(ids, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids
+    theirs = llama_greedy(out, ids, n)
+    same = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), n)
+    print(f"demo model exported to q8_0: llama.cpp's greedy reply equals ours for {same}/{n} tokens: "
+          f"{llm.tokenizer.decode(theirs[:same])!r}", flush=True)
+    return {"tokens": n, "same_prefix": same}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sdist", default="/tmp/peers/sdist/llama_cpp_python-0.3.36.tar.gz")
     ap.add_argument("--work", default=None, help="scratch directory (kept; default: a temporary one)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--lora-only", action="store_true", help="only the LoRA-merged export check")
+    ap.add_argument("--lora-only", action="store_true", help="only the LoRA-merged and demo-model checks")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="verify_gguf_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -215,6 +234,7 @@ def main():
     first = work / f"ckpt-{args.configs.split(',')[0]}"
     make_checkpoint(first, CONFIGS[args.configs.split(",")[0]], seed=0)
     results["lora"] = lora_check(work, first)
+    results["demo"] = demo_check(work)
     for k, name in enumerate([] if args.lora_only else args.configs.split(",")):
         ckpt = work / f"ckpt-{name}"
         make_checkpoint(ckpt, CONFIGS[name], seed=k)
