@@ -47,10 +47,17 @@ def _is_union_tag(x) -> bool:
 def _most_telling(errors: list[dict]) -> dict:
     """The error to report, with union branches ("str", "list[str]") dropped from its location:
     for `stop: [5 strings]` "at most 4 items" under `stop`, not "stop.str: should be a string"."""
+    tags = [[x for x in e["loc"] if _is_union_tag(x)] for e in errors]
     errors = [dict(e, loc=tuple(x for x in e["loc"] if not _is_union_tag(x))) for e in errors]
     first = errors[0]
-    same_field = [e for e in errors if e["loc"] == first["loc"]]
-    return next((e for e in same_field if not e["type"].endswith("_type")), first)
+    same_field = [(e, t) for e, t in zip(errors, tags) if e["loc"] == first["loc"]]
+    telling = next((e for e, _ in same_field if not e["type"].endswith("_type")), None)
+    if telling is not None:
+        return telling
+    branches = list(dict.fromkeys(t[0] for _, t in same_field if t))
+    if len(branches) > 1:   # no branch of the union fits: say which types are accepted
+        return dict(first, msg=f"must be one of {', '.join(branches)}")
+    return first
 
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
