@@ -429,6 +429,9 @@ def tokenizer_fields(src: Path, vocab_size: int) -> dict[str, Field]:
         return out
     from qwen2.io.load import load_tokenizer
     tok = load_tokenizer(src)
+    if tok.vocab_size > vocab_size:
+        raise Qwen2Error(f"{src}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
+                         f"{vocab_size} embedding rows; GGUF needs one row per token")
     tokens, types = [], []
     for i in range(vocab_size):
         b = tok.id_to_bytes(i) if i < tok.vocab_size else None
@@ -511,6 +514,10 @@ def write_gguf(model: Qwen2, tok_fields: dict[str, Field], out, outtype: str = "
     check_exportable(config)
     arch = "qwen2moe" if config.is_moe else "qwen2"
     model = _float_model(model)
+    odd = next((n for n, _ in model.named_buffers() if n.endswith(("qweight", "qs"))), None)
+    if odd is not None:
+        raise Qwen2Error(f"GGUF export needs float (or QuantLinear) weights, not {odd!r}: load the model "
+                         "with an explicit dtype (e.g. dtype='float32')")
     n_layers = config.num_hidden_layers
     tied = config.tie_word_embeddings
     plan = []  # (name, shape, qtype)
