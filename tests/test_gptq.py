@@ -6,14 +6,20 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from util import TINY, TINY_MOE, make_hf_checkpoint
 
 import qwen2
 from qwen2.cli import main as cli
 from qwen2.errors import Qwen2Error
-from qwen2.quant.gptq import calibration_ids, gptq_model, gptq_quantize, hessian, inverse_factor
-from qwen2.quant.linear import QuantLinear, dequantize, quantize_model, quantize_tensor
 from qwen2.io.gptq import save_quantized
-from util import TINY, TINY_MOE, make_hf_checkpoint
+from qwen2.quant.gptq import (
+    calibration_ids,
+    gptq_model,
+    gptq_quantize,
+    hessian,
+    inverse_factor,
+)
+from qwen2.quant.linear import QuantLinear, dequantize, quantize_model, quantize_tensor
 
 # (bits, group size, sym, full_range)
 GRIDS = [(4, 32, True, True), (4, 32, True, False), (4, 32, False, False), (4, 128, True, True),
@@ -315,7 +321,7 @@ def _autogptq_pack(intweight: torch.Tensor, zeros: torch.Tensor, bits: int):
     for col in range(qzeros.shape[1]):
         for j in range(per):
             qzeros[:, col] |= z[:, col * per + j] << (bits * j)
-    as_i32 = lambda t: torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32)  # noqa: E731
+    as_i32 = lambda t: torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32)
     return as_i32(qweight), as_i32(qzeros)
 
 

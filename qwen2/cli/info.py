@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qwen2.errors import CheckpointError
 from qwen2.cli import _common
+from qwen2.errors import CheckpointError
 
 
 def register(subparsers):
@@ -23,7 +23,8 @@ def register(subparsers):
 def tp_plan(n: int, models: dict) -> list[dict]:
     """One row per (model, dtype): each of n ranks' weights and KV bytes per token, or why n
     ranks cannot split the model (qwen2.model.tp)."""
-    from qwen2.model.tp import problems as tp_problems, rank_memory, valid_tp_sizes
+    from qwen2.model.tp import problems as tp_problems
+    from qwen2.model.tp import rank_memory, valid_tp_sizes
     rows = []
     for name, config in models.items():
         for dtype in ("bfloat16", "int8", "int4"):

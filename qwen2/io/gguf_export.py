@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -353,8 +353,8 @@ class Field:
 def model_fields(config, arch: str) -> dict[str, Field]:
     """The architecture keys convert_hf_to_gguf.py writes (TextModel.set_gguf_parameters)."""
     V = _gguf().GGUFValueType
-    u32 = lambda v: Field(int(v), V.UINT32)  # noqa: E731
-    f32 = lambda v: Field(float(v), V.FLOAT32)  # noqa: E731
+    u32 = lambda v: Field(int(v), V.UINT32)
+    f32 = lambda v: Field(float(v), V.FLOAT32)
     f = {
         f"{arch}.block_count": u32(config.num_hidden_layers),
         f"{arch}.context_length": u32(config.max_position_embeddings),

@@ -26,7 +26,13 @@ from qwen2.io.names import HF_NAMES
 from qwen2.io.safetensors import write_safetensors
 from qwen2.io.save import checkpoint_tensors
 from qwen2.model.decoder import fused_linears
-from qwen2.quant.linear import INT4_GROUPS, QuantLinear, _targets, dequantize, quantize_tensor
+from qwen2.quant.linear import (
+    INT4_GROUPS,
+    QuantLinear,
+    _targets,
+    dequantize,
+    quantize_tensor,
+)
 
 
 def _pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -160,7 +166,7 @@ def load_gptq(config, tensors, dtype, device="cpu", source="checkpoint", release
         raise CheckpointError(f"{source}: GPTQ bits={bits} desc_act={qc.get('desc_act')} "
                               "is not supported (4 or 8 bits, no act-order)")
     offset = 0 if qc.get("checkpoint_format") == "gptq_v2" else 1
-    unpack = lambda t, name: from_gptq(t, bits, gs, name, zero_offset=offset)  # noqa: E731
+    unpack = lambda t, name: from_gptq(t, bits, gs, name, zero_offset=offset)
     model = load_packed(config, tensors, dtype, device, source, release, ("qweight", "qzeros", "scales", "g_idx"),
                         unpack, bits, gs, bool(qc.get("lm_head", False)), float_head)
     model.quant["sym"] = bool(qc.get("sym", True))

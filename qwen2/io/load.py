@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwen2.errors import CheckpointError, Qwen2Error
+from qwen2.io.awq import load_awq
 from qwen2.io.build import build_model, parse_dtype
 from qwen2.io.gguf import load_gguf_model, load_gguf_tokenizer
-from qwen2.io.awq import load_awq
 from qwen2.io.gptq import load_gptq
 from qwen2.io.hub import resolve
 from qwen2.io.qwen1 import load_qwen1
-from qwen2.io.safetensors import count_safetensors, iter_safetensors, release_pages, safetensors_files
+from qwen2.io.safetensors import (
+    count_safetensors,
+    iter_safetensors,
+    release_pages,
+    safetensors_files,
+)
 from qwen2.model.config import ModelConfig
 from qwen2.model.decoder import Qwen2
 from qwen2.model.tp import TPShard
@@ -82,7 +87,7 @@ def _peek_model_type(cfg: Path):
         return None  # ModelConfig.from_file gives the clear error
 
 
-def load_tokenizer(path_or_id) -> "Tokenizer":
+def load_tokenizer(path_or_id) -> Tokenizer:
     """Tokenizer of a checkpoint dir, a qwen.tiktoken file, a .gguf file (or a dir holding only
     one) or a hub id."""
     from qwen2.text.tokenizer import Tokenizer, load_tokenizer_dir
