@@ -10,7 +10,8 @@
 //   adds 16 to q[g*32 + j]; scales, offsets (or None) [N, K/32], float32 or float16.
 // block8: groups of G = 16 or 32, q int8 [N, K]: w[n, k] = s[n, k / G] * q[n, k].
 //
-// One row (decode): the kernel streams the quantized weight once, converting each group to fp32
+// One row (decode; up to 3 rows likewise, each weight row converted once per row of x): the
+// kernel streams the quantized weight once, converting each group to fp32
 // in registers: y[n] = sum_g s_ng * sum_{k in g} (q_nk - zero) * x_k + sum_g o_ng * X_g, where
 // X_g = sum_{k in g} x_k (computed once per call). Several rows (prefill, batches): each task
 // dequantizes 32 output columns into f32_linear's k16 layout (a thread-local buffer) and runs its
@@ -273,19 +274,22 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
   const int64_t M = y.numel() / L.N, K = L.K, N = L.N;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (M == 1) {
-    std::vector<float> X;
-    if (L.o) {  // group sums of x, for the offsets
-      X.assign(K / L.G, 0.f);
-      for (int64_t g = 0; g < K / L.G; ++g) {
+  if (M <= 3) {
+    // decode (and batches of up to 3 rows, where converting each weight row once per row of x
+    // costs less than dequantizing into tiles): the blocks streamed once, from cache for rows 2-3
+    const int64_t ng = K / L.G;
+    std::vector<float> X(L.o ? M * ng : 0);
+    for (int64_t m = 0; m < M && L.o; ++m)  // group sums of x, for the offsets
+      for (int64_t g = 0; g < ng; ++g) {
         float t = 0.f;
-        for (int64_t i = 0; i < L.G; ++i) t += xp[g * L.G + i];
-        X[g] = t;
+        for (int64_t i = 0; i < L.G; ++i) t += xp[m * K + g * L.G + i];
+        X[m * ng + g] = t;
       }
-    }
     const int64_t bytes = L.q4 ? K / 2 : K;
     pool::parallel(N, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, bytes)), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) yp[n] = L.dot(n, xp, X.data()) + (bp ? bp[n] : 0.f);
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m)
+          yp[m * N + n] = L.dot(n, xp + m * K, L.o ? X.data() + m * ng : nullptr) + (bp ? bp[n] : 0.f);
     });
     return y;
   }
