@@ -316,3 +316,51 @@ def test_many_prompts_neither_starve_nor_fill_the_queue(tight):
     assert small.status_code == 200 and not big_done_first
     assert r.status_code == 200 and sorted(c["index"] for c in r.json()["choices"]) == list(range(1000))
     assert r.json()["usage"]["completion_tokens"] == 2000
+
+
+# --------------------------------------------------------------------------- the rest of the issue, live
+def test_echo_max_tokens_0_gap_ids_and_content_type_live(server, llm):
+    h = dict(AUTH)
+    prompt = "The capital of France is Paris"
+    n = len(llm.tokenizer.encode(prompt))
+    for stream in (False, True):
+        r = httpx.post(server + "/v1/completions", headers=h, timeout=60,
+                       json={"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0, "stream": stream})
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+            lp = chunks[0]["choices"][0]["logprobs"]
+            assert r.text.endswith("data: [DONE]\n\n") and chunks[0]["choices"][0]["text"] == prompt
+        else:
+            lp = r.json()["choices"][0]["logprobs"]
+            assert r.json()["choices"][0]["text"] == prompt and r.json()["usage"]["completion_tokens"] == 0
+        assert len(lp["tokens"]) == n and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(v < 0 for v in lp["token_logprobs"][1:])
+    # ids in the embedding's padding are a 400 (not a 500, nor a 499 in /metrics)
+    def count400():
+        text = httpx.get(server + "/metrics").text
+        line = 'qwen2_http_requests_total{endpoint="/v1/completions",status="400"} '
+        return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+    before = count400()
+    for stream in (False, True):
+        r = httpx.post(server + "/v1/completions", headers=h, timeout=60,
+                       json={"prompt": [1, 151700], "echo": True, "logprobs": 1, "stream": stream})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert count400() == before + 2
+    # a text/plain body (no CORS preflight from a web page) is refused even when it is JSON
+    r = httpx.post(server + "/v1/completions", headers=dict(h, **{"Content-Type": "text/plain"}), timeout=60,
+                   content=json.dumps({"prompt": "hi", "max_tokens": 1}))
+    assert r.status_code == 415
+
+
+def test_api_key_from_environment_live(ckpt, monkeypatch):
+    monkeypatch.setenv("QWEN2_API_KEY", "sk-from-env")
+    proc, url = start_server(ckpt, "--max-model-len", "128")
+    try:
+        body = {"prompt": "hi", "max_tokens": 1}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 401
+        r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer sk-from-env"}, timeout=60)
+        assert r.status_code == 200
+        assert "sk-from-env" not in open(f"/proc/{proc.pid}/cmdline", "rb").read().decode(errors="replace")
+    finally:
+        assert stop_server(proc) == 0
