@@ -64,6 +64,7 @@ def test_generate_streams_stdin_prompt_and_stops(ckpt, llm):
     (["generate", "-m", "{ckpt}", "--prompt", "x", "--max-new-tokens", "10000000"],
      "exceeds the maximum context length of 4096 tokens"),
     (["chat", "-m", "{ckpt}", "--max-new-tokens", "10000000"], "exceeds the maximum context length"),
+    (["bench", "--bits", "4", "--tokens", "2", "--prefill", "0"], "runs at its own precision"),  # the demo GGUF
 ])
 def test_errors_are_one_line(ckpt, tmp_path, args, message):
     nocfg = tmp_path / "nocfg"  # tokenizer files but no config.json

@@ -204,6 +204,11 @@ def run(args) -> int:
         model = load_model(args.model, dtype=args.dtype)
         source = args.model
     dtype = model.dtype
+    if args.bits:
+        from qwen2.quant.blocks import BlockLinear
+        if any(isinstance(m, BlockLinear) for m in model.modules()):
+            raise Qwen2Error("--bits requantizes float weights, and a GGUF file runs at its own precision; add "
+                             "--dtype float32 (or bfloat16) to requantize its dequantized weights")
     path = prepare(model, args.mode, args.bits, args.group_size)
     load_s = time.perf_counter() - t
     r = time_generation(model, args.prompt, args.tokens, args.prefill)
