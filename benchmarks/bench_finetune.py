@@ -50,6 +50,7 @@ def subset(src: str, n: int, out: Path) -> Path:
 # ---- one measured run per process -------------------------------------------------------------
 def child_ours(a) -> dict:
     from qwen2.train import FinetuneConfig, finetune
+    a.base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(a.work) / f"ours-{a.method}-{os.getpid()}"
     cfg = FinetuneConfig(model=a.model, data=a.data, output=str(out), method=a.method, epochs=1, lr=2e-4,
                          batch_size=a.batch, max_len=a.max_len, lora_r=a.rank, lora_alpha=2 * a.rank,
@@ -66,6 +67,7 @@ def child_trl(a) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+    a.base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -120,23 +122,28 @@ def speed(a):
             rows.append(res)
             print(json.dumps(res), flush=True)
     if a.qlora:
+        # QLoRA from a `qwen2 quantize` checkpoint (int4 group 64, int8 head): no float copy at load
+        q4 = work / "demo_q4"
+        if not (q4 / "config.json").is_file():
+            subprocess.run([sys.executable, "-m", "qwen2", "quantize", a.model, str(q4), "--bits", "4",
+                            "--group-size", "64"], check=True)
         for rnd in range(a.rounds):
-            for method, dtype in (("qlora", "bfloat16"), ("lora", "bfloat16")):
-                res = run_child("ours", a, method=method, dtype=dtype)
-                res.update(kind=f"ours-{method}-{dtype}", round=rnd)
+            for method, model in (("qlora", str(q4)), ("lora", a.model)):
+                res = run_child("ours", a, method=method, dtype="bfloat16", model=model)
+                res.update(kind=f"ours-{method}-bf16", round=rnd)
                 rows.append(res)
                 print(json.dumps(res), flush=True)
-    print("\nkind               tokens/s   peak RSS MiB   tokens  steps  s")
+    print("\nkind               tokens/s   peak RSS MiB  (after imports)   tokens  steps  s")
     for r in rows:
-        print(f"{r['kind']:<18} {r['tokens_per_s']:8.1f}   {r['peak_rss_mib']:12.0f}   {r['tokens']:6d}  {r['steps']:5d}"
-              f"  {r['seconds']:.0f}")
+        print(f"{r['kind']:<18} {r['tokens_per_s']:8.1f}   {r['peak_rss_mib']:12.0f}  ({r['rss_after_imports_mib']:14.0f})"
+              f"   {r['tokens']:6d}  {r['steps']:5d}  {r['seconds']:.0f}")
     by = lambda k, f: [r[f] for r in rows if r["kind"] == k]
     ours_t, trl_t = by("ours", "tokens_per_s"), by("trl", "tokens_per_s")
     ours_m, trl_m = by("ours", "peak_rss_mib"), by("trl", "peak_rss_mib")
     print(f"\nspeed ratio per round (ours/TRL): {[round(x / y, 2) for x, y in zip(ours_t, trl_t)]}")
     print(f"peak RSS ratio per round (ours/TRL): {[round(x / y, 2) for x, y in zip(ours_m, trl_m)]}")
     if a.qlora:
-        q, l = by("ours-qlora-bfloat16", "peak_rss_mib"), by("ours-lora-bfloat16", "peak_rss_mib")
+        q, l = by("ours-qlora-bf16", "peak_rss_mib"), by("ours-lora-bf16", "peak_rss_mib")
         print(f"QLoRA / LoRA-bf16 peak RSS per round: {[round(x / y, 2) for x, y in zip(q, l)]}")
 
 
@@ -238,6 +245,7 @@ def main():
         a = argparse.Namespace(**json.loads(sys.argv[3]))
         res = child_ours(a) if sys.argv[2] == "ours" else child_trl(a)
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["rss_after_imports_mib"] = a.base_rss
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
