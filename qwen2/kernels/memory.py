@@ -84,5 +84,7 @@ def hugepage_weights(model, min_bytes: int = _HUGE) -> int:
                     mod._buffers[name] = new
             off += size
     model._hugepage_buffer = buf  # the tensors view it; it lives as long as the model
+    slots.clear()  # the old tensors (held here until now), so that trim returns their memory
+    t = old = users = None
     trim()
     return -(-sum(sizes) // _HUGE) * _HUGE
