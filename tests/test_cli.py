@@ -129,7 +129,8 @@ def test_chat_repl(ckpt, llm):
     assert a1 == want.text
     # after each reply: its tokens, decode tokens/s and the wait for its first token
     [(n, tok_s, first)] = stats
-    assert n == len(want.token_ids) and first > 0 and (tok_s is None) == (n < 2) and (tok_s is None or tok_s > 0)
+    # (a tiny model's first token can come in under 5 ms: printed as 0.00 s)
+    assert n == len(want.token_ids) and first >= 0 and (tok_s is None) == (n < 2) and (tok_s is None or tok_s > 0)
     # The second turn sees the first (multi-turn history).
     a2 = reply_after(child, "And then?")
     assert a2 == llm.chat([user1, {"role": "assistant", "content": a1}, {"role": "user", "content": "And then?"}],

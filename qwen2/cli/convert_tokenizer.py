@@ -2,7 +2,6 @@
 Qwen1.5/Qwen2 files (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from qwen2.errors import Qwen2Error
@@ -37,7 +36,7 @@ def run(args) -> int:
 
 def convert(src: Path, out: Path, eos_token: str = "<|endoftext|>", all_specials: bool = False) -> list[Path]:
     from qwen2.text.chat_template import DEFAULT_CHAT_TEMPLATE
-    from qwen2.text.tokenizer import QWEN1_SPECIALS, QWEN_PATTERN, load_tiktoken_ranks, tiktoken_merges, token_str
+    from qwen2.text.tokenizer import QWEN1_SPECIALS, load_tiktoken_ranks, tiktoken_merges, token_str, write_hf_tokenizer
 
     ranks = load_tiktoken_ranks(src)
     if sorted(ranks.values()) != list(range(len(ranks))):
@@ -49,33 +48,7 @@ def convert(src: Path, out: Path, eos_token: str = "<|endoftext|>", all_specials
         raise Qwen2Error(f"--eos-token {eos_token!r} is not one of the special tokens")
     added = [{"id": len(ranks) + k, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for k, s in enumerate(specials)]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    tokenizer_json = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
-            byte_level]},
-        "post_processor": byte_level, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
-    }
-    config = {
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos_token": None, "chat_template": DEFAULT_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": eos_token, "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False, indent=2),
-        "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
-    }
-    for name, text in files.items():
-        (out / name).write_text(text, encoding="utf-8")
-    return [out / name for name in files]
+    return write_hf_tokenizer(out, vocab, merges, added, {
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
+        "chat_template": DEFAULT_CHAT_TEMPLATE, "eos_token": eos_token, "model_max_length": 32768,
+        "pad_token": "<|endoftext|>"})

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import struct
-import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -433,27 +432,9 @@ def _block_types() -> dict:
 def _drop_pages(a: np.ndarray) -> None:
     """MADV_DONTNEED over the whole pages of a view of the file's mapping: they leave this
     process's resident memory and stay in the page cache (a later load reads them from there)."""
-    global _libc
-    if not sys.platform.startswith("linux") or a.size == 0:
-        return
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _libc = False
-    if not _libc:
-        return
-    page = os.sysconf("SC_PAGE_SIZE")
-    ptr = a.__array_interface__["data"][0]
-    start, end = -(-ptr // page) * page, (ptr + a.nbytes) // page * page
-    if end > start:
-        _libc.madvise(start, end - start, 4)  # MADV_DONTNEED
-
-
-_libc = None
+    from qwen2.io.safetensors import MADV_DONTNEED, madvise_pages
+    if a.size:
+        madvise_pages(a.__array_interface__["data"][0], a.nbytes, MADV_DONTNEED)
 
 
 def _blocks_apply(reader, config: ModelConfig, device) -> bool:
@@ -599,7 +580,7 @@ def save_gguf_tokenizer(path, out_dir) -> list[Path]:
     checkpoint made from the file (`qwen2 quantize`) loads with its tokenizer like any other."""
     import json
 
-    from qwen2.text.tokenizer import QWEN_PATTERN
+    from qwen2.text.tokenizer import write_hf_tokenizer
     p = _tokenizer_parts(path)
     merges = [m if isinstance(m, str) else " ".join(m) for m in p["merges"]]
     # As in Qwen's own files: the vocabulary stops where the added tokens begin (the GGUF file's
@@ -609,36 +590,10 @@ def save_gguf_tokenizer(path, out_dir) -> list[Path]:
         p["vocab"] = {t: i for t, i in p["vocab"].items() if i < first_added}
     added = [{"id": t["id"], "content": t["content"], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": not t["special"], "special": t["special"]} for t in p["added"]]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    tokenizer_json = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
-            byte_level]},
-        "post_processor": byte_level, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": p["vocab"], "merges": merges},
-    }
-    config = {
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
-        "bos_token": p["bos_token"], "chat_template": p["chat_template"], "clean_up_tokenization_spaces": False,
-        "eos_token": p["eos_token"], "errors": "replace", "pad_token": p["pad_token"],
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
-    }
-    files = {
-        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False, indent=2),
-        "tokenizer_config.json": json.dumps({k: v for k, v in config.items() if v is not None or k == "unk_token"},
-                                            ensure_ascii=False, indent=2),
-        "vocab.json": json.dumps(p["vocab"], ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-    }
+    config = {"bos_token": p["bos_token"], "chat_template": p["chat_template"], "eos_token": p["eos_token"],
+              "pad_token": p["pad_token"]}
+    extra = {}
     if p["eos_token_id"] is not None:
-        files["generation_config.json"] = json.dumps({"eos_token_id": int(p["eos_token_id"])}, indent=2)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (out / name).write_text(text, encoding="utf-8")
-    return [out / name for name in files]
+        extra["generation_config.json"] = json.dumps({"eos_token_id": int(p["eos_token_id"])}, indent=2)
+    return write_hf_tokenizer(out_dir, p["vocab"], merges, added,
+                              {k: v for k, v in config.items() if v is not None}, extra)

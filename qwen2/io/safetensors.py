@@ -72,8 +72,18 @@ def release_pages(t: torch.Tensor):
     (MADV_PAGEOUT: the file still holds them; pages shared with other tensors stay). The fused
     projections copy their parts out of the file, which would otherwise stay resident beside the
     copies. A no-op where the call is unavailable."""
+    if t.device.type == "cpu":
+        madvise_pages(t.data_ptr(), t.numel() * t.element_size(), _MADV_PAGEOUT)
+
+
+MADV_DONTNEED = 4
+
+
+def madvise_pages(ptr: int, nbytes: int, advice: int) -> None:
+    """madvise(advice) over the whole pages inside [ptr, ptr + nbytes); a no-op off Linux or
+    where libc cannot be loaded."""
     global _libc
-    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or nbytes <= 0:
         return
     if _libc is None:
         import ctypes
@@ -86,10 +96,9 @@ def release_pages(t: torch.Tensor):
     if not _libc:
         return
     page = os.sysconf("SC_PAGE_SIZE")
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    start, end = -(-ptr // page) * page, (ptr + nbytes) // page * page
     if end > start:
-        _libc.madvise(start, end - start, _MADV_PAGEOUT)
+        _libc.madvise(start, end - start, advice)
 
 
 _libc = None

@@ -70,6 +70,42 @@ def token_str(b: bytes) -> str:
     return "".join(m[x] for x in b)
 
 
+def write_hf_tokenizer(out, vocab: dict[str, int], merges: list[str], added: list[dict],
+                       config: dict, extra_files: dict[str, str] | None = None) -> list[Path]:
+    """Write a Qwen byte-level BPE as Hugging Face tokenizer files: tokenizer.json, vocab.json,
+    merges.txt and tokenizer_config.json (`config`: its token names, chat template, ...; the
+    added tokens' decoder is derived from `added`, dicts with id, content and their flags).
+    extra_files: more name -> text to write beside them. Returns the paths written."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
+            byte_level]},
+        "post_processor": byte_level, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    config = {"add_prefix_space": False,
+              "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
+              "clean_up_tokenization_spaces": False, "errors": "replace", "split_special_tokens": False,
+              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, **config}
+    files = {
+        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False, indent=2),
+        "tokenizer_config.json": json.dumps(dict(sorted(config.items())), ensure_ascii=False, indent=2),
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        **(extra_files or {}),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return [out / name for name in files]
+
+
 def merges_fingerprint(merges: list[tuple[str, str]]) -> str:
     return hashlib.sha256("\n".join(f"{a} {b}" for a, b in merges).encode()).hexdigest()
 
