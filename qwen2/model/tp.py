@@ -32,7 +32,8 @@ from torch import nn
 from qwen2.errors import Qwen2Error
 from qwen2.model.config import ModelConfig
 
-__all__ = ["TPShard", "check_tp_size", "init_from_env", "parallelize", "tp_rank_world", "valid_tp_sizes"]
+__all__ = ["TPShard", "check_tp_size", "init_from_env", "parallelize", "problems", "rank_memory", "spawn_local_ranks",
+           "tp_rank_world", "valid_tp_sizes"]
 
 
 def problems(config: ModelConfig, n: int, group_size: int | None = None) -> list[str]:
@@ -123,7 +124,7 @@ class TPShard:
     def slice(self, pname: str, part: int | None, t: torch.Tensor) -> torch.Tensor | None:
         """This rank's share of checkpoint tensor `t` for model parameter `pname` (`part`: which
         part of a fused projection), or None when another rank holds all of it."""
-        c, d = self.global_config, self.global_config.head_dim
+        d = self.global_config.head_dim
         mod, _, leaf = pname.rpartition(".")
         last = mod.rpartition(".")[2]
         if ".experts." in pname:
