@@ -165,8 +165,9 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
     """Load model + tokenizer + generation defaults from a checkpoint dir, a .gguf file or a hub
     id (None: the embedded demo model, when installed). mode: the speed passes
     (qwen2.engine.runner.prepare): "auto" picks the fastest path for the machine, "eager" none.
-    adapter: a LoRA adapter directory (PEFT's format, e.g. from `qwen2 finetune`), merged into the
-    float weights so that generation runs at the base model's speed.
+    adapter: a LoRA adapter directory (PEFT's format, e.g. from `qwen2 finetune`), merged into
+    float weights so that generation runs at the base model's speed; over quantized weights (a
+    `qwen2 quantize` checkpoint, a GGUF file at its own precision) it stays a LoRA beside them.
     Speculative decoding (docs/speculative.md): draft_model (a path, hub id, or a loaded LLM of the
     same vocabulary) drafts num_draft_tokens (default 5) tokens per step; speculative="ngram"
     drafts by prompt lookup (default 10). Greedy output is unchanged, sampled output keeps its
@@ -183,12 +184,19 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
     tokenizer = load_tokenizer(path)
     tp = tp_rank_world()  # inside a torch.distributed group: this rank's share (qwen2.model.tp)
     model = load_model(path, dtype=dtype, device=device, tp=tp)
+    over = None   # an adapter that stays a LoRA over quantized weights (added after the speed passes)
     if adapter is not None:
-        from qwen2.io.adapter import load_adapter
+        from qwen2.io.adapter import load_adapter, with_adapter
         from qwen2.model.lora import merge_lora
-        if model.quant or tp is not None:
-            raise Qwen2Error("an adapter merges into whole float weights: not into a quantized or tensor-parallel model")
-        merge_lora(load_adapter(model, adapter)).requires_grad_(True)
+        from qwen2.quant.blocks import BlockLinear
+        from qwen2.quant.linear import QuantLinear
+        if tp is not None:
+            raise Qwen2Error("an adapter does not combine with tensor parallelism")
+        if any(isinstance(m, (QuantLinear, BlockLinear)) for m in model.modules()):
+            with_adapter(model, adapter)   # a bad adapter fails now, not after the speed passes
+            over = adapter
+        else:
+            merge_lora(load_adapter(model, adapter)).requires_grad_(True)
         # the adapter is part of the model's identity (per-sample caches key on the source)
         w = Path(adapter) / "adapter_model.safetensors"
         path_or_id = f"{path_or_id} + adapter {Path(adapter).resolve()}:{w.stat().st_size}:{int(w.stat().st_mtime)}"
@@ -206,6 +214,10 @@ def load(path_or_id=None, dtype="auto", device="cpu", mode: str = "auto", adapte
     if spec is not None and tp is not None:
         raise Qwen2Error("speculative decoding does not combine with tensor parallelism")
     path_taken = prepare(model, mode)
+    if over is not None:
+        load_adapter(model, over)   # LoRA over the quantized (or GGUF-block) weights, base frozen
+        if model.decode_step is not None:
+            model.decode_step, path_taken = None, "eager"   # the compiled step has no adapter in it
     parallelize(model)
     return LLM(model, tokenizer, SamplingParams.from_generation_config(path if path.is_dir() else None),
                source=str(path_or_id), mode=path_taken, speculator=spec)

@@ -195,3 +195,71 @@ def test_qlora_gradients_equal_lora_on_the_dequantized_weights(tmp_path, bits):
     assert got.keys() == want.keys() and len(got) == 2 * 2 * len(TARGETS)
     for n in got:
         torch.testing.assert_close(got[n], want[n], atol=1e-4 * want[n].abs().max().item(), rtol=1e-3, msg=n)
+
+
+def test_adapter_over_gguf_blocks(tmp_path):
+    """An adapter (saved by PEFT) over a GGUF file loaded at its own precision and prepared for
+    serving (the block kernels): `with_adapter` runs it beside the blocks (no float copy) without
+    changing the base model, and equals the adapter merged into the dequantized weights (itself
+    equal to PEFT: the tests above), as closely as the block kernels equal the dequantized model."""
+    from gguf import GGMLQuantizationType as Q
+    from qwen2.engine.runner import prepare
+    from qwen2.io.adapter import with_adapter
+    from qwen2.io.gguf import load_gguf_model
+    from qwen2.quant.blocks import BlockLinear
+    from test_gguf import IDS, write_gguf
+    types = {"token_embd.weight": Q.F16, "blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q4_1,
+             "blk.0.attn_v.weight": Q.Q5_0, "blk.0.attn_output.weight": Q.Q5_1, "blk.1.ffn_up.weight": Q.Q4_0}
+    path = write_gguf(tmp_path / "m.gguf", hf_model(CFG), types, default=Q.Q8_0)
+    theirs = peft.get_peft_model(hf_model(CFG), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "ad")
+
+    base = load_gguf_model(path)
+    assert prepare(base) == "gguf-blocks"
+    dequantized = load_gguf_model(path, dtype="float32")
+    with torch.inference_mode():
+        want_base = dequantized(IDS)
+        want = merge_lora(load_adapter(dequantized, tmp_path / "ad"))(IDS)
+        before = base(IDS)
+        model = with_adapter(base, tmp_path / "ad")
+        got = model(IDS)
+        after = base(IDS)
+    assert any(isinstance(m, LoRALinear) and isinstance(m.base, BlockLinear) for m in model.modules())
+    kernels = (before - want_base).abs().max().item() + 1e-5 * want.abs().max().item()
+    assert (want - want_base).abs().max().item() > 10 * kernels   # the adapter matters beyond that
+    assert (got - want).abs().max().item() <= 2 * kernels
+    assert torch.equal(before, after)   # the base model is untouched by the adapter view
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())
+
+
+def test_load_with_adapter_over_int4_keeps_it_quantized(tmp_path, ckpt):
+    """`qwen2.load(q4, adapter=)` on a `qwen2 quantize` checkpoint: a LoRA beside the int4 linears
+    (no float copy), the function `with_adapter` gives over the same loaded checkpoint (checked
+    against the dequantized model on GGUF blocks above), and not the base's."""
+    from qwen2.cli import main
+    from qwen2.io.adapter import with_adapter
+    from qwen2.quant.linear import QuantLinear
+    assert main(["quantize", str(ckpt), str(tmp_path / "q4"), "--bits", "4"]) == 0
+    ours = add_lora(qwen2.load_model(ckpt, dtype="float32"), r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    _randomize(ours)
+    save_adapter(ours, tmp_path / "ad")
+    llm = qwen2.load(tmp_path / "q4", adapter=tmp_path / "ad", mode="eager")
+    assert any(isinstance(m, LoRALinear) and isinstance(m.base, QuantLinear) for m in llm.model.modules())
+    assert not any(isinstance(m, torch.nn.Linear) and m.out_features == m.in_features for m in llm.model.modules())
+    base = qwen2.load(tmp_path / "q4", mode="eager")
+    ids = torch.tensor([llm.tokenizer.encode("LoRA over int4 weights")])
+    with torch.inference_mode():
+        got, off, want = llm.model(ids), base.model(ids), with_adapter(base.model, tmp_path / "ad")(ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - off).abs().max().item() > 1e-2
+    with pytest.raises(Qwen2Error, match="lora_A.weight has shape"):
+        bad = add_lora(qwen2.load_model(ckpt, dtype="float32"), r=2, targets=("q_proj",))
+        save_adapter(bad, tmp_path / "r2")
+        cfg = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+        (tmp_path / "r2" / "adapter_config.json").write_text(json.dumps(dict(cfg, r=3)))
+        qwen2.load(tmp_path / "q4", adapter=tmp_path / "r2", mode="eager")

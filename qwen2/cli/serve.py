@@ -29,6 +29,10 @@ def register(subparsers):
                    help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $QWEN2_API_KEY; "
                         "the environment keeps the key out of `ps`)")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model as given)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="also serve a LoRA adapter (PEFT format, e.g. from qwen2 finetune) as model NAME, over the "
+                        "base weights (not copied); repeatable. A request's \"model\" picks the adapter or the base; "
+                        "each model served has its own KV cache of --kv-cache-memory")
     p.add_argument("--max-batch", type=int, default=32, help="most requests in the running batch")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit per request, prompt + output (default: the model's, capped by the KV memory)")
@@ -98,6 +102,7 @@ def build_server(args, lockstep=None):
     from qwen2.engine.sampling import SamplingParams, read_generation_config
     from qwen2.serve.app import build_app
     from qwen2.engine.core import Engine
+    from qwen2.io.adapter import with_adapter
 
     for name in ("max_batch", "max_batched_tokens", "max_waiting", "max_queued_per_request", "max_body_size"):
         if getattr(args, name) < 1:
@@ -108,6 +113,10 @@ def build_server(args, lockstep=None):
     if args.max_model_len is not None and args.max_model_len < 2:
         raise Qwen2Error("--max-model-len must be at least 2")
     path = model_path(args)
+    name = args.served_model_name or (args.model or "qwen2-demo")
+    adapters = _adapter_args(args.adapter, name)
+    if adapters and lockstep is not None:
+        raise Qwen2Error("--adapter does not combine with --tensor-parallel-size")
     llm = qwen2.load(path, dtype=args.dtype, device=args.device, mode="eager" if args.eager else "auto",
                      draft_model=args.draft_model, speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
     warm_up(llm)
@@ -119,9 +128,41 @@ def build_server(args, lockstep=None):
                     max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                     max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting,
                     lockstep=lockstep, speculator=llm.speculator)
-    name = args.served_model_name or (args.model or "qwen2-demo")
+    views = {}
+    for adapter, adapter_dir in adapters.items():   # each over the base's own (prepared) weights
+        try:
+            views[adapter] = with_adapter(llm.model, adapter_dir)
+        except Qwen2Error as e:
+            raise Qwen2Error(f"--adapter {adapter}: {e}") from None
+    engines = {a: Engine(m, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_batch=args.max_batch,
+                         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                         max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting)
+               for a, m in views.items()}
     limits = Limits(args.max_body_size, args.header_timeout, args.body_timeout, args.max_queued_per_request)
-    return engine, build_app(engine, llm.tokenizer, name, api_key=args.api_key, defaults=defaults, limits=limits)
+    return engine, build_app(engine, llm.tokenizer, name, api_key=args.api_key, defaults=defaults, limits=limits,
+                             adapters=engines)
+
+
+def _adapter_args(given: list[str], base: str) -> dict[str, Path]:
+    """--adapter NAME=DIR values -> {NAME: DIR}, each directory checked (one line) before the base
+    model loads; whether an adapter fits the base (rank, targets, shapes) is checked once it has."""
+    from qwen2.io.adapter import WEIGHTS, read_adapter_config
+    out: dict[str, Path] = {}
+    for value in given:
+        adapter, sep, where = value.partition("=")
+        if not sep or not adapter or not where:
+            raise Qwen2Error(f"--adapter {value!r}: expected NAME=DIR (the model name requests use, the adapter directory)")
+        if adapter == base or adapter in out:
+            raise Qwen2Error(f"--adapter {value!r}: the model name {adapter!r} is already served")
+        d = Path(where).expanduser()
+        try:
+            read_adapter_config(d)
+        except Qwen2Error as e:
+            raise Qwen2Error(f"--adapter {adapter}: {e}") from None
+        if not (d / WEIGHTS).is_file():
+            raise Qwen2Error(f"--adapter {adapter}: {d}: no {WEIGHTS}")
+        out[adapter] = d
+    return out
 
 
 def warm_up(llm):
@@ -204,7 +245,8 @@ def run(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(grace) + 5, http=h11_protocol(args.header_timeout))
     port = sock.getsockname()[1]
-    print(f"qwen2 serve: {app.state.server.model_name} on http://{args.host}:{port}/v1 "
+    names = ", ".join(app.state.server.engines)   # the base model, then its adapters
+    print(f"qwen2 serve: {names} on http://{args.host}:{port}/v1 "
           f"(max batch {engine.max_batch}, max model len {engine.max_model_len}, "
           f"{engine.pool.num_blocks} KV blocks of {engine.pool.block_size} tokens)", flush=True)
     try:

@@ -1,7 +1,8 @@
 """LoRA adapters in PEFT's format, both ways: `adapter_config.json` + `adapter_model.safetensors` with
 keys `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (A [r, in]) and `...lora_B.weight`
 (B [out, r]), what `peft.PeftModel.from_pretrained` loads onto transformers' Qwen2 (and what PEFT
-saves, which we load). The model side is qwen2.model.lora: one (A, B) per checkpoint projection,
+saves, which we load). `with_adapter` runs an adapter over a model's weights without touching them
+(several adapters served over one base). The model side is qwen2.model.lora: one (A, B) per checkpoint projection,
 fused projections included.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen2.errors import Qwen2Error
-from qwen2.model.lora import TARGETS, add_lora, lora_modules, peft_name
+from qwen2.model.lora import TARGETS, add_lora, lora_modules, peft_name, shared_copy
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -122,3 +123,18 @@ def load_adapter(model, path):
         raise Qwen2Error(f"{wf}: tensor {extra[0]} matches no module of this model"
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     return model
+
+
+def with_adapter(model, path):
+    """A model running the adapter in `path` over `model`'s own weight tensors (not copied, not
+    merged): `qwen2.model.lora.shared_copy` with LoRA on the targeted projections, which may be
+    float, quantized, GGUF blocks or already packed for serving. `model` is left as it was. The
+    result has no compiled decode step (it decodes eagerly)."""
+    was = [(p, p.requires_grad) for p in model.parameters()]
+    view = shared_copy(model)
+    try:
+        load_adapter(view, path)
+    finally:
+        for p, g in was:  # add_lora froze the shared parameters
+            p.requires_grad_(g)
+    return view

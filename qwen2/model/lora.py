@@ -11,12 +11,17 @@ The parts' A matrices are applied as one matmul (x read once for q, k and v). Wi
 parts of one fused linear share one dropout mask on x (PEFT draws one per projection): the same
 distribution, not the same random stream.
 
+`shared_copy(model)` is a second module tree over the same weight tensors: `add_lora` on it wraps
+its projections and leaves the original untouched, so several adapters can serve over one copy of
+the base weights (float, quantized or GGUF blocks, packed for serving or not).
+
 `adapter_disabled(model)` turns every adapter off (DPO's reference policy is the same model with the
 adapter off: no second copy); `merge_lora` folds the adapters into float weights for export.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import torch
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TARGETS", "LoRALinear", "adapter_disabled", "add_lora", "frozen_forward", "lora_modules", "lora_parameters",
-           "merge_lora", "peft_name"]
+           "merge_lora", "peft_name", "shared_copy"]
 
 # PEFT/checkpoint names of the parts of each fused projection, in row order (the module's `splits`).
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -216,3 +221,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 child.merge()
                 setattr(mod, attr, child.base)
     return model
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are `model`'s own tensors (nothing is
+    copied): replacing a submodule of the copy (add_lora) leaves `model` as it was. A module that
+    appears twice (a tied embedding's table) is copied once. The compiled decode step, which
+    records `model`'s own modules, is not carried over."""
+    memo: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) not in memo:
+            new = copy.copy(m)  # a new __dict__ holding the same values: tensors, config, ...
+            new._parameters, new._buffers = dict(m._parameters), dict(m._buffers)
+            memo[id(m)] = new
+            new._modules = {k: None if c is None else visit(c) for k, c in m._modules.items()}
+        return memo[id(m)]
+
+    out = visit(model)
+    if hasattr(out, "decode_step"):
+        out.decode_step = None
+    return out

@@ -75,10 +75,12 @@ async def json_body(request: Request, limits: Limits) -> bytes:
 
 def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None,
               defaults: SamplingParams | None = None, manage_engine: bool = True,
-              limits: Limits = Limits()) -> FastAPI:
-    """The FastAPI app. With manage_engine the app starts the engine thread on startup and shuts
-    it down (failing what is still pending) on shutdown."""
-    state = ServerState(engine, tokenizer, model_name, api_key, defaults or SamplingParams(temperature=1.0), limits)
+              limits: Limits = Limits(), adapters: dict[str, Engine] | None = None) -> FastAPI:
+    """The FastAPI app. With manage_engine the app starts the engine threads on startup and shuts
+    them down (failing what is still pending) on shutdown. adapters: model name -> the engine of a
+    LoRA adapter over the same base (qwen2.io.adapter.with_adapter); a request's `model` picks."""
+    state = ServerState(engine, tokenizer, model_name, api_key, defaults or SamplingParams(temperature=1.0), limits,
+                        adapters)
     registry = metrics.registry_for(state)
     limits = state.limits
 
@@ -86,11 +88,13 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
     async def lifespan(app):
         state.loop = asyncio.get_running_loop()
         if manage_engine:
-            engine.start()
+            for e in state.engines.values():
+                e.start()
         yield
         if manage_engine:
             # requests in flight have ended by now (state.close); a step still running is not waited for long
-            engine.shutdown(timeout=1)
+            for e in state.engines.values():
+                e.shutdown(timeout=1)
 
     app = FastAPI(title="qwen2", lifespan=lifespan)
     app.openapi = lambda: _openapi(app)
@@ -112,8 +116,9 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
 
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=model_name, created=state.created, max_model_len=engine.max_model_len)
-        return json_response(ModelList(data=[card]))
+        cards = [ModelCard(id=name, created=state.created, max_model_len=e.max_model_len,
+                           parent=None if name == model_name else model_name) for name, e in state.engines.items()]
+        return json_response(ModelList(data=cards))
 
     @app.get("/metrics")
     async def get_metrics(request: Request):
@@ -124,10 +129,10 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
     async def chat_completions(request: Request):
         # parsing and tokenizing run off the event loop: a large body must not stall every stream
         req = await run_in_threadpool(parse_request, await json_body(request, limits), ChatCompletionRequest)
-        inputs.check_model(state, req.model)
+        name = inputs.check_model(state, req.model)
         prompt, tools = await run_in_threadpool(inputs.chat_prompt, state, req)
-        job = Job(engine, "chatcmpl", [prompt], req.n, [inputs.sampling_params(state, req, len(prompt))],
-                  limits.max_queued_per_request, state.jobs)
+        job = Job(state.engines[name], "chatcmpl", [prompt], req.n, [inputs.sampling_params(state, req, len(prompt))],
+                  limits.max_queued_per_request, state.jobs, model=name)
         await job.submit()
         if req.stream:
             return responses.sse(job, responses.chat_chunks(state, job, tools, req.include_usage), req.include_usage,
@@ -137,10 +142,10 @@ def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None
     @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request):
         req = await run_in_threadpool(parse_request, await json_body(request, limits), CompletionRequest)
-        inputs.check_model(state, req.model)
+        name = inputs.check_model(state, req.model)
         prompts = await run_in_threadpool(inputs.completion_prompts, state, req)
-        job = Job(engine, "cmpl", prompts, req.n, [inputs.sampling_params(state, req, len(p)) for p in prompts],
-                  limits.max_queued_per_request, state.jobs)
+        job = Job(state.engines[name], "cmpl", prompts, req.n, [inputs.sampling_params(state, req, len(p)) for p in prompts],
+                  limits.max_queued_per_request, state.jobs, model=name)
         await job.submit()
         if req.stream:
             return responses.sse(job, responses.completion_chunks(state, job, req.echo, req.include_usage),

@@ -22,10 +22,14 @@ class ToolUse:
     forced_prefix: str = ""   # a named tool_choice: the reply was made to start with this call's opening
 
 
-def check_model(state: ServerState, model: str | None):
-    if model is not None and model != state.model_name:
-        raise APIError(400, f"model {model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+def check_model(state: ServerState, model: str | None) -> str:
+    """The name of the served model (base or adapter) the request asks for; none: the base."""
+    if model is None:
+        return state.model_name
+    if model not in state.engines:
+        raise APIError(400, f"model {model!r} does not exist; this server serves "
+                            f"{', '.join(repr(m) for m in state.engines)}", param="model", code="model_not_found")
+    return model
 
 
 def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], ToolUse | None]:

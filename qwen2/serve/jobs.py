@@ -26,8 +26,8 @@ class Job:
     everyone else) nor holds the batch against later requests."""
 
     def __init__(self, engine: Engine, prefix: str, prompts: list[list[int]], n: int,
-                 params: list[SamplingParams], window: int = 64, live: set | None = None):
-        self.engine = engine
+                 params: list[SamplingParams], window: int = 64, live: set | None = None, model: str = ""):
+        self.engine, self.model = engine, model   # model: the name the response reports
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompts, self.n = prompts, n

@@ -183,11 +183,13 @@ class Health(_Out):
 
 
 class ModelCard(_Out):
+    _omit_none = ("parent",)
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "qwen2"
     max_model_len: int
+    parent: str | None = None   # a LoRA adapter's base model (vLLM's field)
 
 
 class ModelList(_Out):

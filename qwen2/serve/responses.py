@@ -45,7 +45,7 @@ def sse(job: Job, chunks: AsyncIterator[BaseModel], include_usage: bool, scope: 
 
 
 def _head(state: ServerState, job: Job) -> dict:
-    return {"id": job.id, "created": job.created, "model": state.model_name}
+    return {"id": job.id, "created": job.created, "model": job.model or state.model_name}
 
 
 def _finish_reason(reason: str | None) -> str | None:

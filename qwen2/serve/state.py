@@ -11,8 +11,11 @@ from qwen2.serve.metrics import RequestCounts
 
 class ServerState:
     def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None,
-                 defaults: SamplingParams, limits: Limits):
+                 defaults: SamplingParams, limits: Limits, adapters: dict[str, Engine] | None = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        # model name -> the engine serving it: the base model, then each LoRA adapter's own engine
+        # (its own KV cache and prefix cache: no request ever reads another model's keys)
+        self.engines: dict[str, Engine] = {model_name: engine, **(adapters or {})}
         self.api_key, self.defaults, self.limits = api_key, defaults, limits
         self.created = int(time.time())
         self.requests = RequestCounts()
@@ -23,6 +26,7 @@ class ServerState:
         """Shutdown's deadline (on the event loop): the engine takes nothing more, and every HTTP
         request still in flight ends now (503; a stream with an error event and [DONE]), whatever
         the engine thread is doing (a step may be stuck in a compile or a huge prefill)."""
-        self.engine.shutdown(timeout=0)
+        for engine in self.engines.values():
+            engine.shutdown(timeout=0)
         for job in list(self.jobs):
             job.fail(message)
