@@ -31,8 +31,8 @@ def register(subparsers):
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model as given)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="also serve a LoRA adapter (PEFT format, e.g. from qwen2 finetune) as model NAME, over the "
-                        "base weights (not copied); repeatable. A request's \"model\" picks the adapter or the base; "
-                        "each model served has its own KV cache of --kv-cache-memory")
+                        "base weights (not copied); repeatable. A request's \"model\" picks the adapter or the base. "
+                        "Each model served has its own KV cache of --kv-cache-memory (default: 2G shared among them)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests in the running batch")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit per request, prompt + output (default: the model's, capped by the KV memory)")
@@ -124,8 +124,9 @@ def build_server(args, lockstep=None):
     p = Path(path)
     has_gc = bool(read_generation_config(p)) if p.is_dir() else False
     defaults = llm.defaults if has_gc else SamplingParams(temperature=1.0)
+    kv = _kv_share(args, llm.model, 1 + len(adapters))
     engine = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_batch=args.max_batch,
-                    max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                    max_model_len=args.max_model_len, kv_cache_memory=kv,
                     max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting,
                     lockstep=lockstep, speculator=llm.speculator)
     views = {}
@@ -135,12 +136,25 @@ def build_server(args, lockstep=None):
         except Qwen2Error as e:
             raise Qwen2Error(f"--adapter {adapter}: {e}") from None
     engines = {a: Engine(m, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_batch=args.max_batch,
-                         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                         max_model_len=args.max_model_len, kv_cache_memory=kv,
                          max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting)
                for a, m in views.items()}
     limits = Limits(args.max_body_size, args.header_timeout, args.body_timeout, args.max_queued_per_request)
     return engine, build_app(engine, llm.tokenizer, name, api_key=args.api_key, defaults=defaults, limits=limits,
                              adapters=engines)
+
+
+def _kv_share(args, model, n: int) -> int | None:
+    """Each served model's KV budget: --kv-cache-memory as given (each model has its own cache),
+    else the engine's 2 GiB default shared among the n models, never less than one full-length
+    request (the engine's own rule, qwen2.engine.core.Engine)."""
+    if args.kv_cache_memory is not None or n == 1:
+        return args.kv_cache_memory
+    from qwen2.engine.paged import BLOCK_SIZE, KVPool
+    limit = int(model.config.max_position_embeddings)
+    want = -(-min(args.max_model_len or limit, limit) // BLOCK_SIZE) * KVPool.bytes_per_block(
+        model.config, BLOCK_SIZE, model.dtype)
+    return max(min((2 << 30) // n, want * args.max_batch), want)
 
 
 def _adapter_args(given: list[str], base: str) -> dict[str, Path]:
