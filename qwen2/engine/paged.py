@@ -179,6 +179,9 @@ class _Decode:
     lens: torch.Tensor        # [n] keys per row (q_pos + 1)
 
 
+DECODE_ROWS = 16   # continuations of at most this many tokens attend as decode rows
+
+
 class PackedStep:
     """The cache object for one engine step (see the module docstring).
 
@@ -196,6 +199,7 @@ class PackedStep:
         rank = {i: r for r, i in enumerate(i for i, s in enumerate(slices) if s.sample)}
         tail_ids, tail_pos, tail_slots = [0] * len(rank), [0] * len(rank), [0] * len(rank)
         dec, self.prefills = [], []
+        rows_as_decodes = not single and _paged_kernel(pool.k[0], pool.k[0])
         nbody = sum(len(s.token_ids) - s.sample for s in slices)
         self.num_prompt_logits = sum(len(s.token_ids) - s.sample for s in slices if s.all_logits)
         for i in sorted(range(len(slices)), key=lambda i: slices[i].all_logits):
@@ -216,6 +220,14 @@ class PackedStep:
             if n == 1 and s.sample:
                 dec.append((tail, end, s.block_table))
                 continue
+            if rows_as_decodes and s.start > 0 and n <= DECODE_ROWS:
+                # A short continuation (draft tokens to verify, a draft model's catch-up): each
+                # token a decode row of its own length, on the paged kernel, as plain decoding
+                # computes it; SDPA's gathers and OpenMP regions cost more than these few rows.
+                dec += [(b0 + j, s.start + j + 1, s.block_table) for j in range(nb)]
+                if tail is not None:
+                    dec.append((tail, end, s.block_table))
+                continue
             idx = list(range(b0, b0 + nb)) + ([tail] if tail is not None else [])
             self.prefills.append(_Prefill(
                 q_index=torch.tensor(idx, device=device), key_slots=pool.slots(s.block_table, 0, end).to(device),
@@ -231,6 +243,7 @@ class PackedStep:
 
         self.decode = None
         if dec:
+            dec.sort(key=lambda d: d[0])
             n, lens = len(dec), [e for _, e, _ in dec]
             smax, nblk = max(lens), max(len(bt) for _, _, bt in dec)
             tables = torch.tensor([bt + [0] * (nblk - len(bt)) for _, _, bt in dec], dtype=torch.long)
