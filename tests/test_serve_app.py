@@ -190,6 +190,8 @@ EXPECTED = {  # the parser's family names: counters lose their _total
     "qwen2_kv_cache_blocks_total": "gauge", "qwen2_kv_cache_blocks_used": "gauge", "qwen2_engine_steps": "counter",
     "qwen2_engine_busy_seconds": "counter", "qwen2_engine_decode_steps": "counter",
     "qwen2_engine_decode_seconds": "counter", "qwen2_preemptions": "counter",
+    "qwen2_prefix_cache_query_tokens": "counter", "qwen2_prefix_cache_hit_tokens": "counter",
+    "qwen2_prefix_cache_hit_rate": "gauge",
     "qwen2_spec_verify_steps": "counter", "qwen2_spec_draft_tokens": "counter", "qwen2_spec_accepted_tokens": "counter",
     "qwen2_spec_acceptance_rate": "gauge", "qwen2_spec_tokens_per_verify_step": "gauge",
     "qwen2_spec_draft_tokens_per_request": "gauge", "qwen2_spec_max_batch": "gauge",

@@ -58,6 +58,15 @@ class ServerCollector:
         yield CounterMetricFamily("qwen2_engine_decode_seconds_total", "time spent in decode-only steps",
                                   value=s.decode_seconds)
         yield CounterMetricFamily("qwen2_preemptions_total", "requests preempted for KV room", value=s.preemptions)
+        # automatic prefix caching: admitted prompt tokens, and those whose KV came from cached blocks
+        # (a shared system prompt, an earlier turn of the conversation)
+        a = e.pool.allocator
+        yield CounterMetricFamily("qwen2_prefix_cache_query_tokens_total", "prompt tokens of admitted requests",
+                                  value=a.query_tokens)
+        yield CounterMetricFamily("qwen2_prefix_cache_hit_tokens_total", "prompt tokens served from the prefix cache",
+                                  value=a.hit_tokens)
+        yield GaugeMetricFamily("qwen2_prefix_cache_hit_rate", "hit / query prompt tokens since the server started",
+                                value=a.hit_rate)
         # speculative decoding (qwen2.engine.speculative): counters, the rates they give, and the
         # load policy (draft tokens per request at this batch; none past spec_max_batch)
         yield CounterMetricFamily("qwen2_spec_verify_steps_total", "verification slices (one request's drafts each)",
