@@ -487,6 +487,10 @@ def _general(w, source: Path | None, name: str | None):
     total, shared, expert, n_expert = w.get_total_parameter_count()
     model_dir = source if source is not None and source.is_dir() else None
     meta = g.Metadata.load(None, model_dir, name, total)
+    if meta.name is None and source is not None and source.suffix == ".gguf":
+        from .gguf import open_gguf
+        field = open_gguf(source, arrays=False)[0].fields.get("general.name")
+        meta.name = field.contents() if field is not None else None  # a re-export keeps its name
     if meta.name is None:
         meta.name = model_dir.name if model_dir else (source.stem if source else "model")
     if meta.size_label is None and total > 0:
