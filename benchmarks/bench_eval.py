@@ -238,9 +238,9 @@ def scores(args):
     import qwen2
     from qwen2.eval.evaluate import evaluate, markdown_table
     path = args.model or demo()
-    llm = qwen2.load(path)
+    llm = qwen2.load(path, dtype=args.dtype)   # a GGUF file with --dtype: dequantized to it
     limits = dict(kv.split("=") for kv in args.limits.split(","))
-    out = {"model": path, "results": {}, "limits": limits, "timing": {}}
+    out = {"model": path, "dtype": str(llm.model.dtype), "results": {}, "limits": limits, "timing": {}}
     for task, lim in limits.items():
         res = evaluate(llm, [task], limit=int(lim), batch_size=args.batch_size, chat=args.chat, log_samples=False,
                        cache_path=args.cache)
@@ -268,6 +268,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--limits", default="mmlu=2,arc_challenge=100,hellaswag=100,winogrande=100,gsm8k=20,math500=20,humaneval=20,mbpp=20")
     ap.add_argument("--chat", default="auto")
+    ap.add_argument("--dtype", default="auto", help="scores: e.g. bfloat16 to dequantize a GGUF file")
     ap.add_argument("--cache", help="per-sample cache file (scores)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
