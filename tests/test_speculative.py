@@ -137,6 +137,25 @@ def test_draft_vocabulary_cut(pair):
     assert seen and max(seen) < 256
 
 
+def test_draft_checks_prompt_lookup_first(pair):
+    """Greedy requests: the draft takes the prompt-lookup tokens its own argmax agrees with (one
+    forward for several drafts); the output is plain greedy's with and without that."""
+    target, draft, _ = pair
+    ps = prompts(6, seed=4)
+    sp = SamplingParams(temperature=0, max_new_tokens=30)
+    plain, _, _ = run_engine(target, [(p, sp) for p in ps])
+    for model in (target, draft):
+        outs = []
+        for lookup in (True, False):
+            dm = DraftModel(model, p_min=0.0, lookup=lookup)
+            fast, st, _ = run_engine(target, [(p, sp) for p in ps], Speculator("draft", 5, dm, max_batch=16, budget=64))
+            assert fast == plain and st.spec_proposed > 0
+            outs.append((dm.lookup_tokens, st.steps))
+        assert outs[0][0] > 0 and outs[1][0] == 0
+        if model is target:   # the self-draft agrees with every token: the same steps either way
+            assert outs[0][1] == outs[1][1]
+
+
 def test_greedy_with_penalties_stop_ids_and_limits(pair):
     """Repetition/presence penalties see the accepted drafts as history; a stop id or the length
     limit inside a run of accepted drafts ends the request there, as in plain decoding."""
