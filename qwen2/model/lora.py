@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -36,25 +37,75 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gat
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+_scratch = threading.local()
+
+
+def _buffer(name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """This thread's reusable scratch tensor `name`, grown when too small: a QLoRA step
+    dequantizes every weight twice (forward and backward), a few MB at a time, and fresh blocks
+    for each made glibc's heap grow step after step (+1.4 GiB on Qwen2.5-0.5B after two steps)."""
+    n = math.prod(shape)
+    t = getattr(_scratch, name, None)
+    if t is None or t.numel() < n or t.dtype != dtype or t.device != device:
+        t = torch.empty(n, dtype=dtype, device=device)
+        setattr(_scratch, name, t)
+    return t[:n].view(shape)
+
+
+def _dequantize_rows(base, i: int, j: int) -> torch.Tensor:
+    """base.dequantized(slice(i, j)) (the same values) written into the scratch buffers."""
+    n, k, dev = j - i, base.in_features, base.scales.device
+    w = _buffer("w", (n, k), base.dtype, dev)
+    if base.bits == 8:
+        return torch.mul(w.copy_(base.qweight[i:j]), base.scales[i:j, None], out=w)
+    gs = base.group_size
+    p = base.qweight[i:j].view(n, k // gs, gs // 2)
+    q = _buffer("q", (n, k // gs, 2, gs // 2), torch.uint8, dev)
+    torch.bitwise_and(p, 15, out=q[:, :, 0])
+    torch.bitwise_right_shift(p, 4, out=q[:, :, 1])
+    f = _buffer("f", (n, k // gs, gs), torch.float32, dev).copy_(q.view(n, k // gs, gs))
+    f.sub_(8.0 if base.zeros is None else base.zeros[i:j].float()[..., None])
+    f.mul_(base.scales[i:j].float()[..., None])
+    return w.copy_(f.view(n, k))
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = base(x) for a quantized base (qwen2.quant.QuantLinear, whose kernels have no autograd),
     with the input's gradient grad_y @ W computed from the weight dequantized a block of rows at a
-    time in backward: nothing of the weight is kept between forward and backward (QLoRA's point)."""
+    time in backward: nothing of the weight is kept between forward and backward (QLoRA's point).
+    Both directions dequantize into the same scratch buffers (see _buffer)."""
 
     @staticmethod
     def forward(ctx, x, base):
         ctx.base = base
-        with torch.no_grad():
-            return base(x)
+        step = _rows_per_block(base)
+        x2 = x.reshape(-1, base.in_features).to(base.dtype)
+        y = x2.new_empty(x2.shape[0], base.out_features)
+        for i in range(0, base.out_features, step):
+            j = min(i + step, base.out_features)
+            torch.mm(x2, _dequantize_rows(base, i, j).T, out=y[:, i:j])
+        if base.bias is not None:
+            y += base.bias
+        return y.reshape(*x.shape[:-1], base.out_features)
 
     @staticmethod
     def backward(ctx, grad):
         base = ctx.base
-        step = max(16, (1 << 20) // base.in_features)
+        step = _rows_per_block(base)
         g = grad.reshape(-1, grad.shape[-1]).to(base.dtype)
-        gx = sum(g[:, i:i + step] @ base.dequantized(slice(i, i + step))
-                 for i in range(0, base.out_features, step))
+        gx = g.new_empty(g.shape[0], base.in_features)
+        for i in range(0, base.out_features, step):
+            j = min(i + step, base.out_features)
+            w = _dequantize_rows(base, i, j)
+            if i == 0:
+                torch.mm(g[:, i:j], w, out=gx)
+            else:
+                gx.addmm_(g[:, i:j], w)
         return gx.reshape(*grad.shape[:-1], base.in_features), None
+
+
+def _rows_per_block(base) -> int:
+    return max(16, (1 << 20) // base.in_features)   # a 4 MB float32 block
 
 
 def frozen_forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
