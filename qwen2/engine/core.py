@@ -441,21 +441,22 @@ class Engine:
         asks = []
         for j in decoding:
             req = plan[j][0]
-            n = min(k, req.row.limit - len(req.output_ids) - 1, budget)
+            room = min(req.row.limit - len(req.output_ids) - 1, budget)   # drafts this request may take
+            n = min(k, room)
             if n > 0:
-                asks.append((j, n))
-                budget -= n
+                asks.append((j, n, min(spec.lookup_factor * n, room)))
+                budget -= asks[-1][2]
         if not asks:
             return
         try:
             proposals = spec.propose([(plan[j][0], plan[j][0].prompt_ids, plan[j][0].output_ids, n,
-                                       plan[j][0].params, plan[j][0].generator) for j, n in asks],
+                                       plan[j][0].params, plan[j][0].generator, cap) for j, n, cap in asks],
                                      self.model.config.vocab_size)
         except Exception:   # a failing proposer costs the speedup, never the requests
             log.exception("speculative proposer failed; decoding without drafts this step")
             return
         alloc = self.pool.allocator
-        for (j, _), prop in zip(asks, proposals):
+        for (j, _, _), prop in zip(asks, proposals):
             req, s = plan[j]
             if not prop.tokens:
                 continue
@@ -499,8 +500,8 @@ class Engine:
         start = req.num_computed   # the slice's last token is in (_consume)
         now = time.monotonic()
         for i, tok in enumerate(tokens):
+            st.spec_emitted += 1   # before the token is delivered: a client may read /metrics right after
             self._emit(req, i, tok, lp, now)
-            st.spec_emitted += 1
             if req.finished:
                 break
         self._recent.append((now, i + 1))
