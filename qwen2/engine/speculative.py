@@ -194,6 +194,7 @@ class DraftItem(NamedTuple):
     params: SamplingParams
     generator: torch.Generator | None
     prompt_len: int = 0          # tokens[:prompt_len] is the prompt (penalties)
+    cap: int = 0                 # prompt-lookup drafts the draft agrees with: at most this many (0: k)
 
 
 @dataclass(eq=False)
@@ -257,7 +258,8 @@ class DraftModel:
         pool, alloc = self.pool, self.pool.allocator
         rows, slices = [], []   # item index and slice of each request drafting this forward
         lookups = {}            # item index -> the lookup tokens its first slice feeds
-        for i, (key, tokens, k, params, *_) in enumerate(items):
+        for i, (key, tokens, k, params, _, _, cap) in enumerate(items):
+            cap = max(cap, k)
             seq = self.seqs.get(key)
             if seq is None:
                 seq = self.seqs[key] = _DraftSeq()
@@ -265,14 +267,14 @@ class DraftModel:
             held = min(len(seq.fed), n - 1)
             if seq.fed[:held] != list(tokens[:held]):
                 held = next(j for j, (a, b) in enumerate(zip(seq.fed, tokens)) if a != b)
-            need = pool.blocks_for(n + k) - len(seq.blocks)
+            need = pool.blocks_for(n + cap) - len(seq.blocks)
             if need > alloc.num_free:
                 self.release(key)   # no room in the draft pool: this request decodes plainly
                 continue
             seq.blocks += alloc.allocate(max(need, 0))
             seq.fed = list(tokens[:held])
             feed = list(tokens[held:])
-            look = ngram_propose(tokens, k) if self.lookup and _plain_greedy(params) else []
+            look = ngram_propose(tokens, cap) if self.lookup and _plain_greedy(params) else []
             if look:
                 lookups[i] = look
             slices.append(SeqSlice(feed + look, held, seq.blocks, sample=True, all_logits=bool(look)))
@@ -299,7 +301,7 @@ class DraftModel:
                     drafts[i] += look[:m]
                     seq.fed += look[:m]
                     self.lookup_tokens += m
-                    if m == k or own_conf[m] < self.p_min:
+                    if m >= k or own_conf[m] < self.p_min:
                         continue
                     pick = own[m]
                 else:
@@ -441,12 +443,20 @@ class Speculator:
         if self.draft is not None:
             self.draft.retain(keys)
 
+    @property
+    def lookup_factor(self) -> int:
+        """How many more drafts than k a request may take when they come from prompt lookup and
+        the draft model agrees with them (they cost no draft forward of their own)."""
+        return 2 if self.draft is not None and self.draft.lookup else 1
+
     def propose(self, requests: list[tuple], vocab: int) -> list[Proposal]:
-        """requests: (key, prompt_ids, output_ids, k, params, generator) per request."""
+        """requests: (key, prompt_ids, output_ids, k, params, generator, cap) per request: k draft
+        tokens, at most cap from prompt lookup checked by the draft model."""
         if self.method == "ngram":
             return [Proposal(ngram_propose(list(p) + list(o), k, self.n_max, self.n_min))
-                    for _, p, o, k, _, _ in requests]
-        items = [DraftItem(key, list(p) + list(o), k, params, gen, len(p)) for key, p, o, k, params, gen in requests]
+                    for _, p, o, k, _, _, _ in requests]
+        items = [DraftItem(key, list(p) + list(o), k, params, gen, len(p), cap)
+                 for key, p, o, k, params, gen, cap in requests]
         return self.draft.propose(items, vocab)
 
 
