@@ -115,13 +115,13 @@ def speed(a):
     a.model = str(hf_checkpoint(Path(a.hf_dir)))
     a.data = str(subset(a.data, a.steps * a.batch, work / "speed.jsonl"))
     rows = []
-    for rnd in range(a.rounds):
+    for rnd in range(0 if a.qlora_only else a.rounds):
         for kind in (("ours", "trl") if rnd % 2 == 0 else ("trl", "ours")):
             res = run_child(kind, a)
             res.update(kind=kind, round=rnd)
             rows.append(res)
             print(json.dumps(res), flush=True)
-    if a.qlora:
+    if a.qlora or a.qlora_only:
         # QLoRA from a `qwen2 quantize` checkpoint (int4 group 64, int8 head): no float copy at load
         q4 = work / "demo_q4"
         if not (q4 / "config.json").is_file():
@@ -142,7 +142,7 @@ def speed(a):
     ours_m, trl_m = by("ours", "peak_rss_mib"), by("trl", "peak_rss_mib")
     print(f"\nspeed ratio per round (ours/TRL): {[round(x / y, 2) for x, y in zip(ours_t, trl_t)]}")
     print(f"peak RSS ratio per round (ours/TRL): {[round(x / y, 2) for x, y in zip(ours_m, trl_m)]}")
-    if a.qlora:
+    if a.qlora or a.qlora_only:
         q, l = by("ours-qlora-bf16", "peak_rss_mib"), by("ours-lora-bf16", "peak_rss_mib")
         print(f"QLoRA / LoRA-bf16 peak RSS per round: {[round(x / y, 2) for x, y in zip(q, l)]}")
 
@@ -262,7 +262,8 @@ def main():
     s.add_argument("--data", default="/tmp/chitchat/sft_train.jsonl")
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--rounds", type=int, default=2)
-    s.add_argument("--qlora", action="store_true")
+    s.add_argument("--qlora", action="store_true", help="also QLoRA (int4 base) against LoRA on bf16")
+    s.add_argument("--qlora-only", action="store_true", help="only QLoRA against LoRA on bf16 (no TRL rounds)")
     q = sub.choices["quality"]
     q.add_argument("--data-dir", default="/tmp/chitchat")
     q.add_argument("--sft-steps", type=int, default=150)
