@@ -1,4 +1,4 @@
-"""Weights quantized in small blocks, run with float32 activations: the layouts that GGUF's block
+"""Weights quantized in small blocks: the layouts that GGUF's block
 types repack into without loss (qwen2.io.gguf), usable from any other loader too (AWQ-style
 asymmetric int4: `BlockLinear.int4(q, scales, offsets=-scales * zeros, group_size=128)`).
 
@@ -10,12 +10,17 @@ Scales and offsets are kept in float16 when every value survives the round trip 
 Q8_0: the file's own float16), else float32 (the K types' d * sc products, exact in float32): no
 value is ever rounded, so the weights are exactly the file's. The kernels
 (torch.ops.qwen2.block4_linear / block8_linear, qwen2/kernels/csrc/block_linear.cpp) read these
-layouts as they are: one row streams the blocks once (decode), several rows dequantize 32 output
-columns at a time into the fp32 tiles of f32_linear (prefill). Results equal the dequantized
-weight's float32 product up to float32 summation order. Without qwen2's kernels the same math
-runs as dequantize + F.linear.
+layouts as they are. By default up to 16 rows of x (decode, small batches, speculative
+verification) are quantized to int8 per block of 32 and meet the weights in integer dot products
+(llama.cpp's numerics: |err| <= sum_b amax_b / 254 * sum_b |w|; each weight row read once for all
+rows); more rows (prefill) dequantize 32 output columns at a time into the fp32 tiles of f32_linear.
+`exact=True` (`set_exact(model)`, or QWEN2_GGUF_EXACT=1) keeps float32 activations at every row
+count: the dequantized weight's float32 product up to summation order. Without qwen2's kernels
+the exact math runs as dequantize + F.linear.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,9 @@ class BlockLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.kind, self.zero, self.group_size = "block4", 0, GROUP
+        # float32 activations (the dequantized weight's product up to fp32 rounding) instead of the
+        # default int8 ones (llama.cpp's numerics, ~2x faster decode): QWEN2_GGUF_EXACT=1 or set_exact
+        self.exact = os.environ.get("QWEN2_GGUF_EXACT", "") not in ("", "0")
         for name in ("qweight", "qh", "scales", "offsets", "bias"):
             self.register_buffer(name, None)
 
@@ -152,8 +160,8 @@ class BlockLinear(nn.Module):
         if kernels.available():
             if self.kind == "block4":
                 return torch.ops.qwen2.block4_linear(x, self.qweight, self.qh, self.scales, self.offsets, self.zero,
-                                                     self.bias)
-            return torch.ops.qwen2.block8_linear(x, self.qweight, self.scales, self.bias)
+                                                     self.bias, self.exact)
+            return torch.ops.qwen2.block8_linear(x, self.qweight, self.scales, self.bias, self.exact)
         return F.linear(x.float(), self.dequantized(), self.bias)
 
     def extra_repr(self):
@@ -161,6 +169,16 @@ class BlockLinear(nn.Module):
             (", offsets" if self.offsets is not None else "") if self.kind == "block4" else ""
         return (f"{self.in_features}, {self.out_features}, {self.kind}, group_size={self.group_size}{more}, "
                 f"scales {str(self.scales.dtype).removeprefix('torch.')}")
+
+
+def set_exact(model: nn.Module, exact: bool = True) -> nn.Module:
+    """Run every BlockLinear of `model` with float32 activations (exact=True: the dequantized
+    model's logits up to float32 rounding) or int8 ones (False, the default: llama.cpp's numerics,
+    the fast path for up to 16 rows). Returns the model."""
+    for m in model.modules():
+        if isinstance(m, BlockLinear):
+            m.exact = bool(exact)
+    return model
 
 
 class PartsLinear(nn.Module):

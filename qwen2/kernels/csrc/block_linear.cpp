@@ -1,7 +1,9 @@
 // block4_linear / block8_linear: linear layers over weights quantized in blocks, the layouts that
 // GGUF's block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) repack into without loss
-// (qwen2/quant/blocks.py), with float32 activations, so that the result is the dequantized
-// weight's product up to float32 rounding (no activation quantization).
+// (qwen2/quant/blocks.py). Two numerics: by default (exact=False) up to 16 rows of x are quantized
+// to int8 per block of 32 and meet the weights in integer dot products, as llama.cpp does (section
+// "int8 activations" below); exact=True, and more than 16 rows, keep x in float32, so that the
+// result is the dequantized weight's product up to float32 rounding.
 //
 // block4: groups of 32 weights along k, q in 0..15 (or 0..31 with the qh bit plane):
 //     w[n, k] = s[n, g] * (q[n, k] - zero) + o[n, g]          g = k / 32
@@ -10,7 +12,7 @@
 //   adds 16 to q[g*32 + j]; scales, offsets (or None) [N, K/32], float32 or float16.
 // block8: groups of G = 16 or 32, q int8 [N, K]: w[n, k] = s[n, k / G] * q[n, k].
 //
-// One row (decode; up to 3 rows likewise, each weight row converted once per row of x): the
+// exact, one row (decode; up to 3 rows likewise, each weight row converted once per row of x): the
 // kernel streams the quantized weight once, converting each group to fp32
 // in registers: y[n] = sum_g s_ng * sum_{k in g} (q_nk - zero) * x_k + sum_g o_ng * X_g, where
 // X_g = sum_{k in g} x_k (computed once per call). Several rows (prefill, batches): each task
@@ -207,6 +209,297 @@ void b8_row(const int8_t* w, const ST* s, int64_t K, int64_t G, float* out) {
   }
 }
 
+// ----------------------------------------------------------------------------- int8 activations
+// The fast path (the default for up to QMAX rows): each row of x is quantized to int8 in blocks of
+// 32, like llama.cpp's Q8 activations (sx = amax / 127, xq = round-half-even(x / sx)), and the
+// weights meet it in exact integer dot products (AVX512-VNNI vpdpbusd; AVX2 vpmaddubsw +
+// vpmaddwd; scalar), scaled per group in fp32:
+//   block4: y = sum_g s_g * sx_g * (sum_{k in g} q_k xq_k - zero * sum_{k in g} xq_k) + o_g * X_g
+//   block8: y = sum_g s_g * sx_b(g) * sum_{k in g} q_k xq_k
+// X_g is the group's exact fp32 sum of x (the offsets do not meet the rounded x). The only error
+// beyond fp32 rounding is x's rounding: |y - exact| <= sum_b amax_b / 254 * sum_{k in b} |q_k s_g(k)|.
+// Several rows (2..QMAX: batches, speculative verification) stream each weight row once and feed
+// it to every row of x (NR at a time, the weight row from L1 for the others), so that k rows cost
+// about one decode step's memory traffic, not k.
+constexpr int64_t QMAX = 16;
+enum QKind { QB4 = 0, QB8_32 = 1, QB8_16 = 2 };
+
+#if defined(QWEN2_AVX512)
+constexpr int64_t QCB = 64;  // weight bytes per chunk (one register)
+#elif defined(QWEN2_AVX2)
+constexpr int64_t QCB = 32;
+#else
+constexpr int64_t QCB = 0;  // scalar: x not permuted
+#endif
+
+// one row of x, prepared for the weights' groups (arrays padded with zeros past the last group)
+struct QRow {
+  const int8_t* xq;  // block4 on SIMD: permuted so a chunk's low / high nibbles meet theirs
+  const float* sxg;  // per weight group: the activation scale of its block
+  const float* T;    // per weight group: c * sxg * sum_{k in g} xq_k (c: block4's zero; block8 +128 bias)
+  const float* X;    // per weight group: sum of x (block4 with offsets)
+};
+
+struct QAct {
+  int64_t ng = 0, xstride = 0, gstride = 0;
+  std::vector<int8_t> xq;
+  std::vector<float> f;  // sxg | T | X per row
+  QRow row(int64_t m) const {
+    const float* b = f.data() + m * 3 * gstride;
+    return {xq.data() + m * xstride, b, b + gstride, b + 2 * gstride};
+  }
+};
+
+// 32 values to int8 (round half to even), returns amax / 127
+inline float quant32(const float* x, int8_t* q, int32_t* sum_lo, int32_t* sum_hi) {
+#if defined(QWEN2_AVX512)
+  const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+  *sum_lo = _mm512_reduce_add_epi32(q0);
+  *sum_hi = _mm512_reduce_add_epi32(q1);
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q0));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q1));
+#else
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t s0 = 0, s1 = 0;
+  for (int i = 0; i < 32; ++i) {
+    const int32_t qi = (int32_t)std::nearbyint(x[i] * inv);  // round half to even, as cvtps
+    q[i] = (int8_t)qi;
+    (i < 16 ? s0 : s1) += qi;
+  }
+  *sum_lo = s0;
+  *sum_hi = s1;
+#endif
+  return amax / 127.f;
+}
+
+void qprep(const float* x, int64_t M, int64_t K, int kind, int32_t zero, bool offsets, QAct& a) {
+  const int64_t G = kind == QB8_16 ? 16 : 32, ng = K / G;
+  a.ng = ng;
+  a.xstride = K + 128;
+  a.gstride = ng + 32;
+  a.xq.assign(M * a.xstride, 0);
+  a.f.assign(M * 3 * a.gstride, 0.f);
+#if defined(QWEN2_AVX512)
+  const float c = kind == QB4 ? (float)zero : 128.f;  // vpdpbusd: block8 weights + 128 as unsigned
+#else
+  const float c = kind == QB4 ? (float)zero : 0.f;  // AVX2 / scalar: signed products
+#endif
+  std::vector<int8_t> tmp(32);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    int8_t* xq = a.xq.data() + m * a.xstride;
+    float *sxg = a.f.data() + m * 3 * a.gstride, *T = sxg + a.gstride, *X = T + a.gstride;
+    for (int64_t b = 0; b < K / 32; ++b) {
+      int32_t s0, s1;
+      int8_t* dst = (kind == QB4 && QCB) ? tmp.data() : xq + 32 * b;
+      const float sx = quant32(xm + 32 * b, dst, &s0, &s1);
+      if (kind == QB4) {
+        if (QCB) {  // group b: low nibbles (bytes 16b..16b+15 of the row) meet x[32b..32b+15], high ones the rest
+          const int64_t gpc = QCB / 16, ch = b / gpc, j = b % gpc;
+          std::memcpy(xq + 2 * QCB * ch + 16 * j, tmp.data(), 16);
+          std::memcpy(xq + 2 * QCB * ch + QCB + 16 * j, tmp.data() + 16, 16);
+        }
+        sxg[b] = sx;
+        T[b] = c * sx * (float)(s0 + s1);
+        if (offsets) {
+          float t = 0.f;
+          for (int i = 0; i < 32; ++i) t += xm[32 * b + i];
+          X[b] = t;
+        }
+      } else if (kind == QB8_32) {
+        sxg[b] = sx;
+        T[b] = c * sx * (float)(s0 + s1);
+      } else {
+        sxg[2 * b] = sxg[2 * b + 1] = sx;
+        T[2 * b] = c * sx * (float)s0;
+        T[2 * b + 1] = c * sx * (float)s1;
+      }
+    }
+  }
+}
+
+#if defined(QWEN2_AVX512)
+template <typename ST>
+inline __m512 lds16(const ST* p, __mmask16 m);
+template <>
+inline __m512 lds16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+template <>
+inline __m512 lds16(const half_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+// NR rows of x against one weight row of ng groups: out[r] = y for x row r (no bias)
+template <int KIND, bool QH, bool OFF, typename ST, int NR>
+void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t ng, const QRow* xr, float* out) {
+  constexpr int64_t WB = KIND == QB8_32 ? 32 : 16;  // weight bytes per group
+  constexpr int GPC = 64 / WB, LPG = 16 / GPC;     // groups per chunk, int32 lanes per group
+  __m512 acc[NR][2], accz[NR];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = accz[r] = _mm512_setzero_ps();
+  const __m512i m4 = _mm512_set1_epi8(0x0F), c16 = _mm512_set1_epi8(16), x80 = _mm512_set1_epi8((char)0x80);
+  const __m512i lane_g = LPG == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  // qh: the low 16 bits of 4 groups' words (low nibbles' plane) and the high 16 (high nibbles')
+  const __m128i hsh = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+    const int64_t left = std::min<int64_t>(16, ng - g0);
+    const __mmask16 mk = (__mmask16)((1u << left) - 1);
+    const __m512 sv = lds16(s + g0, mk);
+    __m512 F[NR];
+    for (int r = 0; r < NR; ++r) {
+      F[r] = _mm512_mul_ps(sv, _mm512_loadu_ps(xr[r].sxg + g0));
+      accz[r] = _mm512_fnmadd_ps(sv, _mm512_loadu_ps(xr[r].T + g0), accz[r]);
+      if constexpr (OFF) accz[r] = _mm512_fmadd_ps(lds16(o + g0, mk), _mm512_loadu_ps(xr[r].X + g0), accz[r]);
+    }
+    const int64_t b0 = g0 * WB, nb = left * WB, nch = (nb + 63) / 64;
+    for (int64_t j = 0; j < nch; ++j) {
+      const uint8_t* wp = w + b0 + 64 * j;
+      const __m512i wv = 64 * (j + 1) <= nb ? _mm512_loadu_si512(wp)
+                                            : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - (nb - 64 * j)), wp);
+      const __m512i idx = _mm512_add_epi32(lane_g, _mm512_set1_epi32((int)(GPC * j)));
+      if constexpr (KIND == QB4) {
+        __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+        if constexpr (QH) {
+          const int64_t g = g0 + 4 * j;
+          const __m128i h = _mm_shuffle_epi8(
+              _mm_maskz_loadu_epi32((__mmask8)((1u << std::min<int64_t>(4, ng - g)) - 1), qh + g), hsh);
+          lo = _mm512_mask_add_epi8(lo, (__mmask64)_mm_cvtsi128_si64(h), lo, c16);
+          hi = _mm512_mask_add_epi8(hi, (__mmask64)_mm_extract_epi64(h, 1), hi, c16);
+        }
+        for (int r = 0; r < NR; ++r) {
+          const int8_t* xb = xr[r].xq + 2 * (b0 + 64 * j);
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xb)),
+                                                hi, _mm512_loadu_si512(xb + 64));
+          acc[r][j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx, F[r]), acc[r][j & 1]);
+        }
+      } else {
+        const __m512i wu = _mm512_xor_si512(wv, x80);  // q + 128, unsigned (T takes the 128 back)
+        const int64_t k0 = (b0 + 64 * j);
+        for (int r = 0; r < NR; ++r) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xr[r].xq + k0));
+          acc[r][j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx, F[r]), acc[r][j & 1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r] = hsum(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), accz[r]));
+}
+
+#elif defined(QWEN2_AVX2)
+template <typename ST>
+inline __m256 lds8(const ST* p, int64_t n) {
+  float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < std::min<int64_t>(8, n); ++i) t[i] = ldh(p + i);
+  return _mm256_loadu_ps(t);
+}
+template <>
+inline __m256 lds8(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return _mm256_loadu_ps(t);
+}
+template <>
+inline __m256 lds8(const half_t* p, int64_t n) {
+  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(t, p, 2 * n);
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)t));
+}
+
+// the 32 bits of b as 32 bytes (0xFF where set)
+inline __m256i bytes_from_bits(uint32_t b) {
+  const __m256i sh = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i v = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)b), sh),
+                                    _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));
+}
+
+template <int KIND, bool QH, bool OFF, typename ST, int NR>
+void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t ng, const QRow* xr, float* out) {
+  constexpr int64_t WB = KIND == QB8_32 ? 32 : 16;
+  constexpr int GPC = 32 / WB, LPG = 8 / GPC;
+  __m256 acc[NR][2], accz[NR];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = accz[r] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), c16 = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
+  const __m256i lane_g = LPG == 4 ? _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0) : _mm256_setzero_si256();
+  for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+    const int64_t left = std::min<int64_t>(8, ng - g0);
+    const __m256 sv = lds8(s + g0, left);
+    __m256 F[NR];
+    for (int r = 0; r < NR; ++r) {
+      F[r] = _mm256_mul_ps(sv, _mm256_loadu_ps(xr[r].sxg + g0));
+      accz[r] = _mm256_fnmadd_ps(sv, _mm256_loadu_ps(xr[r].T + g0), accz[r]);
+      if constexpr (OFF) accz[r] = _mm256_fmadd_ps(lds8(o + g0, left), _mm256_loadu_ps(xr[r].X + g0), accz[r]);
+    }
+    const int64_t b0 = g0 * WB, nb = left * WB, nch = (nb + 31) / 32;
+    for (int64_t j = 0; j < nch; ++j) {
+      const uint8_t* wp = w + b0 + 32 * j;
+      const bool full = 32 * (j + 1) <= nb;  // else one group of 16 bytes
+      const __m256i wv = full ? _mm256_loadu_si256((const __m256i*)wp)
+                              : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i*)wp), 0);
+      const __m256i idx = _mm256_add_epi32(lane_g, _mm256_set1_epi32((int)(GPC * j)));
+      if constexpr (KIND == QB4) {
+        __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+        if constexpr (QH) {
+          const int64_t g = g0 + 2 * j;
+          const uint32_t h0 = (uint32_t)qh[g], h1 = full ? (uint32_t)qh[g + 1] : 0u;
+          lo = _mm256_or_si256(lo, _mm256_and_si256(bytes_from_bits((h0 & 0xFFFF) | (h1 << 16)), c16));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(bytes_from_bits((h0 >> 16) | (h1 & 0xFFFF0000u)), c16));
+        }
+        for (int r = 0; r < NR; ++r) {
+          const int8_t* xb = xr[r].xq + 2 * (b0 + 32 * j);
+          // q <= 31: each pair sum <= 2 * 31 * 127, low + high < 2^15: no saturation
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xb)),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xb + 32))));
+          const __m256i d = _mm256_madd_epi16(p, ones);
+          acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(F[r], idx), acc[r][j & 1]);
+        }
+      } else {
+        const __m256i aw = _mm256_sign_epi8(wv, wv);  // |q| (128 for -128, read unsigned)
+        const int64_t k0 = b0 + 32 * j;
+        for (int r = 0; r < NR; ++r) {
+          const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(xr[r].xq + k0)), wv);
+          const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones);  // pairs <= 2*128*127
+          acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(F[r], idx), acc[r][j & 1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), accz[r]));
+}
+
+#else
+template <int KIND, bool QH, bool OFF, typename ST, int NR>
+void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t ng, const QRow* xr, float* out) {
+  constexpr int64_t G = KIND == QB8_16 ? 16 : 32;
+  for (int r = 0; r < NR; ++r) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int8_t* xq = xr[r].xq + G * g;
+      int32_t d = 0;
+      if constexpr (KIND == QB4) {
+        const uint32_t h = QH ? (uint32_t)qh[g] : 0u;
+        for (int i = 0; i < 16; ++i) {
+          const uint8_t b = w[16 * g + i];
+          d += ((b & 15) + (int32_t)((h >> i) & 1) * 16) * xq[i];
+          d += ((b >> 4) + (int32_t)((h >> (i + 16)) & 1) * 16) * xq[16 + i];
+        }
+      } else {
+        const int8_t* wq = reinterpret_cast<const int8_t*>(w) + G * g;
+        for (int i = 0; i < G; ++i) d += wq[i] * xq[i];
+      }
+      const float sg = ldh(s + g);
+      acc += sg * xr[r].sxg[g] * (float)d - sg * xr[r].T[g];
+      if constexpr (OFF) acc += ldh(o + g) * xr[r].X[g];
+    }
+    out[r] = acc;
+  }
+}
+#endif
+
 // ----------------------------------------------------------------------------- the ops' driver
 struct Layout {
   // block4
@@ -259,7 +552,43 @@ struct Layout {
   }
 };
 
-at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional<at::Tensor>& bias_, const char* op) {
+template <int KIND, bool QH, bool OFF, typename ST>
+void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, float* y, const float* bp) {
+  const int64_t ng = a.ng, rb = KIND == QB4 ? L.K / 2 : L.K;
+  const uint8_t* W = KIND == QB4 ? L.q4 : reinterpret_cast<const uint8_t*>(L.q8);
+  const ST *s = static_cast<const ST*>(L.s), *o = static_cast<const ST*>(L.o);
+  QRow xr[QMAX];
+  for (int64_t m = 0; m < M; ++m) xr[m] = a.row(m);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = W + n * rb;
+    const int32_t* qh = QH ? L.qh + n * ng : nullptr;
+    const ST *sn = s + n * ng, *on = OFF ? o + n * ng : nullptr;
+    const float b = bp ? bp[n] : 0.f;
+    float out[4];
+    for (int64_t m = 0; m < M; m += 4) {  // 4 rows of x per pass over the weight row (L1 after the first)
+      const int64_t r = std::min<int64_t>(4, M - m);
+      switch (r) {
+        case 4: qdot<KIND, QH, OFF, ST, 4>(w, qh, sn, on, ng, xr + m, out); break;
+        case 3: qdot<KIND, QH, OFF, ST, 3>(w, qh, sn, on, ng, xr + m, out); break;
+        case 2: qdot<KIND, QH, OFF, ST, 2>(w, qh, sn, on, ng, xr + m, out); break;
+        default: qdot<KIND, QH, OFF, ST, 1>(w, qh, sn, on, ng, xr + m, out);
+      }
+      for (int64_t i = 0; i < r; ++i) y[(m + i) * L.N + n] = out[i] + b;
+    }
+  }
+}
+
+using QFn = void (*)(const Layout&, const QAct&, int64_t, int64_t, int64_t, float*, const float*);
+
+template <typename ST>
+QFn qpick_t(const Layout& L) {
+  if (!L.q4) return L.G == 16 ? qrows<QB8_16, false, false, ST> : qrows<QB8_32, false, false, ST>;
+  if (L.qh) return L.o ? qrows<QB4, true, true, ST> : qrows<QB4, true, false, ST>;
+  return L.o ? qrows<QB4, false, true, ST> : qrows<QB4, false, false, ST>;
+}
+
+at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional<at::Tensor>& bias_, const char* op,
+                      bool exact) {
   TORCH_CHECK(x_.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) == L.K, op, ": x must be [..., ", L.K, "], got ", x_.sizes());
   const at::Tensor x = x_.to(at::kFloat).contiguous();
@@ -274,6 +603,16 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
   const int64_t M = y.numel() / L.N, K = L.K, N = L.N;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (!exact && M <= QMAX && K % 32 == 0) {
+    // the default: int8 activations, integer dot products, each weight row read once for all rows
+    QAct a;
+    qprep(xp, M, K, L.q4 ? QB4 : (L.G == 16 ? QB8_16 : QB8_32), L.zero, L.o != nullptr, a);
+    const QFn fn = L.half ? qpick_t<half_t>(L) : qpick_t<float>(L);
+    const int64_t bytes = (L.q4 ? K / 2 : K) * M;
+    pool::parallel(N, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, bytes)),
+                   [&](int64_t n0, int64_t n1) { fn(L, a, M, n0, n1, yp, bp); });
+    return y;
+  }
   if (M <= 3) {
     // decode (and batches of up to 3 rows, where converting each weight row once per row of x
     // costs less than dequantizing into tiles): the blocks streamed once, from cache for rows 2-3
@@ -395,15 +734,15 @@ Layout block8(const at::Tensor& qweight, const at::Tensor& scales, at::Tensor (&
 
 at::Tensor block4_linear(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& qh,
                          const at::Tensor& scales, const std::optional<at::Tensor>& offsets, int64_t zero,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias, bool exact) {
   at::Tensor keep[4];
-  return run_linear(block4(qweight, qh, scales, offsets, zero, keep), x, bias, "block4_linear");
+  return run_linear(block4(qweight, qh, scales, offsets, zero, keep), x, bias, "block4_linear", exact);
 }
 
 at::Tensor block8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias, bool exact) {
   at::Tensor keep[4];
-  return run_linear(block8(qweight, scales, keep), x, bias, "block8_linear");
+  return run_linear(block8(qweight, scales, keep), x, bias, "block8_linear", exact);
 }
 
 at::Tensor block4_rows(const at::Tensor& qweight, const std::optional<at::Tensor>& qh, const at::Tensor& scales,

@@ -105,9 +105,9 @@ at::Tensor argmax_rows(const at::Tensor& x, int64_t n);
 // block_linear.cpp: weights quantized in blocks (GGUF's block types, repacked), fp32 activations
 at::Tensor block4_linear(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& qh,
                          const at::Tensor& scales, const std::optional<at::Tensor>& offsets, int64_t zero,
-                         const std::optional<at::Tensor>& bias);
+                         const std::optional<at::Tensor>& bias, bool exact);
 at::Tensor block8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                         const std::optional<at::Tensor>& bias);
+                         const std::optional<at::Tensor>& bias, bool exact);
 at::Tensor block4_rows(const at::Tensor& qweight, const std::optional<at::Tensor>& qh, const at::Tensor& scales,
                        const std::optional<at::Tensor>& offsets, int64_t zero, const at::Tensor& ids);
 at::Tensor block8_rows(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& ids);
