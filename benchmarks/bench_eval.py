@@ -263,7 +263,9 @@ def main():
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--mmlu-limit", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--hf-batch-size", type=int, default=8)
+    ap.add_argument("--hf-batch-size", type=int, default=8,
+                    help="lm-eval hf's batch; 1 for MMLU 5-shot: it holds [batch, len, vocab] float32 "
+                         "log-probabilities (batch 8 of 5-shot MMLU took 24 GB)")
     ap.add_argument("--max-gen-toks", type=int, default=384)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--limits", default="mmlu=2,arc_challenge=100,hellaswag=100,winogrande=100,gsm8k=20,math500=20,humaneval=20,mbpp=20")
