@@ -32,7 +32,7 @@ def worker_qwen2(path: str, threads: int):
     llm = qwen2.load(path)
     load_s = time.perf_counter() - t
     model = llm.model
-    yield {"load_s": load_s, "rss_after_load": current_rss()}
+    yield {"load_s": load_s, "rss_after_load": current_rss(), "step_bytes": step_bytes(model)}
     while True:
         cmd = yield None
         prompt, tokens, prefill = cmd
@@ -40,6 +40,41 @@ def worker_qwen2(path: str, threads: int):
         r = time_generation(model, prompt, tokens, prefill)
         r["kv_cache_bytes"] = KVPool.bytes_for(model.config, [prompt + tokens], model.dtype)
         yield r
+
+
+def step_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer except the embedding table
+    (gathered row by row), unless it is also the head."""
+    from qwen2.quant.blocks import BlockEmbedding
+    emb = model.model.embed_tokens
+    table = emb.table if isinstance(emb, BlockEmbedding) else emb
+    skip = set() if table is model.lm_head else {id(t) for t in list(table.parameters()) + list(table.buffers())}
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in skip and id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n
+
+
+def file_step_bytes(path: str) -> int:
+    """The same for llama.cpp: the file's tensors but token_embd (unless it is the head too)."""
+    from qwen2.io.gguf import open_gguf
+    reader, _ = open_gguf(path)
+    names = {t.name: int(t.n_bytes) for t in reader.tensors}
+    return sum(v for k, v in names.items() if k != "token_embd.weight" or "output.weight" not in names)
+
+
+def stream_gbs() -> float:
+    """The machine's streaming read bandwidth now (a sum over 512 MiB, best of 3): the roofline."""
+    import torch
+    a = torch.ones(128 * 2**20, dtype=torch.int32)
+    best = 1e9
+    for _ in range(4):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
 
 
 def worker_llama(path: str, threads: int):
@@ -117,7 +152,9 @@ def main():
         procs[e] = (p, json.loads(p.stdout.readline()))
         print(f"{e}: loaded in {procs[e][1]['load_s']:.1f} s", file=sys.stderr)
     rounds = {e: [] for e in engines}
+    streams = []
     for r in range(args.rounds):
+        streams.append(stream_gbs())
         for e in engines:
             p = procs[e][0]
             p.stdin.write(json.dumps([args.prompt, args.tokens, args.prefill]) + "\n")
@@ -140,6 +177,14 @@ def main():
     for e, b in best.items():
         print(f"{e:<10} {b['load_s']:>7.1f} {b['prefill_tok_s']:>14.1f} {b['decode_tok_s']:>13.1f} "
               f"{b['peak_rss_gen'] / 2**20:>13.0f}")
+    gbs = max(streams)
+    print(f"stream bandwidth {gbs:.1f} GB/s (best of rounds: {', '.join(f'{x:.1f}' for x in streams)}); "
+          "decode roofline = bandwidth / bytes read per step:")
+    for e, b in best.items():
+        nb = procs[e][1].get("step_bytes") or file_step_bytes(args.model)
+        b["step_bytes"], b["roofline_tok_s"] = nb, gbs * 1e9 / nb
+        print(f"  {e:<10} {nb / 2**20:7.0f} MiB/step  roofline {b['roofline_tok_s']:6.1f} tok/s  "
+              f"reached {b['decode_tok_s'] / b['roofline_tok_s']:.0%}")
     if "qwen2" in best and "llama.cpp" in best:
         q, l = best["qwen2"], best["llama.cpp"]
         kv = q["rounds"][0].get("kv_cache_bytes", 0)
@@ -148,7 +193,8 @@ def main():
               f"qwen2 peak RSS = {q['peak_rss_gen'] / (size + kv):.2f} x (file + KV cache)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "file_bytes": size, "threads": args.threads, **best}, f, indent=2)
+            json.dump({"model": args.model, "file_bytes": size, "threads": args.threads, "stream_gbs": streams, **best},
+                      f, indent=2)
 
 
 if __name__ == "__main__":
