@@ -149,19 +149,28 @@ class LoRALinear(nn.Module):
         return frozen_forward(self.base, x)
 
     def delta(self, x) -> torch.Tensor:
-        """scaling * B @ A @ x over the whole output (float32)."""
+        """scaling * B @ A @ x over the whole output (float32). The scaling goes on the rank-r
+        product and the parts' B matrices act as one block matrix: one matmul writes the whole
+        output, with no full-size scaling pass and no concatenation of per-part outputs."""
         names = list(self.lora_A.keys())
         a = torch.cat([self.lora_A[n] for n in names]) if len(names) > 1 else self.lora_A[names[0]]
-        xa = F.linear(self.dropout(x).to(a.dtype), a).split(self.r, dim=-1)
-        xa = dict(zip(names, xa))
-        pieces = []
-        for name, rows in self.parts:
-            if name in xa:
-                pieces.append(F.linear(xa[name], self.lora_B[name]))
+        xa = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling
+        return F.linear(xa, self._block_b(names))
+
+    def _block_b(self, names: list[str]) -> torch.Tensor:
+        """[out, r * len(names)]: each targeted part's B in its rows and its columns of xa, zeros
+        elsewhere (rows of untargeted parts get no update)."""
+        if len(self.parts) == 1:
+            return self.lora_B[names[0]]
+        cols, r = self.r * len(names), self.r
+        rows = []
+        for name, n in self.parts:
+            if name in self.lora_B:
+                k = names.index(name)
+                rows.append(F.pad(self.lora_B[name], (k * r, cols - (k + 1) * r)))
             else:
-                pieces.append(xa[names[0]].new_zeros(*x.shape[:-1], rows))
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
-        return out * self.scaling
+                rows.append(self.lora_B[names[0]].new_zeros(n, cols))
+        return torch.cat(rows)
 
     def forward(self, x):
         y = self.base_forward(x)
