@@ -68,7 +68,7 @@ def file_step_bytes(path: str) -> int:
 def stream_gbs() -> float:
     """The machine's streaming read bandwidth now (a sum over 512 MiB, best of 3): the roofline."""
     import torch
-    a = torch.ones(128 * 2**20, dtype=torch.int32)
+    a = torch.ones(128 * 2**20, dtype=torch.float32)  # (an int32 sum widens to int64: not a stream)
     best = 1e9
     for _ in range(4):
         t = time.perf_counter()
