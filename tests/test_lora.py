@@ -12,7 +12,7 @@ import qwen2
 from qwen2.errors import Qwen2Error
 from qwen2.io.adapter import load_adapter, save_adapter
 from qwen2.model.lora import TARGETS, LoRALinear, adapter_disabled, add_lora, lora_modules, merge_lora, peft_name
-from util import TINY, hf_model, make_hf_checkpoint
+from util import TINY, hf_model, make_hf_checkpoint, peft_lora
 
 peft = pytest.importorskip("peft")
 
@@ -115,13 +115,7 @@ def test_saved_adapter_loads_in_peft_and_matches_our_merged_model(tmp_path):
 
 def test_peft_saved_adapter_loads_into_ours(tmp_path):
     _, path = make_hf_checkpoint(tmp_path / "ck", CFG)
-    ref = peft.get_peft_model(hf_model(CFG), peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "down_proj"],
-                                                              use_rslora=True))
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    ref = peft_lora(CFG, 4, 0.2, r=2, lora_alpha=5, target_modules=["q_proj", "down_proj"], use_rslora=True)
     ref.save_pretrained(tmp_path / "theirs")
     ours = load_adapter(qwen2.load_model(path, dtype="float32"), tmp_path / "theirs")
     ids, mask, _ = _batch(CFG["vocab_size"], seed=5)
@@ -211,12 +205,7 @@ def test_adapter_over_gguf_blocks(tmp_path):
     types = {"token_embd.weight": Q.F16, "blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q4_1,
              "blk.0.attn_v.weight": Q.Q5_0, "blk.0.attn_output.weight": Q.Q5_1, "blk.1.ffn_up.weight": Q.Q4_0}
     path = write_gguf(tmp_path / "m.gguf", hf_model(CFG), types, default=Q.Q8_0)
-    theirs = peft.get_peft_model(hf_model(CFG), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)))
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    theirs = peft_lora(CFG, 6, 0.1, r=4, lora_alpha=8, target_modules=list(TARGETS))
     theirs.save_pretrained(tmp_path / "ad")
 
     base = load_gguf_model(path)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 from test_serving_api import KEY, start_server, stop_server
-from util import hf_model
+from util import peft_lora
 
 import qwen2
 from qwen2.errors import Qwen2Error
@@ -33,15 +33,10 @@ def adapters(ckpt, tmp_path_factory):
     """{name: dir}: one adapter saved by PEFT (q, v), one by us (every projection)."""
     from conftest import QWEN_VOCAB
     d = tmp_path_factory.mktemp("adapters")
-    theirs = peft.get_peft_model(hf_model(QWEN_VOCAB), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                       target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    theirs = peft_lora(QWEN_VOCAB, 1, 0.5, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     theirs.save_pretrained(d / "peft")
     ours = add_lora(qwen2.load_model(ckpt, dtype="float32"), r=8, alpha=16)
+    g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _, m in lora_modules(ours):
             for p in (*m.lora_A.values(), *m.lora_B.values()):

@@ -33,6 +33,19 @@ def hf_model(config: dict, seed: int = 0, std: float = 0.05):
     return model.float().eval()
 
 
+def peft_lora(config: dict, seed: int, scale: float, **lora):
+    """PEFT's LoRA over hf_model(config) with random (not zero) adapter weights, so the adapter
+    changes the model; `lora` is peft.LoraConfig's arguments."""
+    import peft
+    model = peft.get_peft_model(hf_model(config), peft.LoraConfig(**lora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
 def make_hf_checkpoint(path, config: dict, seed: int = 0, std: float = 0.05, dtype=torch.float32,
                        max_shard_size: str | None = None):
     """Save a random-weight model with transformers' own save_pretrained; returns (model, path)."""
