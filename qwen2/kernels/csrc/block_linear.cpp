@@ -222,6 +222,10 @@ void b8_row(const int8_t* w, const ST* s, int64_t K, int64_t G, float* out) {
 // it to every row of x (NR at a time, the weight row from L1 for the others), so that k rows cost
 // about one decode step's memory traffic, not k.
 constexpr int64_t QMAX = 16;
+#ifndef QWEN2_QPF
+#define QWEN2_QPF 4096
+#endif
+constexpr int64_t QPF = QWEN2_QPF;  // prefetch distance, bytes of weight rows
 enum QKind { QB4 = 0, QB8_32 = 1, QB8_16 = 2 };
 
 #if defined(QWEN2_AVX512)
@@ -559,9 +563,27 @@ void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, fl
   const ST *s = static_cast<const ST*>(L.s), *o = static_cast<const ST*>(L.o);
   QRow xr[QMAX];
   for (int64_t m = 0; m < M; ++m) xr[m] = a.row(m);
+  // software prefetch PF bytes ahead in each stream: a task's rows are one short stream per array,
+  // restarted at every task, and the hardware prefetcher alone left decode at ~40% of the
+  // machine's bandwidth (it ramps up too late on rows of a few hundred bytes)
+  const int64_t pd = std::max<int64_t>(1, (QPF + rb - 1) / rb);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * rb;
     const int32_t* qh = QH ? L.qh + n * ng : nullptr;
+    {  // past the array's end is harmless: a prefetch never faults
+      const char* pw = reinterpret_cast<const char*>(w + pd * rb);
+      for (int64_t b = 0; b < rb; b += 64) __builtin_prefetch(pw + b);
+      const char* ps = reinterpret_cast<const char*>(s + (n + pd) * ng);
+      for (int64_t b = 0; b < ng * (int64_t)sizeof(ST); b += 64) __builtin_prefetch(ps + b);
+      if constexpr (QH) {
+        const char* ph = reinterpret_cast<const char*>(L.qh + (n + pd) * ng);
+        for (int64_t b = 0; b < ng * 4; b += 64) __builtin_prefetch(ph + b);
+      }
+      if constexpr (OFF) {
+        const char* po = reinterpret_cast<const char*>(o + (n + pd) * ng);
+        for (int64_t b = 0; b < ng * (int64_t)sizeof(ST); b += 64) __builtin_prefetch(po + b);
+      }
+    }
     const ST *sn = s + n * ng, *on = OFF ? o + n * ng : nullptr;
     const float b = bp ? bp[n] : 0.f;
     float out[4];
