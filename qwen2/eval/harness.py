@@ -35,10 +35,13 @@ from qwen2.eval.lm import EngineLM
 @register_model("qwen2")
 class Qwen2LM(TemplateLM):
     """model_args: pretrained (checkpoint dir, .gguf or hub id; default the demo model), dtype,
-    device, batch_size (requests the engine runs at once), mode (auto | eager), max_length."""
+    device, batch_size (requests the engine runs at once), mode (auto | eager), max_length, exact
+    (log-likelihoods with float32 activations on a GGUF model, default true; false: the block
+    kernels' int8 activations on small steps, see qwen2.eval.lm)."""
 
     def __init__(self, pretrained: str | None = None, dtype: str = "auto", device: str = "cpu",
-                 batch_size: int | str = 16, mode: str = "auto", max_length: int | None = None, llm=None, **kwargs):
+                 batch_size: int | str = 16, mode: str = "auto", max_length: int | None = None, llm=None,
+                 exact: bool | str = True, **kwargs):
         super().__init__()
         import qwen2
         import torch
@@ -46,7 +49,11 @@ class Qwen2LM(TemplateLM):
             device = "cpu"   # lm-eval's CLI passes --device (default cuda) to every model
         self.llm = llm or qwen2.load(pretrained or None, dtype=dtype, device=device, mode=mode)
         bs = 16 if str(batch_size) in ("auto", "") else int(str(batch_size).split(":")[0])
-        self.engine_lm = EngineLM(self.llm, batch_size=bs)
+        if isinstance(exact, str):   # model_args arrive as strings
+            if exact.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"qwen2: exact must be true or false, not {exact!r}")
+            exact = exact.strip().lower() in ("true", "1", "yes")
+        self.engine_lm = EngineLM(self.llm, batch_size=bs, exact=bool(exact))
         self._max_length = int(max_length) if max_length else self.engine_lm.max_len
 
     # -- what TemplateLM needs ---------------------------------------------------------------

@@ -7,6 +7,14 @@ subject is computed once; the choices of one question share its whole context). 
 token order so that shared prefixes are neighbours. Generations are greedy requests with stop
 strings, batched the same way.
 
+Numerics: a GGUF model's block kernels quantize the activations of small steps (up to 16 rows:
+decode, and the few tokens a scoring request computes after a prefix-cache hit) to int8 by
+default (llama.cpp's numerics). Log-likelihoods are scored with float32 activations instead
+(`exact=True`, the default: qwen2.quant.blocks.set_exact while scoring, restored afterwards), so
+they are the dequantized model's up to float32 summation order, as lm-eval's `hf` backend
+computes them on transformers, and the choices of one question are scored with the same math
+whatever the batch they land in. Generation keeps the model's own setting.
+
 Tokenization follows lm-eval's `hf` model: a context's trailing spaces move to its continuation,
 the continuation's ids are those of context + continuation past the context's ids, and an empty
 context is replaced by the end-of-text token.
@@ -14,16 +22,39 @@ context is replaced by the end-of-text token.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from typing import Callable, Sequence
+
+from torch import nn
 
 from qwen2.engine.core import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import Qwen2Error
+from qwen2.quant.blocks import BlockLinear, set_exact
+
+
+@contextmanager
+def exact_numerics(model: nn.Module, exact: bool = True):
+    """Within the block: every GGUF block projection of `model` with float32 activations (exact)
+    or its int8 small-batch path (not exact); each one's own setting is restored afterwards."""
+    before = [(m, m.exact) for m in model.modules() if isinstance(m, BlockLinear)]
+    set_exact(model, exact)
+    try:
+        yield model
+    finally:
+        for m, e in before:
+            m.exact = e
 
 
 class EngineLM:
-    def __init__(self, llm, batch_size: int = 16, kv_cache_memory: int | None = None, max_batched_tokens: int = 1024):
+    """`exact`: score log-likelihoods with float32 activations (the module doc); False keeps the
+    model's own setting (a GGUF model's default: int8 activations for small steps, faster on
+    decode-sized steps, llama.cpp's numerics)."""
+
+    def __init__(self, llm, batch_size: int = 16, kv_cache_memory: int | None = None, max_batched_tokens: int = 1024,
+                 exact: bool = True):
         self.llm, self.tokenizer = llm, llm.tokenizer
+        self.exact = bool(exact)
         self.engine = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_batch=batch_size,
                              kv_cache_memory=kv_cache_memory, max_batched_tokens=max_batched_tokens)
         self.max_len = self.engine.max_model_len
@@ -64,7 +95,11 @@ class EngineLM:
             ll = sum(lp.logprob for lp in lps)
             greedy = all(lp.top and lp.top[0][0] == lp.token_id for lp in lps)
             return ll, greedy
-        return self._run([(ids, params, start) for ids, start in items], result, progress, on_result)
+        reqs = [(ids, params, start) for ids, start in items]
+        if not self.exact:
+            return self._run(reqs, result, progress, on_result)
+        with exact_numerics(self.llm.model):
+            return self._run(reqs, result, progress, on_result)
 
     def generate_ids(self, prompts: Sequence[list[int]], until: Sequence[list[str]], max_tokens: Sequence[int],
                      stop_token_ids: Sequence[int] = (), progress=None,
