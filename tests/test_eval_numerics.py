@@ -43,9 +43,9 @@ def reference(hf, pairs):
     return out
 
 
-def engine_lm(path, **kw):
-    model = load_gguf_model(path)          # default: int8 activations on small steps
-    assert runner.prepare(model) == "gguf-blocks"
+def engine_lm(path, dtype=None, **kw):
+    model = load_gguf_model(path, **({"dtype": dtype} if dtype else {}))   # default: int8 activations on small steps
+    runner.prepare(model)
     llm = SimpleNamespace(model=model, tokenizer=SimpleNamespace(eos_token_id=0), eos_token_ids=[0])
     lm = EngineLM(llm, batch_size=4, **kw)
     lm.engine.tokenizer = None             # token ids only: no text to decode
@@ -56,7 +56,11 @@ def test_scoring_equals_transformers_on_the_dequantized_file(gguf_file):
     pairs = mc_pairs()
     ref = reference(hf_from_gguf(gguf_file), pairs)
     lm, model = engine_lm(gguf_file)
-    assert lm.exact
+    assert lm.exact and lm.has_blocks
+    # dequantized (no block kernels): nothing to switch, the same numbers
+    deq, _ = engine_lm(gguf_file, dtype="float32")
+    assert not deq.has_blocks
+    assert [ll for ll, _ in deq.loglikelihood_ids(pairs)] == pytest.approx(ref, abs=2e-4)
     got = [ll for ll, _ in lm.loglikelihood_ids(pairs)]
     assert lm.prefix_cache_hit_rate > 0.5    # the later choices ran as small steps after cache hits
     assert got == pytest.approx(ref, abs=2e-4)

@@ -149,8 +149,9 @@ def _run_task(task: Task, lm: EngineLM, mid: str, cache: SampleCache, num_fewsho
     shots = task.default_shots if num_fewshot is None else num_fewshot
     per_doc = [task.requests(d, shots, chat) for d in docs]
     flat = [(di, ri, r) for di, rs in enumerate(per_doc) for ri, r in enumerate(rs)]
-    # float32-activation log-likelihoods are keyed apart from the int8 path's (earlier caches)
-    keys = [_key(mid, task.name, r, (chat, "f32") if r.loglikelihood and lm.exact else (chat,)) for _, _, r in flat]
+    # a GGUF model's float32-activation log-likelihoods are keyed apart from its int8 path's
+    f32 = lm.exact and lm.has_blocks
+    keys = [_key(mid, task.name, r, (chat, "f32") if r.loglikelihood and f32 else (chat,)) for _, _, r in flat]
     todo = [j for j, k in enumerate(keys) if k not in cache.data]
     cached = len(flat) - len(todo)
     bar = tqdm(total=len(flat), initial=cached, desc=task.name, unit="req", disable=not progress, dynamic_ncols=True)

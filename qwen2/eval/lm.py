@@ -55,6 +55,8 @@ class EngineLM:
                  exact: bool = True):
         self.llm, self.tokenizer = llm, llm.tokenizer
         self.exact = bool(exact)
+        # whether `exact` changes anything: the model has GGUF block projections
+        self.has_blocks = any(isinstance(m, BlockLinear) for m in llm.model.modules())
         self.engine = Engine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_batch=batch_size,
                              kv_cache_memory=kv_cache_memory, max_batched_tokens=max_batched_tokens)
         self.max_len = self.engine.max_model_len
@@ -96,7 +98,7 @@ class EngineLM:
             greedy = all(lp.top and lp.top[0][0] == lp.token_id for lp in lps)
             return ll, greedy
         reqs = [(ids, params, start) for ids, start in items]
-        if not self.exact:
+        if not (self.exact and self.has_blocks):
             return self._run(reqs, result, progress, on_result)
         with exact_numerics(self.llm.model):
             return self._run(reqs, result, progress, on_result)
