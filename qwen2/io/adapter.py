@@ -27,7 +27,7 @@ def lora_settings(model) -> dict:
         raise Qwen2Error("the model has no LoRA adapter")
     m = mods[0]
     targets = sorted({p for x in mods for p in x.lora_A.keys()}, key=TARGETS.index)
-    drop = getattr(m.dropout, "p", 0.0)
+    drop = m.dropout_p
     return {"r": m.r, "lora_alpha": m.alpha, "lora_dropout": drop, "target_modules": targets}
 
 
