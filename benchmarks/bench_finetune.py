@@ -98,7 +98,7 @@ def child_trl(a) -> dict:
 
 def run_child(kind: str, a, **over) -> dict:
     args = dict(model=a.model, data=a.data, work=a.work, batch=a.batch, max_len=a.max_len, rank=a.rank,
-                dtype=a.dtype, method="lora", grad_ckpt=False)
+                dtype=a.dtype, method="lora", grad_ckpt=a.grad_ckpt)
     args.update(over)
     cmd = [sys.executable, __file__, "_child", kind, json.dumps(args)]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -123,12 +123,12 @@ def speed(a):
             print(json.dumps(res), flush=True)
     if a.qlora or a.qlora_only:
         # QLoRA from a `qwen2 quantize` checkpoint (int4 group 64, int8 head): no float copy at load
-        q4 = work / "demo_q4"
+        q4 = Path(a.q4_dir) if a.q4_dir else work / "demo_q4"
         if not (q4 / "config.json").is_file():
             subprocess.run([sys.executable, "-m", "qwen2", "quantize", a.model, str(q4), "--bits", "4",
                             "--group-size", "64"], check=True)
         for rnd in range(a.rounds):
-            for method, model in (("qlora", str(q4)), ("lora", a.model)):
+            for method, model in (("qlora", str(q4)), ("lora", a.lora_model or a.model)):
                 res = run_child("ours", a, method=method, dtype="bfloat16", model=model)
                 res.update(kind=f"ours-{method}-bf16", round=rnd)
                 rows.append(res)
@@ -264,6 +264,10 @@ def main():
     s.add_argument("--rounds", type=int, default=2)
     s.add_argument("--qlora", action="store_true", help="also QLoRA (int4 base) against LoRA on bf16")
     s.add_argument("--qlora-only", action="store_true", help="only QLoRA against LoRA on bf16 (no TRL rounds)")
+    s.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every leg (ours and TRL)")
+    s.add_argument("--q4-dir", help="the int4 checkpoint for QLoRA (default: WORK/demo_q4, made from --hf-dir)")
+    s.add_argument("--lora-model", help="the checkpoint of the LoRA-on-bf16 leg against QLoRA (default: --hf-dir, "
+                                         "float32; a bf16 checkpoint loads in place, without a float32 transient)")
     q = sub.choices["quality"]
     q.add_argument("--data-dir", default="/tmp/chitchat")
     q.add_argument("--sft-steps", type=int, default=150)

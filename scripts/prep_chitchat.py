@@ -37,19 +37,29 @@ def conversations(max_turns: int) -> list[list[dict]]:
     return out
 
 
-def dpo_pairs(convs, rng) -> list[dict]:
+def dpo_pairs(convs, rng, rejected_turn: str = "same", per_conv: int = 1) -> list[dict]:
+    """Per conversation, `per_conv` assistant turns (not the first; distinct, as many as it has): the
+    conversation up to that turn is the prompt, the real reply the chosen one, and an assistant
+    reply of another (random) conversation the rejected one, taken at the same turn index
+    (rejected_turn="same": the same stage of a chat, the harder pairs) or at any of its turns
+    ("any")."""
     pairs = []
     for i, conv in enumerate(convs):
-        k = rng.randrange(1, len(conv) // 2) * 2 - 1 if len(conv) >= 4 else 1  # an assistant turn, not the first
-        other = convs[(i + 1 + rng.randrange(len(convs) - 1)) % len(convs)]
-        j = min(k, len(other) - 1) if len(other) > 1 else 1
-        if other[j]["role"] != "assistant":
-            j -= 1
-        rejected = other[j]["content"]
-        if rejected == conv[k]["content"]:
-            continue
-        pairs.append({"prompt": [{"role": "system", "content": SYSTEM}] + conv[:k],
-                      "chosen": [conv[k]], "rejected": [{"role": "assistant", "content": rejected}]})
+        turns = list(range(3, len(conv), 2)) or [1]  # assistant turns after the first reply
+        for k in rng.sample(turns, min(per_conv, len(turns))) if per_conv > 1 else \
+                [rng.randrange(1, len(conv) // 2) * 2 - 1 if len(conv) >= 4 else 1]:
+            other = convs[(i + 1 + rng.randrange(len(convs) - 1)) % len(convs)]
+            if rejected_turn == "same":
+                j = min(k, len(other) - 1) if len(other) > 1 else 1
+                if other[j]["role"] != "assistant":
+                    j -= 1
+            else:
+                j = rng.randrange(1, len(other), 2)
+            rejected = other[j]["content"]
+            if rejected == conv[k]["content"]:
+                continue
+            pairs.append({"prompt": [{"role": "system", "content": SYSTEM}] + conv[:k],
+                          "chosen": [conv[k]], "rejected": [{"role": "assistant", "content": rejected}]})
     return pairs
 
 
@@ -61,6 +71,10 @@ def main():
     ap.add_argument("--sft-eval", type=int, default=200)
     ap.add_argument("--dpo-train", type=int, default=600)
     ap.add_argument("--dpo-eval", type=int, default=200)
+    ap.add_argument("--rejected-turn", choices=("same", "any"), default="same",
+                    help="the rejected reply: another conversation's at the same turn, or at any turn")
+    ap.add_argument("--pairs-per-conversation", type=int, default=1,
+                    help="training pairs per DPO conversation (distinct turns; the eval set keeps 1)")
     a = ap.parse_args()
     convs = conversations(a.max_turns)
     n = [a.sft_train, a.sft_eval, a.dpo_train, a.dpo_eval]
@@ -74,7 +88,8 @@ def main():
     rng = random.Random(1)
     files = {"sft_train": [{"messages": [{"role": "system", "content": SYSTEM}] + c} for c in cuts[0]],
              "sft_eval": [{"messages": [{"role": "system", "content": SYSTEM}] + c} for c in cuts[1]],
-             "dpo_train": dpo_pairs(cuts[2], rng), "dpo_eval": dpo_pairs(cuts[3], rng)}
+             "dpo_train": dpo_pairs(cuts[2], rng, a.rejected_turn, a.pairs_per_conversation),
+             "dpo_eval": dpo_pairs(cuts[3], rng, a.rejected_turn)}
     for name, recs in files.items():
         with open(os.path.join(a.out, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
