@@ -31,6 +31,7 @@ from qwen2.quant.linear import (
     QuantLinear,
     _targets,
     dequantize,
+    pack_int4_halves,
     quantize_tensor,
     stored_scales,
 )
@@ -185,15 +186,35 @@ def load_packed(config, tensors, dtype, device, source, release, leaves: tuple, 
     file's own values)."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     quantized: dict[str, tuple] = {}
+    int8_head: list[QuantLinear] = []
 
     def float_tensors():
         for name, t in tensors:
+            if name == "lm_head.weight" and not lm_head and not float_head:
+                # a float head in the file (GPTQ's default): int8 at run time (+0.03% perplexity),
+                # rounded straight from the file a block of rows at a time (no float copy)
+                int8_head.append(_int8_weight_rows(t, dtype, release=release))
+                yield name, torch.empty(t.shape, device="meta")
+                continue
             mod, _, leaf = name.rpartition(".")
             if leaf in leaves:
                 pending.setdefault(mod, {})[leaf] = t
                 if len(pending[mod]) == len(leaves):
-                    quantized[mod] = unpack(pending.pop(mod), f"{source}: {mod}")
-                    yield f"{mod}.weight", torch.empty(quantized[mod][0].shape, device="meta")
+                    packed = pending.pop(mod)
+                    q, sc, z = unpack(packed, f"{source}: {mod}")
+                    shape = q.shape
+                    # held until the model is built: int4 as the two-per-byte rows QuantLinear keeps
+                    # (not one byte per weight), and the file's pages of the packed tensors let go
+                    # (they were copied): loading peaks near the loaded model, not at 2-3x it
+                    if bits == 4 and gs in INT4_GROUPS and shape[1] % gs == 0:
+                        q = _Int4Rows(pack_int4_halves(q, gs), shape[1])
+                    quantized[mod] = (q, sc, z)
+                    if release is not None:
+                        for x in packed.values():
+                            release(x)
+                    del packed
+                    _malloc_trim()  # the unpacked temporaries go back to the system, not to a growing heap
+                    yield f"{mod}.weight", torch.empty(shape, device="meta")
                 continue
             yield name, t
 
@@ -214,33 +235,87 @@ def load_packed(config, tensors, dtype, device, source, release, leaves: tuple, 
             if name not in quantized:
                 raise CheckpointError(f"{source}: {name} is not quantized (expected {'/'.join(leaves)} tensors)")
         # q [out, in], scales and zeros [n_groups, out]: the parts' rows one after the other
-        q, s, z = (torch.cat(x, dim) for x, dim in zip(zip(*(quantized.pop(n) for n in parts)), (0, 1, 1)))
+        qs, ss, zs = zip(*(quantized.pop(n) for n in parts))
+        s, z = torch.cat(ss, 1), torch.cat(zs, 1)
         bias = None if lin.bias is None else lin.bias.data
-        setattr(mod, attr, quant_linear(q, s, z, bits, gs, bias, dtype, device))
+        if isinstance(qs[0], _Int4Rows):
+            setattr(mod, attr, _int4_linear(torch.cat([x.rows for x in qs]), qs[0].in_features, s, z, gs, bias,
+                                            dtype, device))
+        else:
+            setattr(mod, attr, quant_linear(torch.cat(qs), s, z, bits, gs, bias, dtype, device))
     model.config = config
     if not lm_head and not float_head:  # float head in the file (GPTQ's default): int8 at run time, +0.03% perplexity
-        model.lm_head = int8_rows(model.lm_head, dtype)
+        if int8_head:
+            head = int8_head[0]
+            b = model.lm_head.bias
+            head.bias = None if b is None else torch.nn.Parameter(b.detach().to(dtype))
+            model.lm_head = head
+        else:  # tied: the embedding's table, which stays float for lookups
+            model.lm_head = int8_rows(model.lm_head, dtype)
     model.quant = {"bits": bits, "group_size": gs, "sym": True, "lm_head": 8 if not lm_head else bits}
     return model
 
 
-def int8_rows(lin: torch.nn.Linear, dtype, rows: int = 4096) -> QuantLinear:
+_libc = None
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0): a no-op where unavailable."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc(0)
+
+
+@dataclasses.dataclass
+class _Int4Rows:
+    """An int4 weight already in QuantLinear's packed rows (uint8 [out, in / 2])."""
+    rows: torch.Tensor
+    in_features: int
+
+
+def _int4_linear(rows: torch.Tensor, in_features: int, s, z, gs: int, bias, dtype, device="cpu") -> QuantLinear:
+    """QuantLinear(q, s, 4, gs, bias, dtype, z) from q already packed into its rows (the same
+    buffers as that call makes)."""
+    lin = QuantLinear(torch.zeros(1, gs, dtype=torch.uint8), torch.ones(1, 1), 4, gs, None, dtype)
+    lin.out_features, lin.in_features = rows.shape[0], in_features
+    lin.qweight = rows.to(device)
+    lin.scales = s.T.to(device=device, dtype=dtype).contiguous()
+    lin.zeros = None if bool((z == 8).all()) else z.T.contiguous().to(device)
+    lin.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device=device, dtype=dtype))
+    return lin
+
+
+def int8_rows(lin: torch.nn.Linear, dtype, rows: int = 4096, release=None) -> QuantLinear:
     """`QuantLinear.from_linear(lin, 8, -1, dtype)` (the same values: one scale per output row),
     quantized a block of rows at a time straight into the int8 weight, so the temporaries are a
     block's, not the whole head's: the whole [151936, 896] head at once took 1.8 GB beyond the
     loaded model (a 2.7 GB peak to load a 0.57 GB int4 file of Qwen2.5-0.5B)."""
-    w = lin.weight.data
+    head = _int8_weight_rows(lin.weight.data, dtype, rows, release)
+    head.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().to(dtype))
+    return head
+
+
+def _int8_weight_rows(w: torch.Tensor, dtype, rows: int = 4096, release=None) -> QuantLinear:
+    """int8_rows of a weight (no bias) in any float dtype, each block of rows taken to `dtype`
+    first (the values the loaded model would hold); `release(block)` after each block."""
     n, k = w.shape
     qweight = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, dtype=dtype)
     for i in range(0, n, rows):
-        q, sc, _ = quantize_tensor(w[i:i + rows], 8, -1, sym=True)
+        q, sc, _ = quantize_tensor(w[i:i + rows].to(dtype), 8, -1, sym=True)
         qweight[i:i + rows] = q.to(torch.int16) - 128    # the int8 layout QuantLinear holds
         scales[i:i + rows] = stored_scales(sc, dtype)[0]
-    bias = None if lin.bias is None else lin.bias.data
+        if release is not None:  # the file's float rows, now int8, leave resident memory block by block
+            release(w[i:i + rows])
     head = QuantLinear(torch.full((1, k), 128, dtype=torch.uint8), torch.ones(1, 1), 8, -1, None, dtype)
     head.out_features, head.qweight, head.scales = n, qweight, scales
-    head.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype))
     return head
 
 
