@@ -510,6 +510,25 @@ def test_rms_norm(ops):
     assert torch.equal(ops.rms_norm(torch.zeros(2, 8), torch.ones(8), 1e-6), torch.zeros(2, 8))
 
 
+def test_rope_equals_apply_rope(ops):
+    """rope_ rotates q / k views in place with exactly apply_rope's bits (the speed pass relies on
+    it: logits equal to the eager model's), for strided views, broadcast cos/sin and odd D/2."""
+    from qwen2.model.rope import apply_rope, default_inv_freq, rope_cos_sin
+    g = torch.Generator().manual_seed(5)
+    for b, h, t, d, cb in ((1, 14, 1, 64, 1), (2, 3, 7, 128, 2), (2, 2, 5, 64, 1), (1, 4, 33, 40, 1), (1, 1, 1, 2, 1)):
+        qkv = torch.randn(b, t, (h + 2) * d, generator=g) * 4
+        q = qkv[..., :h * d].view(b, t, h, d).transpose(1, 2)      # the projection's view, as in the model
+        pos = torch.randint(0, 40000, (cb, t), generator=g)
+        cos, sin = rope_cos_sin(default_inv_freq(1e6, d), pos, 1.0, torch.float32)
+        ref = apply_rope(q, cos, sin)
+        rest = qkv[..., h * d:].clone()
+        out = ops.rope_(q, cos, sin)
+        assert out.data_ptr() == q.data_ptr() and torch.equal(out, ref), (b, h, t, d)
+        assert torch.equal(qkv[..., h * d:], rest)  # the k / v columns untouched
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ops.rope_(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+
+
 def test_argmax_rows(ops):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 1000, generator=g)

@@ -29,6 +29,7 @@ from torch import nn
 
 from qwen2 import kernels
 from qwen2.kernels.memory import hugepage_mapping
+from qwen2.model.attention import Attention, rotate_qk
 from qwen2.model.decoder import MLP, RMSNorm
 from qwen2.quant.linear import OneDNNLinear
 
@@ -104,6 +105,15 @@ class F32RMSNorm(RMSNorm):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return torch.ops.qwen2.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
+
+
+def rotate_in_place(q, k, cos, sin):
+    """Attention.rotate for float32 inference: q and k (fresh views of the projection's output)
+    rotated in place by one kernel call each (`torch.ops.qwen2.rope_`, the same bits as
+    apply_rope's six ops). Autograd and other dtypes take the model's own rotate_qk."""
+    if q.dtype == torch.float32 and cos.dtype == torch.float32 and not (q.requires_grad or k.requires_grad):
+        return torch.ops.qwen2.rope_(q, cos, sin), torch.ops.qwen2.rope_(k, cos, sin)
+    return rotate_qk(q, k, cos, sin)
 
 
 def _own_memory(model):
@@ -190,3 +200,6 @@ def _use_f32_kernels(model, huge_pages: bool = True):
         model.model.embed_tokens = F32Embedding(model.lm_head.packed, emb.num_embeddings)
     replace_modules(model, MLP, F32MLP)  # same parameters, one-pass forwards
     replace_modules(model, RMSNorm, F32RMSNorm)
+    for mod in model.modules():
+        if isinstance(mod, Attention) and mod.rotate is rotate_qk:
+            mod.rotate = rotate_in_place

@@ -40,7 +40,7 @@ tests/test_kernels.py holds both bounds).
 
 The C++ sources (qwen2/kernels/csrc: common.h, the instruction-set selection and shared helpers;
 gemv_int8.cpp, gemv_int4.cpp and gemv_quant.h/.cpp, their int8 activations; gemv_bf16.cpp;
-f32_linear.cpp; elementwise.cpp, silu_mul / rms_norm / argmax_rows; attention.cpp,
+f32_linear.cpp; elementwise.cpp, silu_mul / rms_norm / rope_ / argmax_rows; attention.cpp,
 paged_attention; threadpool.h/.cpp, the serving kernels' threads; ops.cpp, the op registrations)
 are compiled into one library once per machine with -O3 -march=native by torch.utils.cpp_extension
 (cached in the torch extensions directory, ~/.cache/torch_extensions, under a name that hashes the

@@ -56,9 +56,17 @@ def sdpa_attention(q, k, v, mask, is_causal: bool, q_pos=None, k_pos=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
 
 
+def rotate_qk(q, k, cos, sin):
+    """The rotary embedding of q and k: Attention.rotate's default (a speed pass may put a kernel
+    that rotates in place there, qwen2.engine.fast)."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 class Attention(nn.Module):
     """Grouped-query attention over rotated q, k and v, with a swappable kernel:
     kernel(q, k, v, mask, is_causal, q_pos, k_pos) -> o [B, H, T, D] (default sdpa_attention)."""
+
+    rotate = staticmethod(rotate_qk)
 
     def __init__(self, config: ModelConfig, layer_idx: int, kernel=sdpa_attention):
         super().__init__()
@@ -84,7 +92,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache, is_causal: bool, q_pos, k_pos):
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if getattr(cache, "attends", False):

@@ -101,6 +101,7 @@ at::Tensor f32_rows(const at::Tensor& packed_, const at::Tensor& ids_);
 // elementwise.cpp: serving helpers
 at::Tensor silu_mul(const at::Tensor& x_);
 at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps);
+at::Tensor& rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor argmax_rows(const at::Tensor& x, int64_t n);
 // block_linear.cpp: weights quantized in blocks (GGUF's block types, repacked), fp32 activations
 at::Tensor block4_linear(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& qh,

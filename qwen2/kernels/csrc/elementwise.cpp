@@ -1,7 +1,7 @@
 // Small fp32 ops of a serving step that torch runs slowly at these shapes (each a handful of
 // dispatches, strided views or a single-threaded reduction): decode attention straight from the
 // paged KV pool, silu(gate) * up, RMSNorm and the greedy argmax.
-// This file: silu_mul, rms_norm, argmax_rows; attention.cpp: paged_attention.
+// This file: silu_mul, rms_norm, rope_, argmax_rows; attention.cpp: paged_attention.
 #include "common.h"
 #include "threadpool.h"
 
@@ -127,6 +127,61 @@ at::Tensor argmax_rows(const at::Tensor& x, int64_t n) {
     }
   });
   return out;
+}
+
+// x <- x * cos + rotate_half(x) * sin in place, rotate_half(x) = cat(-x[D/2:], x[:D/2]): the
+// rotary embedding of q or k [B, H, T, D] (any strides, D contiguous) with cos / sin [B or 1, 1,
+// T, D]. Products and the sum rounded separately, as torch's eager ops do (no fused multiply-add):
+// the same bits as the model's apply_rope, in one dispatch instead of six.
+at::Tensor& rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+              x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), "rope_: float32 CPU tensors only");
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && sin.sizes() == cos.sizes() && sin.strides() == cos.strides(),
+              "rope_: x must be [B, H, T, D], cos and sin alike [B or 1, 1, T, D]");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && cos.size(3) == D && cos.size(2) == T && cos.size(1) == 1 &&
+              (cos.size(0) == B || cos.size(0) == 1), "rope_: cos/sin ", cos.sizes(), " do not fit x ", x.sizes());
+  TORCH_CHECK(x.stride(3) == 1 && cos.stride(3) == 1, "rope_: the last dimension must be contiguous");
+  if (x.numel() == 0) return x;
+  float* xp = x.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sx2 = x.stride(2);
+  const int64_t sc0 = cos.size(0) == 1 ? 0 : cos.stride(0), sc2 = cos.stride(2);
+  pool::parallel(B * H * T, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (H * T), h = (r / T) % H, t = r % T;
+      float* p = xp + b * sx0 + h * sx1 + t * sx2;
+      const float* c = cp + b * sc0 + t * sc2;
+      const float* s = sp + b * sc0 + t * sc2;
+      int64_t i = 0;
+#if defined(QWEN2_AVX512)
+      for (; i + 16 <= half; i += 16) {
+        const __m512 x1 = _mm512_loadu_ps(p + i), x2 = _mm512_loadu_ps(p + i + half);
+        __m512 a1 = _mm512_mul_ps(x1, _mm512_loadu_ps(c + i)), b1 = _mm512_mul_ps(x2, _mm512_loadu_ps(s + i));
+        __m512 a2 = _mm512_mul_ps(x2, _mm512_loadu_ps(c + i + half)), b2 = _mm512_mul_ps(x1, _mm512_loadu_ps(s + i + half));
+        asm("" : "+v"(a1), "+v"(b1), "+v"(a2), "+v"(b2));  // each product rounded on its own: no FMA
+        _mm512_storeu_ps(p + i, _mm512_sub_ps(a1, b1));
+        _mm512_storeu_ps(p + i + half, _mm512_add_ps(a2, b2));
+      }
+#elif defined(QWEN2_AVX2)
+      for (; i + 8 <= half; i += 8) {
+        const __m256 x1 = _mm256_loadu_ps(p + i), x2 = _mm256_loadu_ps(p + i + half);
+        __m256 a1 = _mm256_mul_ps(x1, _mm256_loadu_ps(c + i)), b1 = _mm256_mul_ps(x2, _mm256_loadu_ps(s + i));
+        __m256 a2 = _mm256_mul_ps(x2, _mm256_loadu_ps(c + i + half)), b2 = _mm256_mul_ps(x1, _mm256_loadu_ps(s + i + half));
+        asm("" : "+x"(a1), "+x"(b1), "+x"(a2), "+x"(b2));
+        _mm256_storeu_ps(p + i, _mm256_sub_ps(a1, b1));
+        _mm256_storeu_ps(p + i + half, _mm256_add_ps(a2, b2));
+      }
+#endif
+      for (; i < half; ++i) {
+        const float x1 = p[i], x2 = p[i + half];
+        volatile float a1 = x1 * c[i], b1 = x2 * s[i], a2 = x2 * c[i + half], b2 = x1 * s[i + half];
+        p[i] = a1 - b1;
+        p[i + half] = a2 + b2;
+      }
+    }
+  });
+  return x;
 }
 
 }  // namespace QWEN2_NS

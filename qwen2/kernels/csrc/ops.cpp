@@ -35,6 +35,7 @@ QWEN2_LIBRARY(QWEN2_NS, m) {
   m.def("f32_rows(Tensor packed, Tensor ids) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> Tensor(a!)");
   m.def("argmax_rows(Tensor x, int n) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor kpool, Tensor vpool, Tensor slots, Tensor lens, float scale, int window) -> Tensor");
   m.def("block4_linear(Tensor x, Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor? bias, bool exact=False) -> Tensor");
@@ -52,6 +53,7 @@ QWEN2_LIBRARY_IMPL(QWEN2_NS, CPU, m) {
   m.impl("f32_rows", &f32_rows);
   m.impl("silu_mul", &silu_mul);
   m.impl("rms_norm", &rms_norm);
+  m.impl("rope_", &rope_);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("paged_attention", &paged_attention);
   m.impl("block4_linear", &block4_linear);
