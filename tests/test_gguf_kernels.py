@@ -55,15 +55,15 @@ def _reference(t) -> torch.Tensor:
 def _call(m: BlockLinear, x: torch.Tensor, variant: str, exact: bool = True) -> torch.Tensor:
     ops = kernels.ops(variant)
     if m.kind == "block4":
-        return ops.block4_linear(x, m.qweight, m.qh, m.scales, m.offsets, m.zero, m.bias, exact)
-    return ops.block8_linear(x, m.qweight, m.scales, m.bias, exact)
+        return ops.block4_linear(x, m.qweight, m.qh, m.scales, m.offsets, m.zero, m.bias, exact, m.sscales, m.soffsets)
+    return ops.block8_linear(x, m.qweight, m.scales, m.bias, exact, m.sscales)
 
 
 def _rows(m: BlockLinear, ids: torch.Tensor, variant: str) -> torch.Tensor:
     ops = kernels.ops(variant)
     if m.kind == "block4":
-        return ops.block4_rows(m.qweight, m.qh, m.scales, m.offsets, m.zero, ids)
-    return ops.block8_rows(m.qweight, m.scales, ids)
+        return ops.block4_rows(m.qweight, m.qh, m.scales, m.offsets, m.zero, ids, m.sscales, m.soffsets)
+    return ops.block8_rows(m.qweight, m.scales, ids, m.sscales)
 
 
 @pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
@@ -82,6 +82,9 @@ def test_repacked_without_loss(tensors, qt):
         else:
             torch.testing.assert_close(got, ref, rtol=2 ** -22, atol=2 ** -22 * float(ref.abs().max()))
     assert m.scales.dtype == (torch.float16 if qt in (Q.Q4_0, Q.Q5_0, Q.Q8_0) else m.scales.dtype)
+    if qt in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # scales as the file stores them: 8 bits a group, a float per 256
+        assert m.scales.dtype == (torch.int8 if qt == Q.Q6_K else torch.uint8) and m.super_scales * m.group_size == 256
+        assert (m.offsets is not None) == (qt != Q.Q6_K) and m.sscales.dtype == torch.float32
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -172,7 +172,7 @@ def _with_head_rows(model, n: int):
     if isinstance(head, BlockLinear) and head.bias is None:
         cut = lambda t: None if t is None else t[:n]
         rows = BlockLinear.raw(head.kind, n, head.in_features, cut(head.qweight), cut(head.scales), cut(head.qh),
-                               cut(head.offsets), head.zero)
+                               cut(head.offsets), head.zero, cut(head.sscales), cut(head.soffsets))
     elif isinstance(head, F32Linear) and head.bias is None and n % 16 == 0:
         rows = F32Linear(SimpleNamespace(in_features=head.in_features, out_features=n, bias=None),
                          packed=head.packed[:n // 16])

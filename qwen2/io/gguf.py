@@ -400,24 +400,28 @@ def _block_linear(t):
         from gguf.quants import Q4_K
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
         sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
-        # the reference's own float32 products (d * sc, dmin * m): exact, so w = s * q - dm as there
-        s = (d * torch.from_numpy(sc.astype(np.float32))).view(n, k // 32)
-        off = (-(dmin * torch.from_numpy(mn.astype(np.float32)))).view(n, k // 32)
+        # kept as stored: 6-bit sc and m per group, d and -dmin per 256 (the kernels form the
+        # reference's float32 products d * sc and -(dmin * m), exact, so w = s * q - dm as there)
+        s8 = torch.from_numpy(np.ascontiguousarray(sc.astype(np.uint8))).view(n, k // 32)
+        m8 = torch.from_numpy(np.ascontiguousarray(mn.astype(np.uint8))).view(n, k // 32)
         q = _k_levels(b[:, 16:144] if typ == Q.Q4_K else b[:, 48:176])
         qh = None
         if typ == Q.Q5_K:  # bit j of qh[l]: the fifth bit of value l of group j
             bits = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
             qh = torch.from_numpy((bits.astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(-1)
                                   .astype(np.uint32).view(np.int32).reshape(n, k // 32))
-        return BlockLinear.raw("block4", n, k, qweight=_halves(q, n), qh=qh, scales=s, offsets=off, zero=0)
+        return BlockLinear.raw("block4", n, k, qweight=_halves(q, n), qh=qh, scales=s8, offsets=m8, zero=0,
+                               sscales=d.reshape(n, k // 256).contiguous(),
+                               soffsets=(-dmin).reshape(n, k // 256).contiguous())
     if typ == Q.Q6_K:  # the gguf reference's unpacking, without the scaling
         ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
         d = _f16(b[:, 208:210])
         lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15
         hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
         q = (lo.reshape(-1, 8, 32) | (hi.reshape(-1, 8, 32) << 4)).astype(np.int8) - np.int8(32)
-        s = (d * torch.from_numpy(np.ascontiguousarray(sc).view(np.int8).astype(np.float32))).view(n, k // 16)
-        return BlockLinear.raw("block8", n, k, qweight=torch.from_numpy(q.reshape(n, k)), scales=s)
+        s8 = torch.from_numpy(np.ascontiguousarray(sc).view(np.int8)).reshape(n, k // 16)
+        return BlockLinear.raw("block8", n, k, qweight=torch.from_numpy(q.reshape(n, k)), scales=s8,
+                               sscales=d.reshape(n, k // 256).contiguous())
     return None
 
 

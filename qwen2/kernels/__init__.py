@@ -131,10 +131,10 @@ def _register_fake(ns: str) -> None:
         torch._check(packed.dim() == 3 and packed.shape[2] == 16, lambda: "f32_linear: packed must be [ceil(N/16), K, 16]")
         return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
 
-    def block4_fake(x, qweight, qh, scales, offsets, zero, bias, exact=False):
+    def block4_fake(x, qweight, qh, scales, offsets, zero, bias, exact=False, sscales=None, soffsets=None):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
-    def block8_fake(x, qweight, scales, bias, exact=False):
+    def block8_fake(x, qweight, scales, bias, exact=False, sscales=None):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
     torch.library.register_fake(f"{ns}::block4_linear")(block4_fake)

@@ -7,8 +7,12 @@ asymmetric int4: `BlockLinear.int4(q, scales, offsets=-scales * zeros, group_siz
     block8   w[n, k] = scales[n, k // G] * q[n, k],  q int8, G = 16 or 32        (Q8_0, Q6_K)
 
 Scales and offsets are kept in float16 when every value survives the round trip (Q4_0, Q5_0,
-Q8_0: the file's own float16), else float32 (the K types' d * sc products, exact in float32): no
-value is ever rounded, so the weights are exactly the file's. The kernels
+Q8_0: the file's own float16). The K types (Q4_K, Q5_K, Q6_K) keep theirs as the file does: an
+8-bit integer per group (`scales`, `offsets`: uint8, or int8 for Q6_K's signed scales) times a
+float32 per super-block of 256 weights (`sscales`, `soffsets`): scales[n, g] = sscales[n, g // S]
+* scales8[n, g], the exact float32 product of the file's reference dequantization, streamed at one
+byte per group instead of four (`super_scales` says S). No value is ever rounded, so the weights
+are exactly the file's. The kernels
 (torch.ops.qwen2.block4_linear / block8_linear, qwen2/kernels/csrc/block_linear.cpp) read these
 layouts as they are. By default up to 16 rows of x (decode, small batches, speculative
 verification) are quantized to int8 per block of 32 and meet the weights in integer dot products
@@ -48,19 +52,36 @@ class BlockLinear(nn.Module):
         # float32 activations (the dequantized weight's product up to fp32 rounding) instead of the
         # default int8 ones (llama.cpp's numerics, ~2x faster decode): QWEN2_GGUF_EXACT=1 or set_exact
         self.exact = os.environ.get("QWEN2_GGUF_EXACT", "") not in ("", "0")
-        for name in ("qweight", "qh", "scales", "offsets", "bias"):
+        for name in ("qweight", "qh", "scales", "offsets", "bias", "sscales", "soffsets"):
             self.register_buffer(name, None)
 
     @classmethod
     def raw(cls, kind: str, out_features: int, in_features: int, qweight: torch.Tensor, scales: torch.Tensor,
-            qh: torch.Tensor | None = None, offsets: torch.Tensor | None = None, zero: int = 0) -> BlockLinear:
+            qh: torch.Tensor | None = None, offsets: torch.Tensor | None = None, zero: int = 0,
+            sscales: torch.Tensor | None = None, soffsets: torch.Tensor | None = None) -> BlockLinear:
         """The kernels' layout as it is (see the module doc and qwen2/kernels/csrc/block_linear.cpp);
-        scales / offsets float16 or float32, kept as given."""
+        scales / offsets float16 or float32, or 8-bit integers with float32 super-block scales /
+        offsets (sscales / soffsets [out, groups / S]), kept as given."""
         m = cls(out_features, in_features)
         m.kind, m.zero = kind, int(zero)
         m.group_size = GROUP if kind == "block4" else in_features // scales.shape[1]
         m.qweight, m.qh, m.scales, m.offsets = qweight, qh, scales, offsets
+        m.sscales, m.soffsets = sscales, soffsets
         return m
+
+    @property
+    def super_scales(self) -> int:
+        """Groups per super-block scale (0: scales are floats of their own)."""
+        return 0 if self.sscales is None else self.scales.shape[1] // self.sscales.shape[1]
+
+    def float_scales(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scales, offsets) of `rows` as float32 [rows, groups] (offsets None if there are none)."""
+        s, o = self.scales[rows], None if self.offsets is None else self.offsets[rows]
+        if self.sscales is None:
+            return s.float(), None if o is None else o.float()
+        r = self.super_scales
+        s = self.sscales[rows].repeat_interleave(r, -1) * s.float()
+        return s, None if o is None else self.soffsets[rows].repeat_interleave(r, -1) * o.float()
 
     @classmethod
     def int4(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None, zero: int = 0,
@@ -110,7 +131,8 @@ class BlockLinear(nn.Module):
         a = parts[0]
         same = all(p.kind == a.kind and p.group_size == a.group_size and p.zero == a.zero
                    and p.in_features == a.in_features and (p.offsets is None) == (a.offsets is None)
-                   and p.scales.dtype == a.scales.dtype and p.bias is None for p in parts)
+                   and p.scales.dtype == a.scales.dtype and p.super_scales == a.super_scales
+                   and p.bias is None for p in parts)
         if not same:
             return None
         m = cls(sum(p.out_features for p in parts), a.in_features)
@@ -119,6 +141,9 @@ class BlockLinear(nn.Module):
         m.scales = torch.cat([p.scales for p in parts])
         if a.offsets is not None:
             m.offsets = torch.cat([p.offsets for p in parts])
+        if a.sscales is not None:
+            m.sscales = torch.cat([p.sscales for p in parts])
+            m.soffsets = None if a.soffsets is None else torch.cat([p.soffsets for p in parts])
         if any(p.qh is not None for p in parts):  # a part without the 5th-bit plane gets a zero one
             m.qh = torch.cat([p.qh if p.qh is not None else torch.zeros(p.out_features, p.in_features // GROUP,
                                                                            dtype=torch.int32) for p in parts])
@@ -132,8 +157,9 @@ class BlockLinear(nn.Module):
         """Rows `ids` (any shape) of the dequantized weight, float32 [*ids.shape, in]."""
         if kernels.available():
             if self.kind == "block4":
-                return torch.ops.qwen2.block4_rows(self.qweight, self.qh, self.scales, self.offsets, self.zero, ids)
-            return torch.ops.qwen2.block8_rows(self.qweight, self.scales, ids)
+                return torch.ops.qwen2.block4_rows(self.qweight, self.qh, self.scales, self.offsets, self.zero, ids,
+                                                   self.sscales, self.soffsets)
+            return torch.ops.qwen2.block8_rows(self.qweight, self.scales, ids, self.sscales)
         flat = ids.reshape(-1)
         return self._dequantize(flat).view(*ids.shape, self.in_features)
 
@@ -144,7 +170,7 @@ class BlockLinear(nn.Module):
     def _dequantize(self, rows: torch.Tensor) -> torch.Tensor:
         """PyTorch's version of the kernels' dequantization (no qwen2 kernels here)."""
         n, k = rows.numel(), self.in_features
-        s = self.scales[rows].float()
+        s, o = self.float_scales(rows)
         if self.kind == "block8":
             return (self.qweight[rows].float().view(n, -1, self.group_size) * s[..., None]).view(n, k)
         b = self.qweight[rows].to(torch.int32).view(n, -1, GROUP // 2)
@@ -152,8 +178,8 @@ class BlockLinear(nn.Module):
         if self.qh is not None:
             q = q + ((self.qh[rows].to(torch.int64)[..., None] >> torch.arange(GROUP)) & 1).to(torch.int32) * 16
         w = (q - self.zero).float() * s[..., None]
-        if self.offsets is not None:
-            w = w + self.offsets[rows].float()[..., None]
+        if o is not None:
+            w = w + o[..., None]
         return w.view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,15 +189,18 @@ class BlockLinear(nn.Module):
         if kernels.available():
             if self.kind == "block4":
                 return torch.ops.qwen2.block4_linear.default(x, b["qweight"], b["qh"], b["scales"], b["offsets"],
-                                                             self.zero, b["bias"], self.exact)
-            return torch.ops.qwen2.block8_linear.default(x, b["qweight"], b["scales"], b["bias"], self.exact)
+                                                             self.zero, b["bias"], self.exact, b["sscales"],
+                                                             b["soffsets"])
+            return torch.ops.qwen2.block8_linear.default(x, b["qweight"], b["scales"], b["bias"], self.exact,
+                                                         b["sscales"])
         return F.linear(x.float(), self.dequantized(), self.bias)
 
     def extra_repr(self):
         more = f", zero={self.zero}" + (", 5-bit" if self.qh is not None else "") + \
             (", offsets" if self.offsets is not None else "") if self.kind == "block4" else ""
+        sup = f" x float32 per {self.super_scales} groups" if self.sscales is not None else ""
         return (f"{self.in_features}, {self.out_features}, {self.kind}, group_size={self.group_size}{more}, "
-                f"scales {str(self.scales.dtype).removeprefix('torch.')}")
+                f"scales {str(self.scales.dtype).removeprefix('torch.')}{sup}")
 
 
 def set_exact(model: nn.Module, exact: bool = True) -> nn.Module:

@@ -518,13 +518,61 @@ struct Layout {
   const void* o = nullptr;
   bool half = false;
   int64_t N = 0, K = 0;
+  // super-block scales (GGUF's K types): per group an 8-bit scale (s8: uint8, or int8 if s8_signed)
+  // and offset (o8: uint8), times a float32 per gps groups (sd, od): s_g = sd[g / gps] * s8[g] and
+  // o_g = od[g / gps] * o8[g], exactly the float32 products of the file's reference dequantization,
+  // streamed at ~1 byte per group instead of 4. `expand` writes one row's as floats; s and o unused.
+  const void* s8 = nullptr;
+  bool s8_signed = false;
+  const float* sd = nullptr;
+  const uint8_t* o8 = nullptr;
+  const float* od = nullptr;
+  int64_t gps = 0;
+  bool offsets() const { return o || o8; }
+
+  void expand(int64_t n, float* so, float* oo) const {
+    const int64_t ng = K / G, ns = ng / gps;
+    const float* d = sd + n * ns;
+    if (s8_signed) {
+      const int8_t* q = static_cast<const int8_t*>(s8) + n * ng;
+      for (int64_t j = 0; j < ns; ++j)
+        for (int64_t i = 0; i < gps; ++i) so[j * gps + i] = d[j] * (float)q[j * gps + i];
+    } else {
+      const uint8_t* q = static_cast<const uint8_t*>(s8) + n * ng;
+      for (int64_t j = 0; j < ns; ++j)
+        for (int64_t i = 0; i < gps; ++i) so[j * gps + i] = d[j] * (float)q[j * gps + i];
+    }
+    if (oo && o8) {
+      const uint8_t* m = o8 + n * ng;
+      const float* e = od + n * ns;
+      for (int64_t j = 0; j < ns; ++j)
+        for (int64_t i = 0; i < gps; ++i) oo[j * gps + i] = e[j] * (float)m[j * gps + i];
+    }
+  }
+  // this row's scales and offsets as ST arrays (expanded into sb / ob for super-block layouts)
+  template <typename ST>
+  void row_scales(int64_t n, float* sb, float* ob, const ST*& sp, const ST*& op) const {
+    const int64_t ng = K / G;
+    if constexpr (std::is_same_v<ST, float>) {
+      if (sd) {
+        expand(n, sb, o8 ? ob : nullptr);
+        sp = sb;
+        op = o8 ? ob : nullptr;
+        return;
+      }
+    }
+    sp = static_cast<const ST*>(s) + n * ng;
+    op = o ? static_cast<const ST*>(o) + n * ng : nullptr;
+  }
 
   template <typename ST>
   void row_t(int64_t n, float* out) const {
     const int64_t ng = K / G;
-    const ST* sp = static_cast<const ST*>(s) + n * ng;
+    thread_local std::vector<float> sb, ob;
+    if (sd && (int64_t)sb.size() < ng) sb.resize(ng), ob.resize(ng);
+    const ST *sp, *op;
+    row_scales<ST>(n, sb.data(), ob.data(), sp, op);
     if (q4) {
-      const ST* op = o ? static_cast<const ST*>(o) + n * ng : nullptr;
       b4_row(q4 + n * (K / 2), qh ? qh + n * ng : nullptr, sp, op, zero, ng, out);
     } else {
       b8_row(q8 + n * K, sp, K, G, out);
@@ -535,13 +583,15 @@ struct Layout {
   template <typename ST>
   float dot_t(int64_t n, const float* x, const float* X) const {
     const int64_t ng = K / G;
-    const ST* sp = static_cast<const ST*>(s) + n * ng;
+    thread_local std::vector<float> sb, ob;
+    if (sd && (int64_t)sb.size() < ng) sb.resize(ng), ob.resize(ng);
+    const ST *sp, *op;
+    row_scales<ST>(n, sb.data(), ob.data(), sp, op);
     float y;
     if (q4) {
       const uint8_t* w = q4 + n * (K / 2);
       y = qh ? b4_dot<ST, true>(w, qh + n * ng, sp, zero, x, ng) : b4_dot<ST, false>(w, nullptr, sp, zero, x, ng);
-      if (o) {
-        const ST* op = static_cast<const ST*>(o) + n * ng;
+      if (op) {
         float t = 0.f;
         for (int64_t g = 0; g < ng; ++g) t += ldh(op + g) * X[g];
         y += t;
@@ -560,7 +610,12 @@ template <int KIND, bool QH, bool OFF, typename ST>
 void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, float* y, const float* bp) {
   const int64_t ng = a.ng, rb = KIND == QB4 ? L.K / 2 : L.K;
   const uint8_t* W = KIND == QB4 ? L.q4 : reinterpret_cast<const uint8_t*>(L.q8);
-  const ST *s = static_cast<const ST*>(L.s), *o = static_cast<const ST*>(L.o);
+  thread_local std::vector<float> sb, ob;  // a super-block layout's row scales, expanded
+  if (L.sd && (int64_t)sb.size() < ng) sb.resize(ng), ob.resize(ng);
+  // the scale / offset streams (super-block layouts: their 8-bit rows; the floats are few)
+  const int64_t sbytes = L.sd ? 1 : (int64_t)sizeof(ST);
+  const char* sbase = static_cast<const char*>(L.sd ? L.s8 : L.s);
+  const char* obase = L.sd ? reinterpret_cast<const char*>(L.o8) : static_cast<const char*>(L.o);
   QRow xr[QMAX];
   for (int64_t m = 0; m < M; ++m) xr[m] = a.row(m);
   // software prefetch PF bytes ahead in each stream: a task's rows are one short stream per array,
@@ -573,18 +628,19 @@ void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, fl
     {  // past the array's end is harmless: a prefetch never faults
       const char* pw = reinterpret_cast<const char*>(w + pd * rb);
       for (int64_t b = 0; b < rb; b += 64) __builtin_prefetch(pw + b);
-      const char* ps = reinterpret_cast<const char*>(s + (n + pd) * ng);
-      for (int64_t b = 0; b < ng * (int64_t)sizeof(ST); b += 64) __builtin_prefetch(ps + b);
+      const char* ps = sbase + (n + pd) * ng * sbytes;
+      for (int64_t b = 0; b < ng * sbytes; b += 64) __builtin_prefetch(ps + b);
       if constexpr (QH) {
         const char* ph = reinterpret_cast<const char*>(L.qh + (n + pd) * ng);
         for (int64_t b = 0; b < ng * 4; b += 64) __builtin_prefetch(ph + b);
       }
       if constexpr (OFF) {
-        const char* po = reinterpret_cast<const char*>(o + (n + pd) * ng);
-        for (int64_t b = 0; b < ng * (int64_t)sizeof(ST); b += 64) __builtin_prefetch(po + b);
+        const char* po = obase + (n + pd) * ng * sbytes;
+        for (int64_t b = 0; b < ng * sbytes; b += 64) __builtin_prefetch(po + b);
       }
     }
-    const ST *sn = s + n * ng, *on = OFF ? o + n * ng : nullptr;
+    const ST *sn, *on;
+    L.row_scales<ST>(n, sb.data(), ob.data(), sn, on);
     const float b = bp ? bp[n] : 0.f;
     float out[4];
     for (int64_t m = 0; m < M; m += 4) {  // 4 rows of x per pass over the weight row (L1 after the first)
@@ -605,8 +661,8 @@ using QFn = void (*)(const Layout&, const QAct&, int64_t, int64_t, int64_t, floa
 template <typename ST>
 QFn qpick_t(const Layout& L) {
   if (!L.q4) return L.G == 16 ? qrows<QB8_16, false, false, ST> : qrows<QB8_32, false, false, ST>;
-  if (L.qh) return L.o ? qrows<QB4, true, true, ST> : qrows<QB4, true, false, ST>;
-  return L.o ? qrows<QB4, false, true, ST> : qrows<QB4, false, false, ST>;
+  if (L.qh) return L.offsets() ? qrows<QB4, true, true, ST> : qrows<QB4, true, false, ST>;
+  return L.offsets() ? qrows<QB4, false, true, ST> : qrows<QB4, false, false, ST>;
 }
 
 at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional<at::Tensor>& bias_, const char* op,
@@ -628,7 +684,7 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
   if (!exact && M <= QMAX && K % 32 == 0) {
     // the default: int8 activations, integer dot products, each weight row read once for all rows
     QAct a;
-    qprep(xp, M, K, L.q4 ? QB4 : (L.G == 16 ? QB8_16 : QB8_32), L.zero, L.o != nullptr, a);
+    qprep(xp, M, K, L.q4 ? QB4 : (L.G == 16 ? QB8_16 : QB8_32), L.zero, L.offsets(), a);
     const QFn fn = L.half ? qpick_t<half_t>(L) : qpick_t<float>(L);
     const int64_t bytes = (L.q4 ? K / 2 : K) * M;
     pool::parallel(N, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, bytes)),
@@ -639,8 +695,8 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
     // decode (and batches of up to 3 rows, where converting each weight row once per row of x
     // costs less than dequantizing into tiles): the blocks streamed once, from cache for rows 2-3
     const int64_t ng = K / L.G;
-    std::vector<float> X(L.o ? M * ng : 0);
-    for (int64_t m = 0; m < M && L.o; ++m)  // group sums of x, for the offsets
+    std::vector<float> X(L.offsets() ? M * ng : 0);
+    for (int64_t m = 0; m < M && L.offsets(); ++m)  // group sums of x, for the offsets
       for (int64_t g = 0; g < ng; ++g) {
         float t = 0.f;
         for (int64_t i = 0; i < L.G; ++i) t += xp[m * K + g * L.G + i];
@@ -650,7 +706,7 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
     pool::parallel(N, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, bytes)), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; ++m)
-          yp[m * N + n] = L.dot(n, xp + m * K, L.o ? X.data() + m * ng : nullptr) + (bp ? bp[n] : 0.f);
+          yp[m * N + n] = L.dot(n, xp + m * K, L.offsets() ? X.data() + m * ng : nullptr) + (bp ? bp[n] : 0.f);
     });
     return y;
   }
@@ -699,26 +755,56 @@ at::Tensor run_rows(const Layout& L, const at::Tensor& ids_) {
   return out;
 }
 
-void check_scales(Layout& L, const at::Tensor& scales, const std::optional<at::Tensor>& offsets, const char* op,
-                  at::Tensor& s, at::Tensor& o) {
+using OptT = std::optional<at::Tensor>;
+using Keep = at::Tensor[6];
+
+void check_scales(Layout& L, const at::Tensor& scales, const OptT& offsets, const OptT& sscales, const OptT& soffsets,
+                  const char* op, Keep& keep) {
   const int64_t ng = L.K / L.G;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf, op,
-              ": scales must be float32 or float16");
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == L.N && scales.size(1) == ng, op, ": scales must be [", L.N, ", ",
               ng, "], got ", scales.sizes());
-  s = scales.contiguous();
-  L.s = s.data_ptr();
-  L.half = s.scalar_type() == at::kHalf;
-  if (offsets.has_value() && offsets->defined()) {
-    TORCH_CHECK(offsets->scalar_type() == s.scalar_type() && offsets->sizes() == s.sizes(), op,
+  const bool has_off = offsets.has_value() && offsets->defined();
+  const bool has_soff = soffsets.has_value() && soffsets->defined();
+  if (sscales.has_value() && sscales->defined()) {  // super-block scales (Layout::s8)
+    TORCH_CHECK(scales.scalar_type() == at::kByte || scales.scalar_type() == at::kChar, op,
+                ": scales under super-block scales must be uint8 or int8");
+    const at::Tensor& sd = *sscales;
+    TORCH_CHECK(sd.scalar_type() == at::kFloat && sd.dim() == 2 && sd.size(0) == L.N && sd.size(1) > 0 &&
+                ng % sd.size(1) == 0, op, ": super-block scales must be float32 [", L.N, ", groups / n]");
+    keep[2] = scales.contiguous();
+    keep[4] = sd.contiguous();
+    L.s8 = keep[2].data_ptr();
+    L.s8_signed = scales.scalar_type() == at::kChar;
+    L.sd = keep[4].data_ptr<float>();
+    L.gps = ng / sd.size(1);
+    TORCH_CHECK(has_off == has_soff, op, ": offsets and super-block offsets come together");
+    if (has_off) {
+      TORCH_CHECK(offsets->scalar_type() == at::kByte && offsets->sizes() == scales.sizes() &&
+                  soffsets->scalar_type() == at::kFloat && soffsets->sizes() == sd.sizes(), op,
+                  ": offsets must be uint8 like scales, super-block offsets float32 like theirs");
+      keep[3] = offsets->contiguous();
+      keep[5] = soffsets->contiguous();
+      L.o8 = keep[3].data_ptr<uint8_t>();
+      L.od = keep[5].data_ptr<float>();
+    }
+    return;
+  }
+  TORCH_CHECK(!has_soff, op, ": super-block offsets need super-block scales");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf, op,
+              ": scales must be float32 or float16 (or 8-bit with super-block scales)");
+  keep[2] = scales.contiguous();
+  L.s = keep[2].data_ptr();
+  L.half = keep[2].scalar_type() == at::kHalf;
+  if (has_off) {
+    TORCH_CHECK(offsets->scalar_type() == keep[2].scalar_type() && offsets->sizes() == keep[2].sizes(), op,
                 ": offsets must be like scales");
-    o = offsets->contiguous();
-    L.o = o.data_ptr();
+    keep[3] = offsets->contiguous();
+    L.o = keep[3].data_ptr();
   }
 }
 
-Layout block4(const at::Tensor& qweight, const std::optional<at::Tensor>& qh_, const at::Tensor& scales,
-              const std::optional<at::Tensor>& offsets, int64_t zero, at::Tensor (&keep)[4]) {
+Layout block4(const at::Tensor& qweight, const OptT& qh_, const at::Tensor& scales, const OptT& offsets, int64_t zero,
+              const OptT& sscales, const OptT& soffsets, Keep& keep) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(1) % 16 == 0,
               "block4: qweight must be uint8 [N, K/2] with K a multiple of 32");
   Layout L;
@@ -734,11 +820,11 @@ Layout block4(const at::Tensor& qweight, const std::optional<at::Tensor>& qh_, c
     keep[1] = qh_->contiguous();
     L.qh = keep[1].data_ptr<int32_t>();
   }
-  check_scales(L, scales, offsets, "block4", keep[2], keep[3]);
+  check_scales(L, scales, offsets, sscales, soffsets, "block4", keep);
   return L;
 }
 
-Layout block8(const at::Tensor& qweight, const at::Tensor& scales, at::Tensor (&keep)[4]) {
+Layout block8(const at::Tensor& qweight, const at::Tensor& scales, const OptT& sscales, Keep& keep) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "block8: qweight must be int8 [N, K]");
   Layout L;
   L.N = qweight.size(0);
@@ -748,34 +834,35 @@ Layout block8(const at::Tensor& qweight, const at::Tensor& scales, at::Tensor (&
   TORCH_CHECK(L.G == 16 || L.G == 32, "block8: the group size must be 16 or 32, not ", L.G);
   keep[0] = qweight.contiguous();
   L.q8 = keep[0].data_ptr<int8_t>();
-  check_scales(L, scales, std::nullopt, "block8", keep[2], keep[3]);
+  check_scales(L, scales, std::nullopt, sscales, std::nullopt, "block8", keep);
   return L;
 }
 
 }  // namespace
 
-at::Tensor block4_linear(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& qh,
-                         const at::Tensor& scales, const std::optional<at::Tensor>& offsets, int64_t zero,
-                         const std::optional<at::Tensor>& bias, bool exact) {
-  at::Tensor keep[4];
-  return run_linear(block4(qweight, qh, scales, offsets, zero, keep), x, bias, "block4_linear", exact);
+at::Tensor block4_linear(const at::Tensor& x, const at::Tensor& qweight, const OptT& qh, const at::Tensor& scales,
+                         const OptT& offsets, int64_t zero, const OptT& bias, bool exact, const OptT& sscales,
+                         const OptT& soffsets) {
+  Keep keep;
+  return run_linear(block4(qweight, qh, scales, offsets, zero, sscales, soffsets, keep), x, bias, "block4_linear",
+                    exact);
 }
 
-at::Tensor block8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                         const std::optional<at::Tensor>& bias, bool exact) {
-  at::Tensor keep[4];
-  return run_linear(block8(qweight, scales, keep), x, bias, "block8_linear", exact);
+at::Tensor block8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const OptT& bias,
+                         bool exact, const OptT& sscales) {
+  Keep keep;
+  return run_linear(block8(qweight, scales, sscales, keep), x, bias, "block8_linear", exact);
 }
 
-at::Tensor block4_rows(const at::Tensor& qweight, const std::optional<at::Tensor>& qh, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& offsets, int64_t zero, const at::Tensor& ids) {
-  at::Tensor keep[4];
-  return run_rows(block4(qweight, qh, scales, offsets, zero, keep), ids);
+at::Tensor block4_rows(const at::Tensor& qweight, const OptT& qh, const at::Tensor& scales, const OptT& offsets,
+                       int64_t zero, const at::Tensor& ids, const OptT& sscales, const OptT& soffsets) {
+  Keep keep;
+  return run_rows(block4(qweight, qh, scales, offsets, zero, sscales, soffsets, keep), ids);
 }
 
-at::Tensor block8_rows(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& ids) {
-  at::Tensor keep[4];
-  return run_rows(block8(qweight, scales, keep), ids);
+at::Tensor block8_rows(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& ids, const OptT& sscales) {
+  Keep keep;
+  return run_rows(block8(qweight, scales, sscales, keep), ids);
 }
 
 }  // namespace QWEN2_NS

@@ -38,10 +38,10 @@ QWEN2_LIBRARY(QWEN2_NS, m) {
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> Tensor(a!)");
   m.def("argmax_rows(Tensor x, int n) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor kpool, Tensor vpool, Tensor slots, Tensor lens, float scale, int window) -> Tensor");
-  m.def("block4_linear(Tensor x, Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor? bias, bool exact=False) -> Tensor");
-  m.def("block8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool exact=False) -> Tensor");
-  m.def("block4_rows(Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor ids) -> Tensor");
-  m.def("block8_rows(Tensor qweight, Tensor scales, Tensor ids) -> Tensor");
+  m.def("block4_linear(Tensor x, Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor? bias, bool exact=False, Tensor? sscales=None, Tensor? soffsets=None) -> Tensor");
+  m.def("block8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool exact=False, Tensor? sscales=None) -> Tensor");
+  m.def("block4_rows(Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor ids, Tensor? sscales=None, Tensor? soffsets=None) -> Tensor");
+  m.def("block8_rows(Tensor qweight, Tensor scales, Tensor ids, Tensor? sscales=None) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
