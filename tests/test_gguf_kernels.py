@@ -56,14 +56,16 @@ def _call(m: BlockLinear, x: torch.Tensor, variant: str, exact: bool = True) -> 
     ops = kernels.ops(variant)
     if m.kind == "block4":
         return ops.block4_linear(x, m.qweight, m.qh, m.scales, m.offsets, m.zero, m.bias, exact, m.sscales, m.soffsets)
-    return ops.block8_linear(x, m.qweight, m.scales, m.bias, exact, m.sscales)
+    op = ops.block6_linear if m.kind == "block6" else ops.block8_linear
+    return op(x, m.qweight, m.scales, m.bias, exact, m.sscales)
 
 
 def _rows(m: BlockLinear, ids: torch.Tensor, variant: str) -> torch.Tensor:
     ops = kernels.ops(variant)
     if m.kind == "block4":
         return ops.block4_rows(m.qweight, m.qh, m.scales, m.offsets, m.zero, ids, m.sscales, m.soffsets)
-    return ops.block8_rows(m.qweight, m.scales, ids, m.sscales)
+    op = ops.block6_rows if m.kind == "block6" else ops.block8_rows
+    return op(m.qweight, m.scales, ids, m.sscales)
 
 
 @pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
@@ -85,6 +87,8 @@ def test_repacked_without_loss(tensors, qt):
     if qt in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # scales as the file stores them: 8 bits a group, a float per 256
         assert m.scales.dtype == (torch.int8 if qt == Q.Q6_K else torch.uint8) and m.super_scales * m.group_size == 256
         assert (m.offsets is not None) == (qt != Q.Q6_K) and m.sscales.dtype == torch.float32
+    if qt == Q.Q6_K:  # 6 bits a weight, as in the file
+        assert m.kind == "block6" and m.qweight.numel() == ROWS * COLS * 3 // 4
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

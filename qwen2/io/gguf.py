@@ -9,7 +9,7 @@ shape (GGUF_NAMES); only MoE experts, stored stacked [n_expert, out, in], are sp
 
 By default (dtype "auto" on the CPU, dense models, qwen2's kernels built) the quantized tensors
 are not dequantized: each is repacked, without loss, into one of qwen2.quant.blocks' layouts
-(`_block_linear`: Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K -> block4, Q8_0/Q6_K -> block8, the file's
+(`_block_linear`: Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K -> block4, Q8_0 -> block8, Q6_K -> block6, the file's
 scales kept exactly) and run at the file's own precision with float32 activations; the logits are
 the dequantized model's up to float32 summation order. Any other type, or an explicit dtype,
 dequantizes as before.
@@ -413,15 +413,10 @@ def _block_linear(t):
         return BlockLinear.raw("block4", n, k, qweight=_halves(q, n), qh=qh, scales=s8, offsets=m8, zero=0,
                                sscales=d.reshape(n, k // 256).contiguous(),
                                soffsets=(-dmin).reshape(n, k // 256).contiguous())
-    if typ == Q.Q6_K:  # the gguf reference's unpacking, without the scaling
-        ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
-        d = _f16(b[:, 208:210])
-        lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15
-        hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
-        q = (lo.reshape(-1, 8, 32) | (hi.reshape(-1, 8, 32) << 4)).astype(np.int8) - np.int8(32)
-        s8 = torch.from_numpy(np.ascontiguousarray(sc).view(np.int8)).reshape(n, k // 16)
-        return BlockLinear.raw("block8", n, k, qweight=torch.from_numpy(q.reshape(n, k)), scales=s8,
-                               sscales=d.reshape(n, k // 256).contiguous())
+    if typ == Q.Q6_K:  # the values as stored (ql, qh: block6), int8 scales per 16, d per 256
+        s8 = torch.from_numpy(np.ascontiguousarray(b[:, 192:208]).view(np.int8)).reshape(n, k // 16)
+        return BlockLinear.raw("block6", n, k, qweight=_bytes(b[:, :192]).view(n, k // 4 * 3), scales=s8,
+                               sscales=_f16(b[:, 208:210]).reshape(n, k // 256).contiguous())
     return None
 
 

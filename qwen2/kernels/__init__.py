@@ -139,6 +139,7 @@ def _register_fake(ns: str) -> None:
 
     torch.library.register_fake(f"{ns}::block4_linear")(block4_fake)
     torch.library.register_fake(f"{ns}::block8_linear")(block8_fake)
+    torch.library.register_fake(f"{ns}::block6_linear")(block8_fake)
     torch.library.register_fake(f"{ns}::bf16_gemv")(bf16_fake)
     torch.library.register_fake(f"{ns}::f32_linear")(f32_fake)
     torch.library.register_fake(f"{ns}::int8_gemv")(int8_fake)

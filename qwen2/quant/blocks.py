@@ -4,7 +4,9 @@ asymmetric int4: `BlockLinear.int4(q, scales, offsets=-scales * zeros, group_siz
 
     block4   w[n, k] = scales[n, g] * (q[n, k] - zero) + offsets[n, g],  g = k // 32, q in 0..31
              (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K; 5-bit values keep their top bit in a plane `qh`)
-    block8   w[n, k] = scales[n, k // G] * q[n, k],  q int8, G = 16 or 32        (Q8_0, Q6_K)
+    block8   w[n, k] = scales[n, k // G] * q[n, k],  q int8, G = 16 or 32        (Q8_0)
+    block6   w[n, k] = scales[n, k // 16] * (q[n, k] - 32), q in 0..63 at 6 bits a weight, 192 bytes
+             per 256 weights in Q6_K's own order (ql[128], qh[64]; block_linear.cpp's b6_unpack)   (Q6_K)
 
 Scales and offsets are kept in float16 when every value survives the round trip (Q4_0, Q5_0,
 Q8_0: the file's own float16). The K types (Q4_K, Q5_K, Q6_K) keep theirs as the file does: an
@@ -65,6 +67,9 @@ class BlockLinear(nn.Module):
         m = cls(out_features, in_features)
         m.kind, m.zero = kind, int(zero)
         m.group_size = GROUP if kind == "block4" else in_features // scales.shape[1]
+        if kind == "block6" and (in_features % 256 or tuple(qweight.shape) != (out_features, in_features // 4 * 3)):
+            raise Qwen2Error(f"block6 needs in_features a multiple of 256 and qweight [out, in * 3/4], "
+                             f"got {in_features} and {list(qweight.shape)}")
         m.qweight, m.qh, m.scales, m.offsets = qweight, qh, scales, offsets
         m.sscales, m.soffsets = sscales, soffsets
         return m
@@ -159,7 +164,8 @@ class BlockLinear(nn.Module):
             if self.kind == "block4":
                 return torch.ops.qwen2.block4_rows(self.qweight, self.qh, self.scales, self.offsets, self.zero, ids,
                                                    self.sscales, self.soffsets)
-            return torch.ops.qwen2.block8_rows(self.qweight, self.scales, ids, self.sscales)
+            op = torch.ops.qwen2.block6_rows if self.kind == "block6" else torch.ops.qwen2.block8_rows
+            return op(self.qweight, self.scales, ids, self.sscales)
         flat = ids.reshape(-1)
         return self._dequantize(flat).view(*ids.shape, self.in_features)
 
@@ -171,6 +177,8 @@ class BlockLinear(nn.Module):
         """PyTorch's version of the kernels' dequantization (no qwen2 kernels here)."""
         n, k = rows.numel(), self.in_features
         s, o = self.float_scales(rows)
+        if self.kind == "block6":
+            return ((_b6_levels(self.qweight[rows]) - 32).float().view(n, -1, 16) * s[..., None]).view(n, k)
         if self.kind == "block8":
             return (self.qweight[rows].float().view(n, -1, self.group_size) * s[..., None]).view(n, k)
         b = self.qweight[rows].to(torch.int32).view(n, -1, GROUP // 2)
@@ -191,8 +199,8 @@ class BlockLinear(nn.Module):
                 return torch.ops.qwen2.block4_linear.default(x, b["qweight"], b["qh"], b["scales"], b["offsets"],
                                                              self.zero, b["bias"], self.exact, b["sscales"],
                                                              b["soffsets"])
-            return torch.ops.qwen2.block8_linear.default(x, b["qweight"], b["scales"], b["bias"], self.exact,
-                                                         b["sscales"])
+            op = torch.ops.qwen2.block6_linear if self.kind == "block6" else torch.ops.qwen2.block8_linear
+            return op.default(x, b["qweight"], b["scales"], b["bias"], self.exact, b["sscales"])
         return F.linear(x.float(), self.dequantized(), self.bias)
 
     def extra_repr(self):
@@ -201,6 +209,16 @@ class BlockLinear(nn.Module):
         sup = f" x float32 per {self.super_scales} groups" if self.sscales is not None else ""
         return (f"{self.in_features}, {self.out_features}, {self.kind}, group_size={self.group_size}{more}, "
                 f"scales {str(self.scales.dtype).removeprefix('torch.')}{sup}")
+
+
+def _b6_levels(qw: torch.Tensor) -> torch.Tensor:
+    """block6 bytes [n, K * 3/4] -> levels q in 0..63 [n, K] (int32), Q6_K's order."""
+    n = qw.shape[0]
+    b = qw.view(n, -1, 192).to(torch.int32)
+    ql, qh = b[..., :128].view(n, -1, 2, 2, 32), b[..., 128:].view(n, -1, 2, 1, 32)  # [.., half, c & 1, i]
+    lo = torch.stack([ql & 15, ql >> 4], 3).view(n, -1, 2, 4, 32)                    # c = 2 * (c >> 1) + (c & 1)
+    hi = (qh >> torch.tensor([0, 2, 4, 6]).view(4, 1)) & 3                              # [.., half, c, i]
+    return (lo | (hi << 4)).reshape(n, -1)
 
 
 def set_exact(model: nn.Module, exact: bool = True) -> nn.Module:

@@ -11,6 +11,8 @@
 //   q[g*32 + 16 + i] in its high one (Q4_0 / Q5_0's own order); qh int32 [N, K/32] or None: bit j
 //   adds 16 to q[g*32 + j]; scales, offsets (or None) [N, K/32], float32 or float16.
 // block8: groups of G = 16 or 32, q int8 [N, K]: w[n, k] = s[n, k / G] * q[n, k].
+// block6: GGUF's Q6_K values as stored, 6 bits a weight (b6_unpack), G = 16: w = s[n, k / 16] * (q - 32);
+//   run as block8 of G = 16 whose bytes are unpacked in registers.
 //
 // exact, one row (decode; up to 3 rows likewise, each weight row converted once per row of x): the
 // kernel streams the quantized weight once, converting each group to fp32
@@ -70,6 +72,22 @@ inline void b4_group(const uint8_t* w, const int32_t* qh, int64_t g, int32_t zer
     out[i + 16] = (float)((int32_t)(b >> 4) + (int32_t)((h >> (i + 16)) & 1) * 16 - zero);
   }
 #endif
+}
+
+// ----------------------------------------------------------------------------- block6 to int8
+// block6 (GGUF's Q6_K values as stored): per 256 weights 192 bytes, ql[128] then qh[64]; weight
+// 128h + 32c + i (h, c in 0..1 / 0..3, i < 32) has low bits ql[64h + 32(c & 1) + i] >> 4(c >> 1) & 15
+// and high bits qh[32h + i] >> 2c & 3: q = low | high << 4 in 0..63, the value q - 32.
+inline void b6_unpack(const uint8_t* w, int64_t K, int8_t* out) {
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const uint8_t *ql = w + 192 * sb, *qh = ql + 128;
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < 32; ++i) {
+          const int lo = (ql[64 * h + 32 * (c & 1) + i] >> (4 * (c >> 1))) & 15, hi = (qh[32 * h + i] >> (2 * c)) & 3;
+          out[256 * sb + 128 * h + 32 * c + i] = (int8_t)((lo | (hi << 4)) - 32);
+        }
+  }
 }
 
 // ----------------------------------------------------------------------------- block4, one row
@@ -226,7 +244,7 @@ constexpr int64_t QMAX = 16;
 #define QWEN2_QPF 4096
 #endif
 constexpr int64_t QPF = QWEN2_QPF;  // prefetch distance, bytes of weight rows
-enum QKind { QB4 = 0, QB8_32 = 1, QB8_16 = 2 };
+enum QKind { QB4 = 0, QB8_32 = 1, QB8_16 = 2, QB6 = 3 };
 
 #if defined(QWEN2_AVX512)
 constexpr int64_t QCB = 64;  // weight bytes per chunk (one register)
@@ -282,16 +300,16 @@ inline float quant32(const float* x, int8_t* q, int32_t* sum_lo, int32_t* sum_hi
 }
 
 void qprep(const float* x, int64_t M, int64_t K, int kind, int32_t zero, bool offsets, QAct& a) {
-  const int64_t G = kind == QB8_16 ? 16 : 32, ng = K / G;
+  const int64_t G = (kind == QB8_16 || kind == QB6) ? 16 : 32, ng = K / G;
   a.ng = ng;
   a.xstride = K + 128;
   a.gstride = ng + 32;
   a.xq.assign(M * a.xstride, 0);
   a.f.assign(M * 3 * a.gstride, 0.f);
 #if defined(QWEN2_AVX512)
-  const float c = kind == QB4 ? (float)zero : 128.f;  // vpdpbusd: block8 weights + 128 as unsigned
+  const float c = kind == QB4 ? (float)zero : kind == QB6 ? 32.f : 128.f;  // vpdpbusd: block8 weights + 128 as unsigned
 #else
-  const float c = kind == QB4 ? (float)zero : 0.f;  // AVX2 / scalar: signed products
+  const float c = kind == QB4 ? (float)zero : kind == QB6 ? 32.f : 0.f;  // AVX2 / scalar: signed block8 products
 #endif
   std::vector<int8_t> tmp(32);
   for (int64_t m = 0; m < M; ++m) {
@@ -318,7 +336,7 @@ void qprep(const float* x, int64_t M, int64_t K, int kind, int32_t zero, bool of
       } else if (kind == QB8_32) {
         sxg[b] = sx;
         T[b] = c * sx * (float)(s0 + s1);
-      } else {
+      } else {  // QB8_16, QB6: two groups of 16
         sxg[2 * b] = sxg[2 * b + 1] = sx;
         T[2 * b] = c * sx * (float)s0;
         T[2 * b + 1] = c * sx * (float)s1;
@@ -338,7 +356,7 @@ inline __m512 lds16(const half_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm25
 // NR rows of x against one weight row of ng groups: out[r] = y for x row r (no bias)
 template <int KIND, bool QH, bool OFF, typename ST, int NR>
 void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t ng, const QRow* xr, float* out) {
-  constexpr int64_t WB = KIND == QB8_32 ? 32 : 16;  // weight bytes per group
+  constexpr int64_t WB = KIND == QB8_32 ? 32 : 16;  // weight bytes per group (block6: once unpacked to bytes)
   constexpr int GPC = 64 / WB, LPG = 16 / GPC;     // groups per chunk, int32 lanes per group
   __m512 acc[NR][2], accz[NR];
   for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = accz[r] = _mm512_setzero_ps();
@@ -347,6 +365,10 @@ void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t
                                   : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   // qh: the low 16 bits of 4 groups' words (low nibbles' plane) and the high 16 (high nibbles')
   const __m128i hsh = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  // block6: the qh byte's 2-bit field of each chunk, shifted per 16-bit lane (low / high 256 bits)
+  const __m512i sh_a = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+  const __m512i sh_b = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+  const __m512i m3 = _mm512_set1_epi8(3);
   for (int64_t g0 = 0; g0 < ng; g0 += 16) {
     const int64_t left = std::min<int64_t>(16, ng - g0);
     const __mmask16 mk = (__mmask16)((1u << left) - 1);
@@ -359,10 +381,25 @@ void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t
     }
     const int64_t b0 = g0 * WB, nb = left * WB, nch = (nb + 63) / 64;
     for (int64_t j = 0; j < nch; ++j) {
+      const __m512i idx = _mm512_add_epi32(lane_g, _mm512_set1_epi32((int)(GPC * j)));
+      if constexpr (KIND == QB6) {  // a whole super-block per g0: chunk j = weights 64j.. of it
+        const uint8_t* sb = w + 12 * g0;  // 192 bytes per 16 groups
+        const int64_t h = j >> 1;
+        const __m512i ql = _mm512_loadu_si512(sb + 64 * h);
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(sb + 128 + 32 * h)));
+        const __m512i lo = (j & 1) ? _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4) : _mm512_and_si512(ql, m4);
+        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, (j & 1) ? sh_b : sh_a), m3);
+        const __m512i wu = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));  // q in 0..63 (T takes the 32 back)
+        const int64_t k0 = 16 * g0 + 64 * j;
+        for (int r = 0; r < NR; ++r) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xr[r].xq + k0));
+          acc[r][j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx, F[r]), acc[r][j & 1]);
+        }
+        continue;
+      }
       const uint8_t* wp = w + b0 + 64 * j;
       const __m512i wv = 64 * (j + 1) <= nb ? _mm512_loadu_si512(wp)
                                             : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - (nb - 64 * j)), wp);
-      const __m512i idx = _mm512_add_epi32(lane_g, _mm512_set1_epi32((int)(GPC * j)));
       if constexpr (KIND == QB4) {
         __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
         if constexpr (QH) {
@@ -440,11 +477,28 @@ void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t
     }
     const int64_t b0 = g0 * WB, nb = left * WB, nch = (nb + 31) / 32;
     for (int64_t j = 0; j < nch; ++j) {
+      const __m256i idx = _mm256_add_epi32(lane_g, _mm256_set1_epi32((int)(GPC * j)));
+      if constexpr (KIND == QB6) {  // g0 = a half super-block (128 weights); chunk j = its weights 32j..
+        const int64_t h = (g0 >> 3) & 1;
+        const uint8_t* sb = w + 12 * (g0 - 8 * h);  // the super-block's 192 bytes
+        const __m256i ql = _mm256_loadu_si256((const __m256i*)(sb + 64 * h + 32 * (j & 1)));
+        const __m256i qh = _mm256_loadu_si256((const __m256i*)(sb + 128 + 32 * h));
+        const __m256i lo = _mm256_and_si256((j >> 1) ? _mm256_srli_epi16(ql, 4) : ql, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, (int)(2 * j)), _mm256_set1_epi8(3));
+        const __m256i wu = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  // q in 0..63 (T takes the 32 back)
+        const int64_t k0 = 16 * g0 + 32 * j;
+        for (int r = 0; r < NR; ++r) {
+          // q <= 63: pair sums <= 2 * 63 * 127, no saturation
+          const __m256i d = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(wu, _mm256_loadu_si256((const __m256i*)(xr[r].xq + k0))), ones);
+          acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(F[r], idx), acc[r][j & 1]);
+        }
+        continue;
+      }
       const uint8_t* wp = w + b0 + 32 * j;
       const bool full = 32 * (j + 1) <= nb;  // else one group of 16 bytes
       const __m256i wv = full ? _mm256_loadu_si256((const __m256i*)wp)
                               : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i*)wp), 0);
-      const __m256i idx = _mm256_add_epi32(lane_g, _mm256_set1_epi32((int)(GPC * j)));
       if constexpr (KIND == QB4) {
         __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
         if constexpr (QH) {
@@ -478,13 +532,22 @@ void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t
 #else
 template <int KIND, bool QH, bool OFF, typename ST, int NR>
 void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t ng, const QRow* xr, float* out) {
-  constexpr int64_t G = KIND == QB8_16 ? 16 : 32;
+  constexpr int64_t G = (KIND == QB8_16 || KIND == QB6) ? 16 : 32;
+  int8_t u[16];
   for (int r = 0; r < NR; ++r) {
     float acc = 0.f;
     for (int64_t g = 0; g < ng; ++g) {
       const int8_t* xq = xr[r].xq + G * g;
       int32_t d = 0;
-      if constexpr (KIND == QB4) {
+      if constexpr (KIND == QB6) {
+        const uint8_t* sb = w + 192 * (g / 16);
+        const int64_t l0 = 16 * (g % 16);  // the group's first weight in its super-block
+        for (int i = 0; i < 16; ++i) {
+          const int64_t l = l0 + i, h = l / 128, c = (l % 128) / 32, k = l % 32;
+          u[i] = (int8_t)(((sb[64 * h + 32 * (c & 1) + k] >> (4 * (c >> 1))) & 15) | (((sb[128 + 32 * h + k] >> (2 * c)) & 3) << 4));
+          d += u[i] * xq[i];
+        }
+      } else if constexpr (KIND == QB4) {
         const uint32_t h = QH ? (uint32_t)qh[g] : 0u;
         for (int i = 0; i < 16; ++i) {
           const uint8_t b = w[16 * g + i];
@@ -513,6 +576,17 @@ struct Layout {
   // block8
   const int8_t* q8 = nullptr;
   int64_t G = 32;
+  // block6 (G = 16): 192 bytes per 256 weights (b6_unpack)
+  const uint8_t* q6 = nullptr;
+  int64_t row_bytes() const { return q4 ? K / 2 : q6 ? K / 4 * 3 : K; }
+  // a block6 row as int8 (q - 32), for the float32 paths: a thread's buffer
+  const int8_t* q8_row(int64_t n) const {
+    if (!q6) return q8 + n * K;
+    thread_local std::vector<int8_t> buf;
+    if ((int64_t)buf.size() < K) buf.resize(K);
+    b6_unpack(q6 + n * row_bytes(), K, buf.data());
+    return buf.data();
+  }
   // both
   const void* s = nullptr;
   const void* o = nullptr;
@@ -575,7 +649,7 @@ struct Layout {
     if (q4) {
       b4_row(q4 + n * (K / 2), qh ? qh + n * ng : nullptr, sp, op, zero, ng, out);
     } else {
-      b8_row(q8 + n * K, sp, K, G, out);
+      b8_row(q8_row(n), sp, K, G, out);
     }
   }
   void row(int64_t n, float* out) const { half ? row_t<half_t>(n, out) : row_t<float>(n, out); }
@@ -597,7 +671,7 @@ struct Layout {
         y += t;
       }
     } else {
-      y = G == 16 ? b8_dot<ST, 16>(q8 + n * K, sp, x, ng) : b8_dot<ST, 32>(q8 + n * K, sp, x, ng);
+      y = G == 16 ? b8_dot<ST, 16>(q8_row(n), sp, x, ng) : b8_dot<ST, 32>(q8_row(n), sp, x, ng);
     }
     return y;
   }
@@ -608,8 +682,8 @@ struct Layout {
 
 template <int KIND, bool QH, bool OFF, typename ST>
 void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, float* y, const float* bp) {
-  const int64_t ng = a.ng, rb = KIND == QB4 ? L.K / 2 : L.K;
-  const uint8_t* W = KIND == QB4 ? L.q4 : reinterpret_cast<const uint8_t*>(L.q8);
+  const int64_t ng = a.ng, rb = L.row_bytes();
+  const uint8_t* W = KIND == QB4 ? L.q4 : KIND == QB6 ? L.q6 : reinterpret_cast<const uint8_t*>(L.q8);
   thread_local std::vector<float> sb, ob;  // a super-block layout's row scales, expanded
   if (L.sd && (int64_t)sb.size() < ng) sb.resize(ng), ob.resize(ng);
   // the scale / offset streams (super-block layouts: their 8-bit rows; the floats are few)
@@ -660,6 +734,7 @@ using QFn = void (*)(const Layout&, const QAct&, int64_t, int64_t, int64_t, floa
 
 template <typename ST>
 QFn qpick_t(const Layout& L) {
+  if (L.q6) return qrows<QB6, false, false, ST>;
   if (!L.q4) return L.G == 16 ? qrows<QB8_16, false, false, ST> : qrows<QB8_32, false, false, ST>;
   if (L.qh) return L.offsets() ? qrows<QB4, true, true, ST> : qrows<QB4, true, false, ST>;
   return L.offsets() ? qrows<QB4, false, true, ST> : qrows<QB4, false, false, ST>;
@@ -684,9 +759,9 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
   if (!exact && M <= QMAX && K % 32 == 0) {
     // the default: int8 activations, integer dot products, each weight row read once for all rows
     QAct a;
-    qprep(xp, M, K, L.q4 ? QB4 : (L.G == 16 ? QB8_16 : QB8_32), L.zero, L.offsets(), a);
+    qprep(xp, M, K, L.q4 ? QB4 : L.q6 ? QB6 : (L.G == 16 ? QB8_16 : QB8_32), L.zero, L.offsets(), a);
     const QFn fn = L.half ? qpick_t<half_t>(L) : qpick_t<float>(L);
-    const int64_t bytes = (L.q4 ? K / 2 : K) * M;
+    const int64_t bytes = L.row_bytes() * M;
     pool::parallel(N, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, bytes)),
                    [&](int64_t n0, int64_t n1) { fn(L, a, M, n0, n1, yp, bp); });
     return y;
@@ -702,7 +777,7 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
         for (int64_t i = 0; i < L.G; ++i) t += xp[m * K + g * L.G + i];
         X[m * ng + g] = t;
       }
-    const int64_t bytes = L.q4 ? K / 2 : K;
+    const int64_t bytes = L.row_bytes();
     pool::parallel(N, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, bytes)), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; ++m)
@@ -838,7 +913,31 @@ Layout block8(const at::Tensor& qweight, const at::Tensor& scales, const OptT& s
   return L;
 }
 
+Layout block6(const at::Tensor& qweight, const at::Tensor& scales, const OptT& sscales, Keep& keep) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(1) % 192 == 0,
+              "block6: qweight must be uint8 [N, K * 3/4] with K a multiple of 256");
+  Layout L;
+  L.N = qweight.size(0);
+  L.K = qweight.size(1) / 192 * 256;
+  L.G = 16;
+  keep[0] = qweight.contiguous();
+  L.q6 = keep[0].data_ptr<uint8_t>();
+  check_scales(L, scales, std::nullopt, sscales, std::nullopt, "block6", keep);
+  return L;
+}
+
 }  // namespace
+
+at::Tensor block6_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const OptT& bias,
+                         bool exact, const OptT& sscales) {
+  Keep keep;
+  return run_linear(block6(qweight, scales, sscales, keep), x, bias, "block6_linear", exact);
+}
+
+at::Tensor block6_rows(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& ids, const OptT& sscales) {
+  Keep keep;
+  return run_rows(block6(qweight, scales, sscales, keep), ids);
+}
 
 at::Tensor block4_linear(const at::Tensor& x, const at::Tensor& qweight, const OptT& qh, const at::Tensor& scales,
                          const OptT& offsets, int64_t zero, const OptT& bias, bool exact, const OptT& sscales,

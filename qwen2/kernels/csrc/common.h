@@ -115,6 +115,10 @@ at::Tensor block4_rows(const at::Tensor& qweight, const std::optional<at::Tensor
                        const std::optional<at::Tensor>& sscales, const std::optional<at::Tensor>& soffsets);
 at::Tensor block8_rows(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& ids,
                        const std::optional<at::Tensor>& sscales);
+at::Tensor block6_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& bias, bool exact, const std::optional<at::Tensor>& sscales);
+at::Tensor block6_rows(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& ids,
+                       const std::optional<at::Tensor>& sscales);
 // attention.cpp: decode attention over the paged KV pool
 at::Tensor paged_attention(const at::Tensor& q_, const at::Tensor& kpool, const at::Tensor& vpool,
                            const at::Tensor& slots_, const at::Tensor& lens_, double scale, int64_t window);

@@ -42,6 +42,8 @@ QWEN2_LIBRARY(QWEN2_NS, m) {
   m.def("block8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool exact=False, Tensor? sscales=None) -> Tensor");
   m.def("block4_rows(Tensor qweight, Tensor? qh, Tensor scales, Tensor? offsets, int zero, Tensor ids, Tensor? sscales=None, Tensor? soffsets=None) -> Tensor");
   m.def("block8_rows(Tensor qweight, Tensor scales, Tensor ids, Tensor? sscales=None) -> Tensor");
+  m.def("block6_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool exact=False, Tensor? sscales=None) -> Tensor");
+  m.def("block6_rows(Tensor qweight, Tensor scales, Tensor ids, Tensor? sscales=None) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -60,4 +62,6 @@ QWEN2_LIBRARY_IMPL(QWEN2_NS, CPU, m) {
   m.impl("block8_linear", &block8_linear);
   m.impl("block4_rows", &block4_rows);
   m.impl("block8_rows", &block8_rows);
+  m.impl("block6_linear", &block6_linear);
+  m.impl("block6_rows", &block6_rows);
 }
