@@ -345,6 +345,25 @@ void qprep(const float* x, int64_t M, int64_t K, int kind, int32_t zero, bool of
   }
 }
 
+// one row's super-block scales (Layout::s8): the int8-activation kernels form s_g = sd[g / gps] *
+// s8[g] (and o_g) as they load them, 16 (8) groups at a time: no expanded copy per row
+struct Sup {
+  const uint8_t* s8;
+  const float* sd;
+  const uint8_t* o8;
+  const float* od;
+  int64_t gps;  // 8 or 16
+  bool sgn;     // s8 holds int8
+};
+inline float scale1(const float* s, int64_t g) { return s[g]; }
+inline float scale1(const half_t* s, int64_t g) { return ldh(s + g); }
+inline float scale1(const Sup* p, int64_t g) {
+  return p->sd[g / p->gps] * (p->sgn ? (float)(int8_t)p->s8[g] : (float)p->s8[g]);
+}
+inline float offset1(const float* o, int64_t g) { return o[g]; }
+inline float offset1(const half_t* o, int64_t g) { return ldh(o + g); }
+inline float offset1(const Sup* p, int64_t g) { return p->od[g / p->gps] * (float)p->o8[g]; }
+
 #if defined(QWEN2_AVX512)
 template <typename ST>
 inline __m512 lds16(const ST* p, __mmask16 m);
@@ -352,6 +371,25 @@ template <>
 inline __m512 lds16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 template <>
 inline __m512 lds16(const half_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+template <typename ST>
+inline __m512 scales16(const ST* s, int64_t g0, __mmask16 m) { return lds16(s + g0, m); }
+template <typename ST>
+inline __m512 offsets16(const ST* o, int64_t g0, __mmask16 m) { return lds16(o + g0, m); }
+// 16 groups' super-block factors: gps 16, one; gps 8, the first 8 lanes' and the last 8's
+inline __m512 super16(const float* d, int64_t g0, int64_t gps, __mmask16 m) {
+  if (gps == 16) return _mm512_set1_ps(d[g0 / 16]);
+  const float hi = (m >> 8) ? d[g0 / 8 + 1] : 0.f;
+  return _mm512_insertf32x8(_mm512_set1_ps(d[g0 / 8]), _mm256_set1_ps(hi), 1);
+}
+inline __m512 scales16(const Sup* p, int64_t g0, __mmask16 m) {
+  const __m128i b = _mm_maskz_loadu_epi8(m, p->s8 + g0);
+  const __m512i v = p->sgn ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+  return _mm512_mul_ps(super16(p->sd, g0, p->gps, m), _mm512_cvtepi32_ps(v));
+}
+inline __m512 offsets16(const Sup* p, int64_t g0, __mmask16 m) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p->o8 + g0));
+  return _mm512_mul_ps(super16(p->od, g0, p->gps, m), _mm512_cvtepi32_ps(v));
+}
 
 // NR rows of x against one weight row of ng groups: out[r] = y for x row r (no bias)
 template <int KIND, bool QH, bool OFF, typename ST, int NR>
@@ -372,12 +410,12 @@ void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t
   for (int64_t g0 = 0; g0 < ng; g0 += 16) {
     const int64_t left = std::min<int64_t>(16, ng - g0);
     const __mmask16 mk = (__mmask16)((1u << left) - 1);
-    const __m512 sv = lds16(s + g0, mk);
+    const __m512 sv = scales16(s, g0, mk);
     __m512 F[NR];
     for (int r = 0; r < NR; ++r) {
       F[r] = _mm512_mul_ps(sv, _mm512_loadu_ps(xr[r].sxg + g0));
       accz[r] = _mm512_fnmadd_ps(sv, _mm512_loadu_ps(xr[r].T + g0), accz[r]);
-      if constexpr (OFF) accz[r] = _mm512_fmadd_ps(lds16(o + g0, mk), _mm512_loadu_ps(xr[r].X + g0), accz[r]);
+      if constexpr (OFF) accz[r] = _mm512_fmadd_ps(offsets16(o, g0, mk), _mm512_loadu_ps(xr[r].X + g0), accz[r]);
     }
     const int64_t b0 = g0 * WB, nb = left * WB, nch = (nb + 63) / 64;
     for (int64_t j = 0; j < nch; ++j) {
@@ -450,6 +488,24 @@ inline __m256 lds8(const half_t* p, int64_t n) {
   return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)t));
 }
 
+template <typename ST>
+inline __m256 scales8(const ST* s, int64_t g0, int64_t n) { return lds8(s + g0, n); }
+template <typename ST>
+inline __m256 offsets8(const ST* o, int64_t g0, int64_t n) { return lds8(o + g0, n); }
+inline __m256 bytes8(const uint8_t* p, int64_t n, bool sgn) {
+  uint8_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(t, p, std::min<int64_t>(8, n));
+  const __m128i b = _mm_loadl_epi64((const __m128i*)t);
+  return _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+}
+// 8 groups (g0 a multiple of 8) share one super-block factor when gps is 8 or 16
+inline __m256 scales8(const Sup* p, int64_t g0, int64_t n) {
+  return _mm256_mul_ps(_mm256_set1_ps(p->sd[g0 / p->gps]), bytes8(p->s8 + g0, n, p->sgn));
+}
+inline __m256 offsets8(const Sup* p, int64_t g0, int64_t n) {
+  return _mm256_mul_ps(_mm256_set1_ps(p->od[g0 / p->gps]), bytes8(p->o8 + g0, n, false));
+}
+
 // the 32 bits of b as 32 bytes (0xFF where set)
 inline __m256i bytes_from_bits(uint32_t b) {
   const __m256i sh = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
@@ -468,12 +524,12 @@ void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t
   const __m256i lane_g = LPG == 4 ? _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0) : _mm256_setzero_si256();
   for (int64_t g0 = 0; g0 < ng; g0 += 8) {
     const int64_t left = std::min<int64_t>(8, ng - g0);
-    const __m256 sv = lds8(s + g0, left);
+    const __m256 sv = scales8(s, g0, left);
     __m256 F[NR];
     for (int r = 0; r < NR; ++r) {
       F[r] = _mm256_mul_ps(sv, _mm256_loadu_ps(xr[r].sxg + g0));
       accz[r] = _mm256_fnmadd_ps(sv, _mm256_loadu_ps(xr[r].T + g0), accz[r]);
-      if constexpr (OFF) accz[r] = _mm256_fmadd_ps(lds8(o + g0, left), _mm256_loadu_ps(xr[r].X + g0), accz[r]);
+      if constexpr (OFF) accz[r] = _mm256_fmadd_ps(offsets8(o, g0, left), _mm256_loadu_ps(xr[r].X + g0), accz[r]);
     }
     const int64_t b0 = g0 * WB, nb = left * WB, nch = (nb + 31) / 32;
     for (int64_t j = 0; j < nch; ++j) {
@@ -558,9 +614,9 @@ void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t
         const int8_t* wq = reinterpret_cast<const int8_t*>(w) + G * g;
         for (int i = 0; i < G; ++i) d += wq[i] * xq[i];
       }
-      const float sg = ldh(s + g);
+      const float sg = scale1(s, g);
       acc += sg * xr[r].sxg[g] * (float)d - sg * xr[r].T[g];
-      if constexpr (OFF) acc += ldh(o + g) * xr[r].X[g];
+      if constexpr (OFF) acc += offset1(o, g) * xr[r].X[g];
     }
     out[r] = acc;
   }
@@ -684,8 +740,6 @@ template <int KIND, bool QH, bool OFF, typename ST>
 void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, float* y, const float* bp) {
   const int64_t ng = a.ng, rb = L.row_bytes();
   const uint8_t* W = KIND == QB4 ? L.q4 : KIND == QB6 ? L.q6 : reinterpret_cast<const uint8_t*>(L.q8);
-  thread_local std::vector<float> sb, ob;  // a super-block layout's row scales, expanded
-  if (L.sd && (int64_t)sb.size() < ng) sb.resize(ng), ob.resize(ng);
   // the scale / offset streams (super-block layouts: their 8-bit rows; the floats are few)
   const int64_t sbytes = L.sd ? 1 : (int64_t)sizeof(ST);
   const char* sbase = static_cast<const char*>(L.sd ? L.s8 : L.s);
@@ -714,7 +768,15 @@ void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, fl
       }
     }
     const ST *sn, *on;
-    L.row_scales<ST>(n, sb.data(), ob.data(), sn, on);
+    Sup sup;
+    if constexpr (std::is_same_v<ST, Sup>) {  // super-block scales: formed as the kernel loads them
+      const int64_t ns = ng / L.gps;
+      sup = {static_cast<const uint8_t*>(L.s8) + n * ng, L.sd + n * ns, L.o8 ? L.o8 + n * ng : nullptr,
+             L.od ? L.od + n * ns : nullptr, L.gps, L.s8_signed};
+      sn = on = &sup;
+    } else {
+      L.row_scales<ST>(n, nullptr, nullptr, sn, on);
+    }
     const float b = bp ? bp[n] : 0.f;
     float out[4];
     for (int64_t m = 0; m < M; m += 4) {  // 4 rows of x per pass over the weight row (L1 after the first)
@@ -760,7 +822,7 @@ at::Tensor run_linear(const Layout& L, const at::Tensor& x_, const std::optional
     // the default: int8 activations, integer dot products, each weight row read once for all rows
     QAct a;
     qprep(xp, M, K, L.q4 ? QB4 : L.q6 ? QB6 : (L.G == 16 ? QB8_16 : QB8_32), L.zero, L.offsets(), a);
-    const QFn fn = L.half ? qpick_t<half_t>(L) : qpick_t<float>(L);
+    const QFn fn = L.sd ? qpick_t<Sup>(L) : L.half ? qpick_t<half_t>(L) : qpick_t<float>(L);
     const int64_t bytes = L.row_bytes() * M;
     pool::parallel(N, std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, bytes)),
                    [&](int64_t n0, int64_t n1) { fn(L, a, M, n0, n1, yp, bp); });
@@ -852,6 +914,7 @@ void check_scales(Layout& L, const at::Tensor& scales, const OptT& offsets, cons
     L.s8_signed = scales.scalar_type() == at::kChar;
     L.sd = keep[4].data_ptr<float>();
     L.gps = ng / sd.size(1);
+    TORCH_CHECK(L.gps == 8 || L.gps == 16, op, ": super-block scales must span 8 or 16 groups, not ", L.gps);
     TORCH_CHECK(has_off == has_soff, op, ": offsets and super-block offsets come together");
     if (has_off) {
       TORCH_CHECK(offsets->scalar_type() == at::kByte && offsets->sizes() == scales.sizes() &&
