@@ -127,14 +127,20 @@ def main():
     ap.add_argument("--concurrent-tokens", type=int, default=48, help="new tokens per concurrent request")
     ap.add_argument("--concurrent-rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--start", type=int, default=0, help="skip each task's first N prompts (run a long set in slices)")
+    ap.add_argument("--methods", default=None, help="comma list of the methods to run (name prefixes; default all)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="merge the --json files of slices and summarize them")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.json)
     torch.set_num_threads(args.threads)
     target = qwen2.load(target_path(), dtype=args.dtype)
     draft = qwen2.load(demo_model_path(), dtype=args.draft_dtype)
     print(f"target {target.source} ({target.mode}, {target.model.dtype}), draft {draft.source} ({draft.mode})", flush=True)
-    data = tasks(target.tokenizer, args.prompts, args.edit_prompts if args.edit_prompts is not None else args.prompts)
-    data = {t: data[t] for t in args.tasks.split(",")}
+    n_edit = args.edit_prompts if args.edit_prompts is not None else args.prompts
+    data = tasks(target.tokenizer, args.start + args.prompts, args.start + n_edit)
+    data = {t: data[t][args.start:] for t in args.tasks.split(",")}
     drafter = lambda k, adaptive: Speculator("draft", k, DraftModel(draft.model, draft.tokenizer, args.p_min,
                                                                     vocab=args.draft_vocab or None), adaptive=adaptive)
     methods = {"ours plain": lambda ids: ours(target, ids, args.max_new_tokens)}
@@ -151,12 +157,15 @@ def main():
         stops = set(target.chat_stop_ids)
         methods["llama.cpp plain"] = lambda ids: llama(lplain, ids, args.max_new_tokens, stops)
         methods["llama.cpp prompt-lookup"] = lambda ids: llama(lpld, ids, args.max_new_tokens, stops)
+    if args.methods:
+        keep = tuple(m.strip() for m in args.methods.split(","))
+        methods = {m: f for m, f in methods.items() if m.startswith(keep) or m == "ours plain"}
     # warm-up: first calls pay one-time costs (kernel threads, huge pages, caches)
     warm = [ps[0][:64] for ps in data.values() if ps][:1]
     for f in methods.values():
         for ids in warm:
             f(ids)
-    results = {}
+    results, raw = {}, {}
     for task, prompts in data.items():
         if not prompts:
             continue
@@ -166,27 +175,8 @@ def main():
                 runs[m].append(f(ids))
             line = "  ".join(f"{m} {r[-1]['decode_tokens'] / r[-1]['decode_s']:.1f}" for m, r in runs.items())
             print(f"[{task} {i + 1}/{len(prompts)}] tok/s: {line}", flush=True)
-        base = runs["ours plain"]
-        res = {}
-        for m, rs in runs.items():
-            toks, secs = sum(r["decode_tokens"] for r in rs), sum(r["decode_s"] for r in rs)
-            row = {"decode_tokens": toks, "decode_s": round(secs, 3), "tok_per_s": round(toks / secs, 2)}
-            if m.startswith("ours") and m != "ours plain":
-                prop, acc, steps = (sum(r[k] for r in rs) for k in ("proposed", "accepted", "spec_steps"))
-                row.update(acceptance=round(acc / max(prop, 1), 3), mean_accepted=round(acc / max(steps, 1), 2),
-                           tokens_per_verify=round(sum(r["emitted"] for r in rs) / max(steps, 1), 2),
-                           same_as_plain=sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base)),
-                           first_divergence=[next((j for j, (x, y) in enumerate(zip(r["tokens"], b["tokens"]))
-                                                   if x != y), None) for r, b in zip(rs, base)])
-            if m.startswith("llama"):
-                row["same_as_ours_plain"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base))
-            res[m] = row
-        plain = res["ours plain"]["tok_per_s"]
-        best_llama = max((r["tok_per_s"] for m, r in res.items() if m.startswith("llama")), default=None)
-        for m, row in res.items():
-            row["x_ours_plain"] = round(row["tok_per_s"] / plain, 2)
-            if best_llama:
-                row["x_llama_best"] = round(row["tok_per_s"] / best_llama, 2)
+        res = summarize(runs)
+        raw[task] = runs
         results[task] = res
         print(f"== {task}: {len(prompts)} prompts, {args.max_new_tokens} new tokens max", flush=True)
         for m, row in res.items():
@@ -203,9 +193,57 @@ def main():
         results["concurrent"] = {m: {"tok_per_s": round(sum(x["tokens"] for x in rs) / sum(x["seconds"] for x in rs), 2),
                                      "runs": rs} for m, rs in rounds.items()}
         print(f"== concurrent: {json.dumps({m: v['tok_per_s'] for m, v in results['concurrent'].items()})}")
-    out = {"args": vars(args) | {"json": str(args.json)}, "results": results}
+    out = {"args": vars(args) | {"json": str(args.json), "merge": None}, "results": results,
+           "runs": {t: {m: [{k: v for k, v in r.items()} for r in rs] for m, rs in runs.items()} for t, runs in raw.items()}}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+
+
+def summarize(runs: dict) -> dict:
+    """Per method: tokens, seconds and tok/s summed over the prompts; speculation's acceptance and
+    agreement with our plain decode; ratios to our plain decode and to llama.cpp's best."""
+    base = runs["ours plain"]
+    res = {}
+    for m, rs in runs.items():
+        toks, secs = sum(r["decode_tokens"] for r in rs), sum(r["decode_s"] for r in rs)
+        row = {"prompts": len(rs), "decode_tokens": toks, "decode_s": round(secs, 3), "tok_per_s": round(toks / secs, 2)}
+        if m.startswith("ours") and m != "ours plain":
+            prop, acc, steps = (sum(r[k] for r in rs) for k in ("proposed", "accepted", "spec_steps"))
+            row.update(acceptance=round(acc / max(prop, 1), 3), mean_accepted=round(acc / max(steps, 1), 2),
+                       tokens_per_verify=round(sum(r["emitted"] for r in rs) / max(steps, 1), 2),
+                       same_as_plain=sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base)),
+                       first_divergence=[next((j for j, (x, y) in enumerate(zip(r["tokens"], b["tokens"]))
+                                               if x != y), None) for r, b in zip(rs, base)])
+        if m.startswith("llama"):
+            row["same_as_ours_plain"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base))
+        res[m] = row
+    plain = res["ours plain"]["tok_per_s"]
+    best_llama = max((r["tok_per_s"] for m, r in res.items() if m.startswith("llama")), default=None)
+    for m, row in res.items():
+        row["x_ours_plain"] = round(row["tok_per_s"] / plain, 2)
+        if best_llama:
+            row["x_llama_best"] = round(row["tok_per_s"] / best_llama, 2)
+    return res
+
+
+def merge(paths: list[Path], out: Path | None) -> None:
+    """One summary over slices run with --start (each slice's methods run interleaved on its own
+    prompts; a method is summed over the slices that ran it, our plain decode over all)."""
+    runs: dict = {}
+    for p in paths:
+        for task, per in json.loads(p.read_text())["runs"].items():
+            for m, rs in per.items():
+                runs.setdefault(task, {}).setdefault(m, []).extend(rs)
+    results = {}
+    for task, per in runs.items():
+        n = len(per["ours plain"])
+        per = {m: rs for m, rs in per.items() if len(rs) == n}  # methods every slice ran
+        results[task] = summarize(per)
+        print(f"== {task}: {n} prompts (merged from {len(paths)} files)")
+        for m, row in results[task].items():
+            print(f"  {m:24s} {json.dumps({k: v for k, v in row.items() if k != 'first_divergence'})}")
+    if out:
+        out.write_text(json.dumps({"merged": [str(p) for p in paths], "results": results}, indent=1))
 
 
 if __name__ == "__main__":
