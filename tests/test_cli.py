@@ -11,6 +11,7 @@ from pathlib import Path
 import pexpect
 import pytest
 import torch
+from util import default_sigint
 
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -97,7 +98,7 @@ def test_info(ckpt, llm):
 
 def spawn_chat(*args):
     child = pexpect.spawn(sys.executable, ["-m", "qwen2.cli", "chat", *map(str, args)], env=ENV,
-                          encoding="utf-8", timeout=120, dimensions=(50, 2000))
+                          encoding="utf-8", timeout=120, dimensions=(50, 2000), preexec_fn=default_sigint)
     child.expect_exact(">>> ")
     return child
 

@@ -17,6 +17,7 @@ import qwen2
 from qwen2.errors import Qwen2Error
 from qwen2.model.decoder import IGNORE_INDEX
 from qwen2.train import data as D
+from util import default_sigint
 
 peft = pytest.importorskip("peft")
 
@@ -171,7 +172,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_run(tmp_path, c
     _cli(*args, "--output", tmp_path / "straight")
     out = tmp_path / "stopped"
     p = subprocess.Popen([sys.executable, "-m", "qwen2", "finetune", "--no-progress", *map(str, args), "--output",
-                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "log.jsonl").exists() and len(_log(out)) >= 3):
         time.sleep(0.05)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from test_serving_api import QWEN_VOCAB, free_port, start_server  # noqa: F401 (helpers, not fixtures)
-from util import make_hf_checkpoint
+from util import default_sigint, make_hf_checkpoint
 
 import qwen2
 
@@ -48,7 +48,7 @@ def clean_log(path):
 
 def spawn(cmd, log_path, env=None):
     return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), preexec_fn=default_sigint)
 
 
 def serve_cmd(ckpt, port, *extra):

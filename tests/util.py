@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import torch
@@ -59,3 +60,10 @@ def make_hf_checkpoint(path, config: dict, seed: int = 0, std: float = 0.05, dty
 
 def read_config(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def default_sigint():
+    """preexec_fn for a child that a test interrupts: SIGINT back to its default. A test run started
+    in the background from a non-interactive shell inherits SIGINT ignored, and Python then keeps
+    it ignored: Ctrl-C / SIGINT would never reach the program under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
