@@ -13,7 +13,6 @@ import pytest
 import torch
 from util import default_sigint
 
-
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 

@@ -12,12 +12,12 @@ import time
 
 import pytest
 import torch
+from util import default_sigint
 
 import qwen2
 from qwen2.errors import Qwen2Error
 from qwen2.model.decoder import IGNORE_INDEX
 from qwen2.train import data as D
-from util import default_sigint
 
 peft = pytest.importorskip("peft")
 
