@@ -11,6 +11,21 @@ prompt). Each prompt runs every method in turn (interleaved, so that drift of th
 on all alike). Decode speed = (completion tokens - 1) / (time from the first token to the last),
 summed over the prompts; prefill is not counted. Greedy outputs of speculation are checked
 against our plain decode token for token.
+
+llama.cpp runs in a worker process of its own (benchmarks/llama_worker.py: no torch, no
+OMP_WAIT_POLICY=PASSIVE; in this process it shared torch's libgomp under that policy and decoded at
+~0.6x its own-process speed), each Llama loaded once, one synchronous request per leg: the prompt's
+token ids in, tokens and their arrival times (the worker's clock) out; this process waits idle for
+the answer (its CPU time during each llama leg is recorded, `parent_cpu_s`). `--llama-inprocess`
+adds the old in-process llama.cpp plain leg, for comparison in the same run.
+
+A leg that fails (an exception, a worker that died or hung: the worker is then restarted) is
+recorded as failed with its reason and the run goes on; each summary says how many prompts every
+method completed, and compares the methods on the prompts that all of them completed.
+llama-cpp-python's prompt-lookup Llama gets logits_all=True: with a draft model it keeps every
+token's logits anyway, but sizes its `scores` buffer by n_batch (512 rows) unless logits_all was
+passed, so any prompt + answer past 512 tokens raised "could not broadcast input array ... into
+shape (0,)" (edit prompt 21: 335 prompt tokens); the flag changes nothing else it computes.
 """
 from __future__ import annotations
 
@@ -22,6 +37,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -94,7 +113,94 @@ def concurrent(llm, prompts, max_new, speculator=None) -> dict:
             "spec_steps": st.spec_steps, "steps": st.steps}
 
 
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class LlamaWorker:
+    """This process's side of benchmarks/llama_worker.py: one child process, requests answered one
+    at a time. A worker that dies or does not answer within `timeout` seconds is killed and started
+    again (its models reloaded); the request that saw it is answered {"ok": False, "error": ...}."""
+
+    def __init__(self, timeout: float = 600):
+        self.timeout, self.loads, self.proc, self.restarts, self.buf = timeout, [], None, 0, b""
+        self.start()
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp as it comes
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("llama_worker.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.buf = b""
+        for req in self.loads:
+            ans = self._ask(req)
+            if not ans["ok"]:
+                raise RuntimeError(f"llama worker: {req['name']}: {ans['error']}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def load(self, name: str, path: Path, kw: dict, lookup: int | None = None) -> float:
+        req = {"cmd": "load", "name": name, "path": str(path), "kw": kw, "lookup": lookup}
+        ans = self._ask(req)
+        if not ans["ok"]:
+            raise RuntimeError(f"llama worker: {name}: {ans['error']}")
+        self.loads.append(req)
+        return ans["load_s"]
+
+    def request(self, req: dict) -> dict:
+        ans = self._ask(req)
+        if ans.get("died"):
+            self.restarts += 1
+            self.start()
+            ans["error"] += "; worker restarted"
+        return ans
+
+    def _ask(self, req: dict) -> dict:
+        try:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # died before: the read below sees EOF
+        deadline = time.monotonic() + self.timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.proc.kill()
+                self.proc.wait()
+                return {"ok": False, "died": True, "error": f"worker gave no answer within {self.timeout:.0f} s (killed)"}
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                rc = self.proc.wait()
+                why = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+                return {"ok": False, "died": True, "error": f"worker died ({why})"}
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+def llama_leg(worker: LlamaWorker, name: str, ids, max_new, stop_ids) -> dict:
+    """One greedy request in the worker; this process waits (its CPU time meanwhile: parent_cpu_s)."""
+    c0 = cpu_s()
+    ans = worker.request({"cmd": "generate", "name": name, "ids": list(ids), "max_new": max_new,
+                          "stops": sorted(stop_ids)})
+    parent = cpu_s() - c0
+    if not ans["ok"]:
+        return {"failed": ans["error"] + (f" (at {' / '.join(ans['where'])})" if ans.get("where") else "")}
+    times = ans["times"]
+    return {"tokens": ans["tokens"], "decode_tokens": len(times) - 1, "decode_s": times[-1] - times[0],
+            "worker_cpu_s": round(ans["cpu_s"], 3), "parent_cpu_s": round(parent, 4)}
+
+
 def llama(model, ids, max_new, stop_ids) -> dict:
+    """llama.cpp in this process (the old way, --llama-inprocess): shares torch's libgomp."""
     model.reset()
     times, toks = [], []
     for chunk in model.generate(ids, temp=0.0, top_k=1, reset=True):
@@ -122,6 +228,15 @@ def main():
                     help="keep the engine's measured policy on (off by default: the numbers are what "
                          "verification gives, the policy would turn a losing speculation off)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument("--llama-ctx", type=int, default=4096, help="llama.cpp's n_ctx")
+    ap.add_argument("--llama-full-scores", action=argparse.BooleanOptionalAction, default=True,
+                    help="logits_all=True for llama-cpp-python's prompt-lookup Llama (sizes its scores buffer by "
+                         "n_ctx; without it prompt + answer past 512 tokens raise)")
+    ap.add_argument("--llama-inprocess", action="store_true",
+                    help="also run llama.cpp plain inside this process (the old way: shares torch's libgomp "
+                         "under OMP_WAIT_POLICY=PASSIVE), to compare with the worker in the same run")
+    ap.add_argument("--llama-timeout", type=float, default=600, help="seconds a llama leg may take before its "
+                    "worker is killed, the leg failed and the worker restarted")
     ap.add_argument("--concurrent", type=int, default=0, metavar="N",
                     help="then N requests at once (HumanEval prompts), speculation (policy on) vs none")
     ap.add_argument("--concurrent-tokens", type=int, default=48, help="new tokens per concurrent request")
@@ -148,23 +263,37 @@ def main():
         methods[f"ours draft k{k}"] = lambda ids, k=k: ours(target, ids, args.max_new_tokens, drafter(k, args.policy))
     methods["ours ngram"] = lambda ids: ours(target, ids, args.max_new_tokens,
                                              Speculator("ngram", args.ngram_k, adaptive=args.policy))
+    worker = None
     if not args.no_llama:
-        from llama_cpp import Llama
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-        kw = dict(n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-        lplain = Llama(str(target_path()), **kw)
-        lpld = Llama(str(target_path()), draft_model=LlamaPromptLookupDecoding(num_pred_tokens=args.ngram_k), **kw)
         stops = set(target.chat_stop_ids)
-        methods["llama.cpp plain"] = lambda ids: llama(lplain, ids, args.max_new_tokens, stops)
-        methods["llama.cpp prompt-lookup"] = lambda ids: llama(lpld, ids, args.max_new_tokens, stops)
+        methods["llama.cpp plain"] = lambda ids: llama_leg(worker, "plain", ids, args.max_new_tokens, stops)
+        methods["llama.cpp prompt-lookup"] = lambda ids: llama_leg(worker, "lookup", ids, args.max_new_tokens, stops)
+        if args.llama_inprocess:
+            methods["llama.cpp plain in-process"] = lambda ids: llama(lplain_here, ids, args.max_new_tokens, stops)
     if args.methods:
         keep = tuple(m.strip() for m in args.methods.split(","))
         methods = {m: f for m, f in methods.items() if m.startswith(keep) or m == "ours plain"}
+    if any(m.startswith("llama.cpp") for m in methods):
+        kw = dict(n_ctx=args.llama_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+        worker = LlamaWorker(args.llama_timeout)
+        if "llama.cpp plain" in methods:
+            worker.load("plain", target_path(), kw)
+        if "llama.cpp prompt-lookup" in methods:
+            worker.load("lookup", target_path(), kw | ({"logits_all": True} if args.llama_full_scores else {}),
+                        lookup=args.ngram_k)
+        info = worker.request({"cmd": "info"})
+        print(f"llama.cpp worker: pid {info['pid']}, llama-cpp-python {info['llama_cpp']}, OMP_WAIT_POLICY "
+              f"{info['OMP_WAIT_POLICY']}, torch loaded: {info['torch_loaded']}", flush=True)
+        if "llama.cpp plain in-process" in methods:
+            from llama_cpp import Llama
+            lplain_here = Llama(str(target_path()), **kw)  # noqa: F841 (used by its method's lambda)
     # warm-up: first calls pay one-time costs (kernel threads, huge pages, caches)
     warm = [ps[0][:64] for ps in data.values() if ps][:1]
-    for f in methods.values():
+    for m, f in methods.items():
         for ids in warm:
-            f(ids)
+            r = leg(f, ids)
+            if "failed" in r:
+                print(f"warm-up of {m} failed: {r['failed']}", flush=True)
     results, raw = {}, {}
     for task, prompts in data.items():
         if not prompts:
@@ -172,15 +301,23 @@ def main():
         runs = {m: [] for m in methods}
         for i, ids in enumerate(prompts):
             for m, f in methods.items():
-                runs[m].append(f(ids))
-            line = "  ".join(f"{m} {r[-1]['decode_tokens'] / r[-1]['decode_s']:.1f}" for m, r in runs.items())
+                runs[m].append(leg(f, ids) | {"prompt": args.start + i, "prompt_tokens": len(ids)})
+            line = "  ".join(f"{m} {speed(r[-1])}" for m, r in runs.items())
             print(f"[{task} {i + 1}/{len(prompts)}] tok/s: {line}", flush=True)
+            for m, r in runs.items():
+                if "failed" in r[-1]:
+                    print(f"  {m} failed on {task} prompt {args.start + i} ({len(ids)} tokens): {r[-1]['failed']}",
+                          flush=True)
         res = summarize(runs)
         raw[task] = runs
         results[task] = res
-        print(f"== {task}: {len(prompts)} prompts, {args.max_new_tokens} new tokens max", flush=True)
+        print(f"== {task}: {len(prompts)} prompts, {args.max_new_tokens} new tokens max; {coverage(res)}", flush=True)
         for m, row in res.items():
-            print(f"  {m:24s} {json.dumps(row)}", flush=True)
+            print(f"  {m:24s} {json.dumps({k: v for k, v in row.items() if k != 'failures'})}", flush=True)
+    if worker is not None:
+        worker.stop()
+        if worker.restarts:
+            print(f"llama.cpp worker restarted {worker.restarts} time(s)", flush=True)
     if args.concurrent:
         prompts = tasks(target.tokenizer, args.concurrent, 0)["humaneval"]
         modes = {"off": lambda: None, "ngram": lambda: Speculator("ngram", args.ngram_k),
@@ -199,14 +336,50 @@ def main():
         args.json.write_text(json.dumps(out, indent=1))
 
 
+def leg(f, ids) -> dict:
+    """One method on one prompt; an exception is recorded as the leg's failure, the run goes on."""
+    try:
+        return f(ids)
+    except Exception as e:  # noqa: BLE001
+        return {"failed": f"{type(e).__name__}: {e}"}
+
+
+def speed(r: dict) -> str:
+    return "FAILED" if "failed" in r else f"{r['decode_tokens'] / max(r['decode_s'], 1e-9):.1f}"
+
+
+def coverage(res: dict) -> str:
+    row = next(iter(res.values()))
+    n, common = row["prompts"], row["compared_on"]
+    failed = ", ".join(f"{m} {r['failed']}" for m, r in res.items() if r["failed"])
+    if not failed:
+        return f"every method completed all {n}"
+    return (f"compared on the {common} of {n} prompts that every method completed (failed: {failed}; "
+            "tok_per_s_completed: each method over the prompts it completed)")
+
+
 def summarize(runs: dict) -> dict:
-    """Per method: tokens, seconds and tok/s summed over the prompts; speculation's acceptance and
-    agreement with our plain decode; ratios to our plain decode and to llama.cpp's best."""
-    base = runs["ours plain"]
+    """Per method: tokens, seconds and tok/s summed over the prompts that every method completed
+    (a failed leg drops that prompt for all, so that the methods are compared on the same prompts);
+    speculation's acceptance and agreement with our plain decode; ratios to our plain decode and to
+    llama.cpp's best. `completed` / `failed` count each method's own prompts, `failures` keep why."""
+    n = len(runs["ours plain"])
+    common = [i for i in range(n) if all("failed" not in rs[i] for rs in runs.values())]
+    base = [runs["ours plain"][i] for i in common]
     res = {}
-    for m, rs in runs.items():
+    for m, rs_all in runs.items():
+        done = [r for r in rs_all if "failed" not in r]
+        rs = [rs_all[i] for i in common]
         toks, secs = sum(r["decode_tokens"] for r in rs), sum(r["decode_s"] for r in rs)
-        row = {"prompts": len(rs), "decode_tokens": toks, "decode_s": round(secs, 3), "tok_per_s": round(toks / secs, 2)}
+        row = {"prompts": n, "completed": len(done), "failed": n - len(done), "compared_on": len(common),
+               "decode_tokens": toks, "decode_s": round(secs, 3), "tok_per_s": round(toks / secs, 2) if secs else None}
+        if len(done) < n:
+            dt, ds = sum(r["decode_tokens"] for r in done), sum(r["decode_s"] for r in done)
+            row["tok_per_s_completed"] = round(dt / ds, 2) if ds else None
+            row["failures"] = [{"prompt": r.get("prompt", i), "error": r["failed"]}
+                               for i, r in enumerate(rs_all) if "failed" in r]
+        if any("parent_cpu_s" in r for r in rs):
+            row["parent_cpu_s"] = round(sum(r.get("parent_cpu_s", 0) for r in rs), 3)
         if m.startswith("ours") and m != "ours plain":
             prop, acc, steps = (sum(r[k] for r in rs) for k in ("proposed", "accepted", "spec_steps"))
             row.update(acceptance=round(acc / max(prop, 1), 3), mean_accepted=round(acc / max(steps, 1), 2),
@@ -218,9 +391,13 @@ def summarize(runs: dict) -> dict:
             row["same_as_ours_plain"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base))
         res[m] = row
     plain = res["ours plain"]["tok_per_s"]
-    best_llama = max((r["tok_per_s"] for m, r in res.items() if m.startswith("llama")), default=None)
+    best_llama = max((r["tok_per_s"] for m, r in res.items()
+                      if m.startswith("llama") and "in-process" not in m and r["tok_per_s"]), default=None)
     for m, row in res.items():
-        row["x_ours_plain"] = round(row["tok_per_s"] / plain, 2)
+        if row["tok_per_s"] is None:
+            continue
+        if plain:
+            row["x_ours_plain"] = round(row["tok_per_s"] / plain, 2)
         if best_llama:
             row["x_llama_best"] = round(row["tok_per_s"] / best_llama, 2)
     return res
@@ -239,9 +416,11 @@ def merge(paths: list[Path], out: Path | None) -> None:
         n = len(per["ours plain"])
         per = {m: rs for m, rs in per.items() if len(rs) == n}  # methods every slice ran
         results[task] = summarize(per)
-        print(f"== {task}: {n} prompts (merged from {len(paths)} files)")
+        print(f"== {task}: {n} prompts (merged from {len(paths)} files); {coverage(results[task])}")
         for m, row in results[task].items():
-            print(f"  {m:24s} {json.dumps({k: v for k, v in row.items() if k != 'first_divergence'})}")
+            print(f"  {m:24s} {json.dumps({k: v for k, v in row.items() if k not in ('first_divergence', 'failures')})}")
+            for f in row.get("failures", []):
+                print(f"    failed on prompt {f['prompt']}: {f['error']}")
     if out:
         out.write_text(json.dumps({"merged": [str(p) for p in paths], "results": results}, indent=1))
 
