@@ -26,6 +26,24 @@ llama-cpp-python's prompt-lookup Llama gets logits_all=True: with a draft model 
 token's logits anyway, but sizes its `scores` buffer by n_batch (512 rows) unless logits_all was
 passed, so any prompt + answer past 512 tokens raised "could not broadcast input array ... into
 shape (0,)" (edit prompt 21: 335 prompt tokens); the flag changes nothing else it computes.
+
+llama.cpp's own draft-model speculation (`--llama-spec-dir DIR`): its examples llama-speculative
+("llama.cpp draft kK": always K drafted tokens) and llama-speculative-simple ("llama.cpp
+draft-simple kK": common_speculative, as llama-server drafts, --spec-draft-p-min = --p-min), built
+by benchmarks/build_llama_speculative.sh against llama-cpp-python's own libllama/libggml, run once
+per prompt (target the 1.5B, draft the demo 0.5B, greedy, same K and threads, flash attention off as
+in the Python legs); the prompt goes in as its chat text (its token count is checked), the decode
+speed is the binary's own "decoded N tokens in T s" taken as N - 1 tokens in T (T starts after the
+prompt's forward pass), and its printed text is checked against our plain decode's.
+
+Full run (40 prompts x 256 tokens per task) in slices that fit one ~10-minute hold of the lock,
+then merged; per prompt ~35 s without the two binaries, ~75 s with them (each loads both models and
+prefills once per prompt, not counted in decode speed):
+    flock /tmp/qwen2-bench.lock bash benchmarks/build_llama_speculative.sh /tmp/llama-spec  # once, ~4 min
+    for task in humaneval edit; do for st in 0 6 12 18 24 30 36; do n=$((st == 36 ? 4 : 6))
+      flock /tmp/qwen2-bench.lock python benchmarks/bench_speculative.py --tasks $task --start $st \
+        --prompts $n --max-new-tokens 256 --draft-k 5 --llama-spec-dir /tmp/llama-spec --json /tmp/spec_${task}_$st.json
+    done; python benchmarks/bench_speculative.py --merge /tmp/spec_${task}_*.json --json /tmp/spec_$task.json; done
 """
 from __future__ import annotations
 
@@ -199,6 +217,62 @@ def llama_leg(worker: LlamaWorker, name: str, ids, max_new, stop_ids) -> dict:
             "worker_cpu_s": round(ans["cpu_s"], 3), "parent_cpu_s": round(parent, 4)}
 
 
+STOP_TEXTS = ("<|im_end|>", "<|endoftext|>")
+
+
+def llama_spec_leg(binary: Path, target: Path, draft: Path, text: str, n_prompt: int, max_new: int, k: int,
+                   threads: int, n_ctx: int, p_min: float | None, timeout: float) -> dict:
+    """llama.cpp's own draft-model speculation: its example binary (built by
+    benchmarks/build_llama_speculative.sh against llama-cpp-python's libllama) run on one prompt, in a
+    process of its own (no OMP_WAIT_POLICY), this process waiting. Greedy (--temp 0), K draft tokens,
+    the same threads for target and draft, flash attention off as in the Python legs. The prompt is
+    the chat text of our token ids (checked: its tokenization must give as many tokens). Decode speed
+    from its own report: "decoded N tokens in T seconds", T from after the prompt's forward pass (the
+    first token is sampled from the prompt's logits) to the last token, counted as N - 1 tokens in T,
+    our definition; it may run up to K tokens past -n (it stops after the verify that crosses it)."""
+    import re
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="spec-prompt-") as f:
+        f.write(text + "\n")  # -f drops one trailing newline
+        f.flush()
+        th = str(threads)
+        cmd = [str(binary), "-m", str(target), "-md", str(draft), "-f", f.name, "--no-escape", "-n", str(max_new),
+               "--spec-draft-n-max", str(k), "-t", th, "-tb", th, "-td", th, "-tbd", th, "--temp", "0", "--top-k", "1",
+               "-s", "0", "-c", str(n_ctx), "-fa", "off"]
+        if p_min is not None:  # llama-speculative-simple: common_speculative, as llama-server drafts
+            cmd += ["--spec-type", "draft-simple", "--spec-draft-p-min", str(p_min)]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"failed": f"{binary.name} gave no answer within {timeout:.0f} s (killed)"}
+    err = p.stderr
+    grab = lambda pat: (m := re.search(pat, err)) and m.groups()
+    dec, enc = grab(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds"), grab(r"encoded\s+(\d+) tokens")
+    if p.returncode != 0 or not dec:
+        tail = " | ".join(err.strip().splitlines()[-3:])
+        return {"failed": f"{binary.name} exit status {p.returncode}: {tail}"}
+    if int(enc[0]) != n_prompt:
+        return {"failed": f"{binary.name} tokenized the prompt text to {enc[0]} tokens, not {n_prompt}"}
+    out = p.stdout
+    gen = out[2 + len(text):] if out.startswith("\n\n" + text) else None
+    n = int(dec[0])
+    return {"text": gen, "decode_tokens": n - 1, "decode_s": float(dec[1]),
+            "drafted": int(grab(r"n_drafted\s*=\s*(\d+)")[0]), "accepted": int(grab(r"n_accept\s*=\s*(\d+)")[0])}
+
+
+def same_text(theirs: str | None, ours_text: str, ours_hit_max: bool) -> bool:
+    """A binary's printed continuation against our plain decode's text (stop tokens and trailing
+    space aside; when ours stopped at max tokens, theirs may run on past it)."""
+    if theirs is None:
+        return False
+    a, b = theirs, ours_text
+    for t in STOP_TEXTS:
+        a, b = a.split(t)[0], b.split(t)[0]
+    a, b = a.rstrip(), b.rstrip()
+    return a == b or (ours_hit_max and a.startswith(b))
+
+
 def llama(model, ids, max_new, stop_ids) -> dict:
     """llama.cpp in this process (the old way, --llama-inprocess): shares torch's libgomp."""
     model.reset()
@@ -235,6 +309,10 @@ def main():
     ap.add_argument("--llama-inprocess", action="store_true",
                     help="also run llama.cpp plain inside this process (the old way: shares torch's libgomp "
                          "under OMP_WAIT_POLICY=PASSIVE), to compare with the worker in the same run")
+    ap.add_argument("--llama-spec-dir", type=Path, default=None,
+                    help="a folder with llama.cpp's llama-speculative (and llama-speculative-simple) built by "
+                         "benchmarks/build_llama_speculative.sh: adds 'llama.cpp draft kK' (and "
+                         "'llama.cpp draft-simple kK', given --p-min as llama.cpp's --spec-draft-p-min) per --draft-k")
     ap.add_argument("--llama-timeout", type=float, default=600, help="seconds a llama leg may take before its "
                     "worker is killed, the leg failed and the worker restarted")
     ap.add_argument("--concurrent", type=int, default=0, metavar="N",
@@ -268,12 +346,20 @@ def main():
         stops = set(target.chat_stop_ids)
         methods["llama.cpp plain"] = lambda ids: llama_leg(worker, "plain", ids, args.max_new_tokens, stops)
         methods["llama.cpp prompt-lookup"] = lambda ids: llama_leg(worker, "lookup", ids, args.max_new_tokens, stops)
+        for k in [int(x) for x in args.draft_k.split(",")] if args.llama_spec_dir else []:
+            for exe, label, p_min in (("llama-speculative", "draft", None), ("llama-speculative-simple", "draft-simple", args.p_min)):
+                if (args.llama_spec_dir / exe).exists():
+                    methods[f"llama.cpp {label} k{k}"] = lambda ids, k=k, exe=exe, p_min=p_min: llama_spec_leg(
+                        args.llama_spec_dir / exe, target_path(), demo_model_path(), target.tokenizer.decode(ids), len(ids),
+                        args.max_new_tokens, k, args.threads, args.llama_ctx, p_min, args.llama_timeout)
+                else:
+                    print(f"no {args.llama_spec_dir / exe}: 'llama.cpp {label}' left out", flush=True)
         if args.llama_inprocess:
             methods["llama.cpp plain in-process"] = lambda ids: llama(lplain_here, ids, args.max_new_tokens, stops)
     if args.methods:
         keep = tuple(m.strip() for m in args.methods.split(","))
         methods = {m: f for m, f in methods.items() if m.startswith(keep) or m == "ours plain"}
-    if any(m.startswith("llama.cpp") for m in methods):
+    if any(m in ("llama.cpp plain", "llama.cpp prompt-lookup", "llama.cpp plain in-process") for m in methods):
         kw = dict(n_ctx=args.llama_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
         worker = LlamaWorker(args.llama_timeout)
         if "llama.cpp plain" in methods:
@@ -302,6 +388,10 @@ def main():
         for i, ids in enumerate(prompts):
             for m, f in methods.items():
                 runs[m].append(leg(f, ids) | {"prompt": args.start + i, "prompt_tokens": len(ids)})
+                r, base = runs[m][-1], runs["ours plain"][-1]
+                if "text" in r and "tokens" in base:
+                    r["same_text_as_ours_plain"] = same_text(r["text"], target.tokenizer.decode(base["tokens"]),
+                                                             len(base["tokens"]) >= args.max_new_tokens)
             line = "  ".join(f"{m} {speed(r[-1])}" for m, r in runs.items())
             print(f"[{task} {i + 1}/{len(prompts)}] tok/s: {line}", flush=True)
             for m, r in runs.items():
@@ -333,7 +423,7 @@ def main():
     out = {"args": vars(args) | {"json": str(args.json), "merge": None}, "results": results,
            "runs": {t: {m: [{k: v for k, v in r.items()} for r in rs] for m, rs in runs.items()} for t, runs in raw.items()}}
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps(out, indent=1, default=str))
 
 
 def leg(f, ids) -> dict:
@@ -388,7 +478,11 @@ def summarize(runs: dict) -> dict:
                        first_divergence=[next((j for j, (x, y) in enumerate(zip(r["tokens"], b["tokens"]))
                                                if x != y), None) for r, b in zip(rs, base)])
         if m.startswith("llama"):
-            row["same_as_ours_plain"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base))
+            row["same_as_ours_plain"] = sum(bool(r["same_text_as_ours_plain"]) if "tokens" not in r else
+                                            r["tokens"] == b["tokens"] for r, b in zip(rs, base))
+        if any("drafted" in r for r in rs):
+            drafted, accepted = sum(r["drafted"] for r in rs), sum(r["accepted"] for r in rs)
+            row.update(drafted=drafted, accepted=accepted, acceptance=round(accepted / max(drafted, 1), 3))
         res[m] = row
     plain = res["ours plain"]["tok_per_s"]
     best_llama = max((r["tok_per_s"] for m, r in res.items()
