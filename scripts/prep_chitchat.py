@@ -8,7 +8,9 @@ Conversations are shuffled once (seed 0) and split so that no conversation is in
   the second as "assistant", ending on an assistant turn;
 - dpo_train.jsonl / dpo_eval.jsonl, from conversations the SFT run never sees: {"prompt" (the
   conversation up to a user turn), "chosen" (the real next reply), "rejected" (the reply at the same
-  turn of another conversation)}.
+  turn of another conversation)}. The eval pairs are drawn with their own random stream, so they do
+  not change with the training options (--rejected-turn applies to both, --pairs-per-conversation
+  to the training pairs only).
 """
 from __future__ import annotations
 
@@ -38,14 +40,15 @@ def conversations(max_turns: int) -> list[list[dict]]:
 
 
 def dpo_pairs(convs, rng, rejected_turn: str = "same", per_conv: int = 1) -> list[dict]:
-    """Per conversation, `per_conv` assistant turns (not the first; distinct, as many as it has): the
-    conversation up to that turn is the prompt, the real reply the chosen one, and an assistant
-    reply of another (random) conversation the rejected one, taken at the same turn index
-    (rejected_turn="same": the same stage of a chat, the harder pairs) or at any of its turns
-    ("any")."""
+    """Per conversation, `per_conv` assistant turns (distinct, as many as it has; with per_conv=1 the
+    first or second reply, as the eval set): the conversation up to that turn is the prompt, the real
+    reply the chosen one, and an assistant reply of another (random) conversation the rejected one,
+    taken at the same turn index (rejected_turn="same": the same stage of a chat, the harder pairs)
+    or at any of its turns ("any"). per_conv > 1 draws from every assistant turn, the first reply
+    included (the eval set's turns: half of its pairs are first replies)."""
     pairs = []
     for i, conv in enumerate(convs):
-        turns = list(range(3, len(conv), 2)) or [1]  # assistant turns after the first reply
+        turns = list(range(1, len(conv), 2))  # the assistant turns
         for k in rng.sample(turns, min(per_conv, len(turns))) if per_conv > 1 else \
                 [rng.randrange(1, len(conv) // 2) * 2 - 1 if len(conv) >= 4 else 1]:
             other = convs[(i + 1 + rng.randrange(len(convs) - 1)) % len(convs)]
@@ -85,11 +88,10 @@ def main():
         cuts.append(convs[lo:lo + k])
         lo += k
     os.makedirs(a.out, exist_ok=True)
-    rng = random.Random(1)
     files = {"sft_train": [{"messages": [{"role": "system", "content": SYSTEM}] + c} for c in cuts[0]],
              "sft_eval": [{"messages": [{"role": "system", "content": SYSTEM}] + c} for c in cuts[1]],
-             "dpo_train": dpo_pairs(cuts[2], rng, a.rejected_turn, a.pairs_per_conversation),
-             "dpo_eval": dpo_pairs(cuts[3], rng, a.rejected_turn)}
+             "dpo_train": dpo_pairs(cuts[2], random.Random(1), a.rejected_turn, a.pairs_per_conversation),
+             "dpo_eval": dpo_pairs(cuts[3], random.Random(2), a.rejected_turn)}
     for name, recs in files.items():
         with open(os.path.join(a.out, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)

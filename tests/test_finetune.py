@@ -165,6 +165,28 @@ def test_dpo_eval_equals_the_closed_form_on_transformers(tmp_path, ckpt):
     assert abs(final["eval_rewards_chosen"] - rc.mean().item()) < 1e-4
 
 
+def test_dpo_rpo_alpha_adds_the_chosen_replies_mean_token_nll(tmp_path, ckpt):
+    """--rpo-alpha A: each pair's loss is DPO's plus A x the chosen reply's mean token NLL (TRL's
+    rpo_alpha); at step 1 (policy == reference) that is log 2 + A x the base model's NLL."""
+    from transformers import Qwen2ForCausalLM
+    pairs = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+              "chosen": [{"role": "assistant", "content": f"It is {2 * i}, I think." if i % 2 else f"{2 * i}"}],
+              "rejected": [{"role": "assistant", "content": f"Maybe {2 * i + 1}."}]} for i in range(6)]
+    data = _write(tmp_path / "dpo.jsonl", pairs)
+    out = tmp_path / "out"
+    alpha = 0.5
+    _cli("--model", ckpt, "--data", data, "--output", out, "--method", "dpo", "--rpo-alpha", alpha,
+         "--max-steps", 1, "--batch-size", 6, "--lr", 1e-3, "--lora-r", 4, "--lora-dropout", 0)
+    first = _log(out)[0]
+    tok = qwen2.load_tokenizer(ckpt)
+    prs = D.load_dpo(data, tok, 1024).pairs
+    base = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    lp, k = _hf_logprobs(base, D.dpo_rows(prs)[:len(prs)], tok.pad_token_id)
+    nll = (-lp / k).mean().item()
+    assert abs(first["nll_chosen"] - nll) < 1e-4
+    assert abs(first["loss"] - (torch.log(torch.tensor(2.0)).item() + alpha * nll)) < 1e-4
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_run(tmp_path, ckpt):
     data = _write(tmp_path / "train.jsonl", CHATS)
     args = ["--model", ckpt, "--data", data, "--max-steps", 16, "--batch-size", 2, "--lr", 5e-3, "--lora-r", 2,

@@ -20,6 +20,9 @@ def register(subparsers):
                         "from `qwen2 quantize` is taken as it is (the lowest peak memory: no float copy at load)")
     p.add_argument("--dpo-weights", default="lora", choices=("lora", "full"), help="what DPO trains")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="DPO: add ALPHA x the chosen reply's mean token NLL to each pair's loss (RPO, TRL's "
+                        "rpo_alpha): keeps the chosen replies likely, against DPO's length bias")
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -57,7 +60,7 @@ def run(args) -> int:
     lr = args.lr or (2e-4 if not full else 5e-6 if args.method == "dpo" else 2e-5)
     cfg = FinetuneConfig(
         model=_common.model_path(args), data=args.data, output=args.output, eval_data=args.eval_data,
-        method=args.method, dpo_weights=args.dpo_weights, beta=args.beta, epochs=args.epochs,
+        method=args.method, dpo_weights=args.dpo_weights, beta=args.beta, rpo_alpha=args.rpo_alpha, epochs=args.epochs,
         max_steps=args.max_steps, lr=lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len, packing=args.packing,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

@@ -40,6 +40,7 @@ class FinetuneConfig:
     method: str = "lora"            # lora | qlora | full | dpo
     dpo_weights: str = "lora"       # what DPO trains: lora | full
     beta: float = 0.1               # DPO's inverse temperature
+    rpo_alpha: float = 0.0          # DPO + rpo_alpha * the chosen reply's mean token NLL (TRL's rpo_alpha)
     epochs: float = 1.0
     max_steps: int | None = None    # overrides epochs
     lr: float = 2e-4
@@ -171,11 +172,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return t.item()
 
     def dpo_stats(pairs, grad: bool):
-        """Summed losses, rewards, accuracy over the pairs; policy with grad if asked."""
+        """Summed DPO losses, rewards, accuracy over the pairs, and the summed per-pair mean token NLL
+        of the chosen replies (the RPO term); policy with grad if asked."""
         ids, mask, labels = D.collate(D.dpo_rows(pairs), pad)
         n = len(pairs)
         with torch.set_grad_enabled(grad):
             pol = sequence_logprobs(model, ids, mask, labels)
+            chosen_tokens = (labels[:n, 1:] != D.IGNORE_INDEX).sum(1).clamp(min=1)
+            nll = (-pol[:n] / chosen_tokens).sum()
         with torch.no_grad():
             if ref_model is not None:
                 ref = sequence_logprobs(ref_model, ids, mask, labels)
@@ -185,7 +189,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         losses, rc, rr = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta)
         return losses.sum(), {"rewards_chosen": rc.sum().item(), "rewards_rejected": rr.sum().item(),
                               "reward_accuracy": (rc > rr).float().sum().item(),
-                              "reward_margin": (rc - rr).sum().item()}, int(mask.sum())
+                              "reward_margin": (rc - rr).sum().item(), "nll_chosen": nll.item()}, int(mask.sum()), nll
 
     def train_step(step: int) -> dict:
         opt.zero_grad(set_to_none=True)
@@ -198,7 +202,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         loss_sum, tokens, extra = 0.0, 0, {}
         for mine, _ in batches:
             if dpo:
-                s, st, ntok = dpo_stats(mine, grad=True)
+                s, st, ntok, nll = dpo_stats(mine, grad=True)
+                if cfg.rpo_alpha:
+                    s = s + cfg.rpo_alpha * nll
                 for k, v in st.items():
                     extra[k] = extra.get(k, 0.0) + v
             else:
@@ -229,8 +235,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         for i in range(0, len(mine), cfg.batch_size):
             chunk = mine[i:i + cfg.batch_size]
             if dpo:
-                s, st, _ = dpo_stats(chunk, grad=False)
-                st["loss"] = s.item()
+                s, st, _, _ = dpo_stats(chunk, grad=False)
+                st["loss"] = s.item()  # the DPO loss alone (no RPO term): comparable across runs
             else:
                 ids, mask, labels = D.collate(chunk, pad)
                 lp, _ = token_logprobs(model, ids, mask, labels)
@@ -331,6 +337,8 @@ class _StopOnCtrlC:
 def check(cfg: FinetuneConfig):
     if cfg.method not in METHODS:
         raise Qwen2Error(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    if cfg.rpo_alpha < 0:
+        raise Qwen2Error("--rpo-alpha must be >= 0")
     if cfg.dpo_weights not in ("lora", "full"):
         raise Qwen2Error(f"--dpo-weights must be lora or full, not {cfg.dpo_weights!r}")
     if cfg.dtype not in ("float32", "bfloat16", "bf16"):
