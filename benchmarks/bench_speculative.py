@@ -274,15 +274,12 @@ def same_text(theirs: str | None, ours_text: str, ours_hit_max: bool) -> bool:
 
 
 def llama(model, ids, max_new, stop_ids) -> dict:
-    """llama.cpp in this process (the old way, --llama-inprocess): shares torch's libgomp."""
-    model.reset()
-    times, toks = [], []
-    for chunk in model.generate(ids, temp=0.0, top_k=1, reset=True):
-        times.append(time.perf_counter())
-        toks.append(int(chunk))
-        if chunk in stop_ids or len(toks) >= max_new:
-            break
-    return {"tokens": toks, "decode_tokens": len(toks) - 1, "decode_s": times[-1] - times[0]}
+    """llama.cpp in this process (the old way, --llama-inprocess): shares torch's libgomp. The
+    decoding loop is the worker's own."""
+    from llama_worker import generate
+    r = generate(model, list(ids), max_new, set(stop_ids))
+    times = r["times"]
+    return {"tokens": r["tokens"], "decode_tokens": len(times) - 1, "decode_s": times[-1] - times[0]}
 
 
 def main():
