@@ -218,11 +218,17 @@ def tp_rank_world() -> tuple[int, int] | None:
     return None
 
 
+def _leave_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int, int] | None:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), NCCL for a
     CUDA device and gloo otherwise; None when launched alone. Every rank then seeds torch's global
     generator alike (rank 0 draws the seed), so unseeded sampling picks the same tokens everywhere.
     timeout_s bounds every collective: a rank that dies ends the others with an error, not a hang."""
+    import atexit
     import datetime
     import os
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -241,6 +247,9 @@ def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int, i
                                  f"(--nproc-per-node {gpus} at most)")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # Tear the group down while the interpreter is whole: left to interpreter exit, gloo's
+        # worker threads can outlive what they reference and abort the process (SIGABRT).
+        atexit.register(_leave_group)
     seed = torch.randint(0, 2 ** 62, (1,)) if dist.get_rank() == 0 else torch.zeros(1, dtype=torch.long)
     if str(device).startswith("cuda"):
         seed = seed.cuda()
