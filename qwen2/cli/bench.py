@@ -165,7 +165,9 @@ def time_generation(model, prompt: int = 32, tokens: int = 128, prefill: int = 5
     if prefill:
         ids = torch.randint(0, vocab, (prefill,), generator=g).tolist()
         _run(model, ids[:16], 1)  # warm-up
+        peak_rss_reset()
         t = _run(model, ids, 1)
+        res["peak_rss_prefill"] = peak_rss()
         res["prefill_s"] = t["prefill_s"]
         res["prefill_tok_s"] = prefill / res["prefill_s"]
     ids = torch.randint(0, vocab, (prompt,), generator=g).tolist()
@@ -235,7 +237,8 @@ def run(args) -> int:
         ("threads", out["threads"]), ("load", f"{load_s:.2f} s"),
     ]
     if "prefill_tok_s" in r:
-        rows.append((f"prefill {args.prefill}", f"{r['prefill_tok_s']:.1f} tok/s"))
+        rows.append((f"prefill {args.prefill}", f"{r['prefill_tok_s']:.1f} tok/s, peak RSS "
+                                                f"{r['peak_rss_prefill'] / 2**20:.0f} MiB"))
     rows += [
         (f"decode {args.tokens} after {args.prompt}", f"{r['decode_tok_s']:.1f} tok/s"),
         ("bandwidth (measured)", f"{out['bandwidth_gb_s']:.1f} GB/s"),

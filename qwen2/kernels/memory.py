@@ -9,15 +9,32 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 
 
 def trim() -> None:
     gc.collect()
+    release_heap()
+
+
+def release_heap() -> None:
+    """Free heap pages back to the OS (glibc's malloc_trim; nothing elsewhere). A prefill's
+    activations (MBs each, from the heap once the mmap threshold has risen) would otherwise stay
+    resident through the decode that follows."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return None
 
 
 _HUGE = 2 << 20          # x86-64 transparent huge page

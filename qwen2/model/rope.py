@@ -105,7 +105,10 @@ class Rotary(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        inv_freq, self.scaling = rope_init(config)
+        # On the CPU even while the model is built on the meta device: ops on meta tensors go
+        # through torch._refs, whose first use imports dynamo and sympy (~70 MB for the whole run).
+        with torch.device("cpu"):
+            inv_freq, self.scaling = rope_init(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.config = config
 
