@@ -190,8 +190,7 @@ class Tokenizer:
     def __init__(self, core, id_to_bytes: list[bytes | None], added_tokens: list[dict], *,
                  normalize_nfc: bool, chat_template: str | None = None, bos_token: str | None = None,
                  eos_token: str | None = None, pad_token: str | None = None,
-                 stop_token_ids: list[int] | None = None, first_generation: bool = False,
-                 token_strings: dict[int, str] | None = None):
+                 stop_token_ids: list[int] | None = None, first_generation: bool = False):
         self._core = core
         self._bytes = list(id_to_bytes)
         self.normalize_nfc = normalize_nfc
@@ -214,7 +213,6 @@ class Tokenizer:
         plain_added = [t for t in self.added_tokens if t not in self.special_tokens]
         self._split_plain = _alternation(plain_added)
         self._split_all = _alternation(list(self.added_tokens))
-        self._token_strings = token_strings     # vocab.json form, for id_to_token; built lazily
         self._str_to_id: dict[str, int] | None = None
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
@@ -264,7 +262,6 @@ class Tokenizer:
             pairs.append(pair)
         n = max([*vocab.values(), *added_ids], default=-1) + 1
         id_to_bytes: list[bytes | None] = [None] * n
-        strings = {}
         for s, i in vocab.items():
             if i in added_ids:
                 continue
@@ -272,7 +269,6 @@ class Tokenizer:
             if b is None:
                 raise Qwen2Error(f"vocab token {s!r} (id {i}) is not in byte-level (GPT-2) form")
             id_to_bytes[i] = b
-            strings[i] = s
         core = None
         if pattern == QWEN_PATTERN and _tiktoken_safe(vocab, pairs):
             ranks = {id_to_bytes[i]: i for i in range(256 + len(pairs))}
@@ -281,7 +277,7 @@ class Tokenizer:
             core = _HFCore({s: i for s, i in vocab.items() if i not in added_ids}, pairs, pattern)
         return cls(core, id_to_bytes, added_tokens, normalize_nfc=normalize_nfc, chat_template=chat_template,
                    bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
-                   stop_token_ids=stop_token_ids, token_strings=strings)
+                   stop_token_ids=stop_token_ids)
 
     # ---- vocabulary --------------------------------------------------------------------------
 
@@ -306,9 +302,7 @@ class Tokenizer:
         b = self._lookup(i)
         if i in self._added_ids:
             return b.decode("utf-8")
-        if self._token_strings is not None:
-            return self._token_strings[i]
-        return token_str(b)
+        return token_str(b)  # not kept for every id: 151k strings are ~20 MB resident
 
     def id_to_bytes(self, i: int) -> bytes:
         return self._lookup(i)
