@@ -217,6 +217,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_run(tmp_path, c
     assert r.returncode == 1 and "no checkpoint" in r.stderr
 
 
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, ckpt):
+    """A finished 2-step run resumed with --max-steps 4 goes on along the 4-step cosine (the saved
+    run's last learning rate was 0): its learning rates are a straight 4-step run's."""
+    data = _write(tmp_path / "train.jsonl", CHATS[:4])
+    args = ["--model", ckpt, "--data", data, "--batch-size", 2, "--lr", 5e-3, "--lora-r", 2, "--lora-targets", "q_proj"]
+    _cli(*args, "--max-steps", 4, "--output", tmp_path / "straight")
+    _cli(*args, "--max-steps", 2, "--output", tmp_path / "chain")
+    _cli(*args, "--max-steps", 4, "--output", tmp_path / "chain", "--resume")
+    want = [r["lr"] for r in _log(tmp_path / "straight")]
+    got = [r["lr"] for r in _log(tmp_path / "chain")]
+    assert [r["step"] for r in _log(tmp_path / "chain")] == [1, 2, 3, 4]
+    assert got[2:] == pytest.approx(want[2:]) and got[2] == pytest.approx(5e-3 * 0.5)
+
+
 def test_full_weights_and_merge_write_checkpoints_transformers_loads(tmp_path, ckpt):
     from transformers import Qwen2ForCausalLM
     data = _write(tmp_path / "train.jsonl", CHATS[:4])

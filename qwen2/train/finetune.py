@@ -145,7 +145,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         t = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    for g in opt.param_groups:  # (LambdaLR's key, set first: a saved optimizer state carries it)
+        g["initial_lr"] = cfg.lr
 
     # ---- resume -------------------------------------------------------------------------------
     start = 0
@@ -153,9 +154,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.resume:
         if not (ckpt_dir / "state.json").is_file():
             raise Qwen2Error(f"--resume: no checkpoint in {ckpt_dir}")
-        start = load_checkpoint(ckpt_dir, model, opt, sched, cfg)
+        start = load_checkpoint(ckpt_dir, model, opt, cfg)
         if main:
             print(f"resumed from {ckpt_dir} at step {start}")
+    # The schedule is this run's, placed at `start`: a resumed run given more steps or another --lr
+    # goes on along its own cosine, not from the saved run's last learning rate (0 at its end).
+    for g in opt.param_groups:
+        g["initial_lr"] = cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor, last_epoch=start - 1)
 
     # ---- one step -----------------------------------------------------------------------------
     def micro_batches(step: int):
@@ -272,7 +278,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             done = step + 1
             if ctrl_c.requested(distributed):
                 bar.close()
-                save_checkpoint(ckpt_dir, model, opt, sched, done, cfg, main)
+                save_checkpoint(ckpt_dir, model, opt, done, cfg, main)
                 if main:
                     print(f"interrupted: checkpoint at step {done} saved in {ckpt_dir}; continue with --resume")
                 raise KeyboardInterrupt
@@ -281,7 +287,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 write(ev)
                 bar.write(" ".join(f"{k}={v:.4g}" for k, v in ev.items()))
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-                save_checkpoint(ckpt_dir, model, opt, sched, done, cfg, main)
+                save_checkpoint(ckpt_dir, model, opt, done, cfg, main)
     bar.close()
     if evals:
         ev = {"step": steps, **evaluate()}
@@ -291,7 +297,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             print(" ".join(f"{k}={v:.4g}" for k, v in ev.items()))
 
     # ---- outputs ------------------------------------------------------------------------------
-    save_checkpoint(ckpt_dir, model, opt, sched, steps, cfg, main)
+    save_checkpoint(ckpt_dir, model, opt, steps, cfg, main)
     save_outputs(model, out, path, tok, cfg, lora, main)
     if log:
         log.close()
@@ -359,13 +365,13 @@ def check(cfg: FinetuneConfig):
         raise Qwen2Error(f"{cfg.data}: no such data file")
 
 
-# ---- checkpoints: the trainable state, the optimizer, the schedule, the step ------------------
+# ---- checkpoints: the trainable state, the optimizer, the step (the schedule is the run's) ------
 def _trainable_names(model) -> set[str]:
     from torch.distributed.checkpoint.state_dict import _get_fqns
     return {fqn for n, p in model.named_parameters() if p.requires_grad for fqn in _get_fqns(model, n)}
 
 
-def save_checkpoint(ckpt_dir: Path, model, opt, sched, step: int, cfg: FinetuneConfig, main: bool):
+def save_checkpoint(ckpt_dir: Path, model, opt, step: int, cfg: FinetuneConfig, main: bool):
     """Written to a temporary directory and renamed, so an interruption never leaves half a checkpoint."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -379,13 +385,13 @@ def save_checkpoint(ckpt_dir: Path, model, opt, sched, step: int, cfg: FinetuneC
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    torch.save({"optimizer": optim, "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     tmp.rename(ckpt_dir)
 
 
-def load_checkpoint(ckpt_dir: Path, model, opt, sched, cfg: FinetuneConfig) -> int:
+def load_checkpoint(ckpt_dir: Path, model, opt, cfg: FinetuneConfig) -> int:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     meta = json.loads((ckpt_dir / "state.json").read_text())
@@ -401,7 +407,6 @@ def load_checkpoint(ckpt_dir: Path, model, opt, sched, cfg: FinetuneConfig) -> i
     set_model_state_dict(model, state, options=opts)
     extra = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
     set_optimizer_state_dict(model, opt, extra["optimizer"], options=StateDictOptions(full_state_dict=True))
-    sched.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
     return int(meta["step"])
 
