@@ -256,7 +256,7 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, ckpt)
     args = ["--model", ckpt, "--data", data, "--max-steps", 3, "--lr", 1e-2, "--lora-r", 4, "--lora-dropout", 0,
             "--grad-accum", 2]
     _cli(*args, "--output", tmp_path / "one", "--batch-size", 4)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "qwen2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qwen2",
                         "finetune", "--no-progress", *map(str, args), "--output", str(tmp_path / "two"),
                         "--batch-size", "2"], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
