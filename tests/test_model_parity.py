@@ -210,6 +210,8 @@ def test_untied_head_is_loaded(tmp_path):
 def test_random_init_model_from_preset_runs():
     cfg = qwen2.preset("Qwen2-0.5B", num_hidden_layers=1, vocab_size=1000)
     model = qwen2.Qwen2(cfg)
+    emb = model.model.embed_tokens.weight  # nn.Embedding's own init, N(0, 1)
+    assert torch.isfinite(emb).all() and 0.9 < float(emb.std()) < 1.1
     ids = _ids(1000, 1, 5)
     with torch.no_grad():
         assert model(ids).shape == (1, 5, 1000)

@@ -174,6 +174,8 @@ class Backbone(nn.Module):
         # resident for the whole run).
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
+        if not self.embed_tokens.weight.is_meta:  # a model built for real: nn.Embedding's own init
+            self.embed_tokens.reset_parameters()
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
