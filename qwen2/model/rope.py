@@ -109,7 +109,8 @@ class Rotary(nn.Module):
         # through torch._refs, whose first use imports dynamo and sympy (~70 MB for the whole run).
         with torch.device("cpu"):
             inv_freq, self.scaling = rope_init(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # then onto the device the model is built on (a plain copy, no decomposition)
+        self.register_buffer("inv_freq", inv_freq.to(torch.empty(0).device), persistent=False)
         self.config = config
 
     def reset_parameters(self, device=None):
