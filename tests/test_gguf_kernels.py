@@ -133,6 +133,32 @@ def test_int8_activation_products(tensors, qt, variant):
         assert torch.equal(_call(m, x[:rows], variant, exact=False), got[:rows])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("qt", (Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0), ids=lambda q: q.name)
+def test_int8_activation_products_ragged_groups(tmp_path, qt, variant):
+    """Rows of 29 groups of 32 (the kernels walk 16 groups, 4 per register, at a time: both tails),
+    one row and 6, against the float64 product within the int8-activation bound."""
+    rows, cols = 24, 29 * 32
+    rng = np.random.default_rng(int(qt))
+    w = gguf.GGUFWriter(str(tmp_path / "ragged.gguf"), "qwen2")
+    w.add_tensor("t.weight", gguf.quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.05, qt),
+                 raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t = open_gguf(tmp_path / "ragged.gguf")[0].tensors[0]
+    m = _block_linear(t)
+    ref_w = torch.from_numpy(gguf.quants.dequantize(t.data, qt).reshape(rows, cols).astype(np.float64))
+    x = torch.randn(6, cols, generator=torch.Generator().manual_seed(int(qt))) * 2
+    ref = x.double() @ ref_w.T
+    amax = x.double().abs().view(6, -1, 32).amax(-1).repeat_interleave(32, 1)
+    bound = (amax / 254) @ ref_w.abs().T + 2 * cols * 2 ** -24 * (x.double().abs() @ ref_w.abs().T)
+    got = _call(m, x, variant, exact=False)
+    assert bool(((got.double() - ref).abs() <= bound).all()), f"max excess {((got.double() - ref).abs() / bound).max():.3g}"
+    assert torch.equal(_call(m, x[:1], variant, exact=False), got[:1])
+
+
 def test_constructors_for_other_loaders():
     """int4 with integer zeros per group of 128 (AWQ / GPTQ style) as offsets: the same weights."""
     g = torch.Generator().manual_seed(0)
