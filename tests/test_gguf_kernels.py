@@ -84,9 +84,19 @@ def test_repacked_without_loss(tensors, qt):
         else:
             torch.testing.assert_close(got, ref, rtol=2 ** -22, atol=2 ** -22 * float(ref.abs().max()))
     assert m.scales.dtype == (torch.float16 if qt in (Q.Q4_0, Q.Q5_0, Q.Q8_0) else m.scales.dtype)
-    if qt in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # scales as the file stores them: 8 bits a group, a float per 256
+    if qt in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # scales as the file stores them: 8 bits a group, a float16 per 256
         assert m.scales.dtype == (torch.int8 if qt == Q.Q6_K else torch.uint8) and m.super_scales * m.group_size == 256
-        assert (m.offsets is not None) == (qt != Q.Q6_K) and m.sscales.dtype == torch.float32
+        assert (m.offsets is not None) == (qt != Q.Q6_K) and m.sscales.dtype == torch.float16
+        # float32 super-block factors (checkpoints saved before they were kept in float16): the same
+        # rows and products, bit for bit
+        f32 = BlockLinear.raw(m.kind, m.out_features, m.in_features, qweight=m.qweight, qh=m.qh, scales=m.scales,
+                              offsets=m.offsets, zero=m.zero, sscales=m.sscales.float(),
+                              soffsets=None if m.soffsets is None else m.soffsets.float())
+        x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(int(qt)))
+        for v in VARIANTS:
+            assert torch.equal(_rows(f32, ids, v), _rows(m, ids, v))
+            for exact in (False, True):
+                assert torch.equal(_call(f32, x, v, exact), _call(m, x, v, exact))
     if qt == Q.Q6_K:  # 6 bits a weight, as in the file
         assert m.kind == "block6" and m.qweight.numel() == ROWS * COLS * 3 // 4
 

@@ -52,10 +52,12 @@ from qwen2.kernels.memory import release_heap
 
 log = logging.getLogger("qwen2.engine")
 
-# A step of this many tokens (a prefill) hands its freed activations back to the OS afterwards
-# (malloc_trim, ~0.1 ms): they would stay in the heap through decoding, ~140 MB after 512 tokens
-# on the 1.5B.
-RELEASE_AFTER_TOKENS = 128
+# Every this many tokens run (one prefill, or so many decode steps) the engine hands freed heap
+# pages back to the OS (malloc_trim, ~0.1 ms). Without it a 512-token prefill's activations stayed
+# resident through decoding (~140 MB on the 1.5B), and 128 decode steps left ~26 MB of
+# fragments (glibc raises its mmap threshold after the first freed logits buffer, so later ones
+# come from the heap, whose top is rarely free).
+RELEASE_AFTER_TOKENS = 32
 PROMPT_LOGITS_CHUNK = 512  # prompt tokens per step of a request that wants prompt logprobs
 
 
@@ -196,6 +198,7 @@ class Engine:
         # (one token per running request), the steady state of a loaded server.
         # spec_*: speculative decoding (qwen2.engine.speculative): verification slices, draft
         # tokens proposed and accepted, tokens emitted by verification slices.
+        self._unreleased = 0  # tokens run since the last release_heap
         self.stats = SimpleNamespace(prompt_tokens=0, generation_tokens=0, steps=0, preemptions=0,
                                      finished={}, ttft=Histogram(), busy_seconds=0.0,
                                      decode_steps=0, decode_seconds=0.0,
@@ -363,8 +366,10 @@ class Engine:
             self._consume(sub, packed, logits)
         if self.spec is not None:
             self.spec.end_step(self.stats.generation_tokens - generated)
-        if sum(len(s.token_ids) for _, s in plan) >= RELEASE_AFTER_TOKENS:
+        self._unreleased += sum(len(s.token_ids) for _, s in plan)
+        if self._unreleased >= RELEASE_AFTER_TOKENS:
             release_heap()
+            self._unreleased = 0
         dt = time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.busy_seconds += dt

@@ -351,7 +351,7 @@ def load_gguf_model(path, dtype="auto", device="cpu"):
 
 # ----------------------------------------------------------------------------- block types
 def _f16(b: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)).float()
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16))
 
 
 def _bytes(b: np.ndarray, dtype=np.uint8) -> torch.Tensor:
@@ -400,8 +400,8 @@ def _block_linear(t):
         from gguf.quants import Q4_K
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
         sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
-        # kept as stored: 6-bit sc and m per group, d and -dmin per 256 (the kernels form the
-        # reference's float32 products d * sc and -(dmin * m), exact, so w = s * q - dm as there)
+        # kept as stored: 6-bit sc and m per group, d and -dmin per 256 in float16 (the kernels form
+        # the reference's float32 products d * sc and -(dmin * m), exact, so w = s * q - dm as there)
         s8 = torch.from_numpy(np.ascontiguousarray(sc.astype(np.uint8))).view(n, k // 32)
         m8 = torch.from_numpy(np.ascontiguousarray(mn.astype(np.uint8))).view(n, k // 32)
         q = _k_levels(b[:, 16:144] if typ == Q.Q4_K else b[:, 48:176])

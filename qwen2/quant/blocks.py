@@ -10,10 +10,10 @@ asymmetric int4: `BlockLinear.int4(q, scales, offsets=-scales * zeros, group_siz
 
 Scales and offsets are kept in float16 when every value survives the round trip (Q4_0, Q5_0,
 Q8_0: the file's own float16). The K types (Q4_K, Q5_K, Q6_K) keep theirs as the file does: an
-8-bit integer per group (`scales`, `offsets`: uint8, or int8 for Q6_K's signed scales) times a
-float32 per super-block of 256 weights (`sscales`, `soffsets`): scales[n, g] = sscales[n, g // S]
-* scales8[n, g], the exact float32 product of the file's reference dequantization, streamed at one
-byte per group instead of four (`super_scales` says S). No value is ever rounded, so the weights
+8-bit integer per group (`scales`, `offsets`: uint8, or int8 for Q6_K's signed scales) times the
+file's float16 per super-block of 256 weights (`sscales`, `soffsets`; float32 is accepted too):
+scales[n, g] = sscales[n, g // S] * scales8[n, g], the exact float32 product of the file's
+reference dequantization, streamed at one byte per group instead of four (`super_scales` says S). No value is ever rounded, so the weights
 are exactly the file's. The kernels
 (torch.ops.qwen2.block4_linear / block8_linear, qwen2/kernels/csrc/block_linear.cpp) read these
 layouts as they are. By default up to 16 rows of x (decode, small batches, speculative
@@ -62,7 +62,7 @@ class BlockLinear(nn.Module):
             qh: torch.Tensor | None = None, offsets: torch.Tensor | None = None, zero: int = 0,
             sscales: torch.Tensor | None = None, soffsets: torch.Tensor | None = None) -> BlockLinear:
         """The kernels' layout as it is (see the module doc and qwen2/kernels/csrc/block_linear.cpp);
-        scales / offsets float16 or float32, or 8-bit integers with float32 super-block scales /
+        scales / offsets float16 or float32, or 8-bit integers with float16 or float32 super-block scales /
         offsets (sscales / soffsets [out, groups / S]), kept as given."""
         m = cls(out_features, in_features)
         m.kind, m.zero = kind, int(zero)
@@ -85,8 +85,8 @@ class BlockLinear(nn.Module):
         if self.sscales is None:
             return s.float(), None if o is None else o.float()
         r = self.super_scales
-        s = self.sscales[rows].repeat_interleave(r, -1) * s.float()
-        return s, None if o is None else self.soffsets[rows].repeat_interleave(r, -1) * o.float()
+        s = self.sscales[rows].float().repeat_interleave(r, -1) * s.float()
+        return s, None if o is None else self.soffsets[rows].float().repeat_interleave(r, -1) * o.float()
 
     @classmethod
     def int4(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None, zero: int = 0,
@@ -206,7 +206,8 @@ class BlockLinear(nn.Module):
     def extra_repr(self):
         more = f", zero={self.zero}" + (", 5-bit" if self.qh is not None else "") + \
             (", offsets" if self.offsets is not None else "") if self.kind == "block4" else ""
-        sup = f" x float32 per {self.super_scales} groups" if self.sscales is not None else ""
+        sup = "" if self.sscales is None else \
+            f" x {str(self.sscales.dtype).removeprefix('torch.')} per {self.super_scales} groups"
         return (f"{self.in_features}, {self.out_features}, {self.kind}, group_size={self.group_size}{more}, "
                 f"scales {str(self.scales.dtype).removeprefix('torch.')}{sup}")
 

@@ -43,6 +43,18 @@ inline float ldh(const half_t* p) {
 #endif
 }
 
+// super-block factors (GGUF's K types' d / dmin), float32 or float16 (the file's own, converted
+// exactly as they are read: half the bytes of float32)
+struct SupD {
+  const void* p = nullptr;
+  bool half = false;
+  float operator[](int64_t i) const { return half ? ldh(static_cast<const half_t*>(p) + i) : static_cast<const float*>(p)[i]; }
+  SupD operator+(int64_t n) const {
+    return {half ? (const void*)(static_cast<const half_t*>(p) + n) : (const void*)(static_cast<const float*>(p) + n), half};
+  }
+  explicit operator bool() const { return p != nullptr; }
+};
+
 struct B4 {
   const uint8_t* q;
   const int32_t* qh;  // may be null
@@ -349,9 +361,9 @@ void qprep(const float* x, int64_t M, int64_t K, int kind, int32_t zero, bool of
 // s8[g] (and o_g) as they load them, 16 (8) groups at a time: no expanded copy per row
 struct Sup {
   const uint8_t* s8;
-  const float* sd;
+  SupD sd;
   const uint8_t* o8;
-  const float* od;
+  SupD od;
   int64_t gps;  // 8 or 16
   bool sgn;     // s8 holds int8
 };
@@ -376,7 +388,7 @@ inline __m512 scales16(const ST* s, int64_t g0, __mmask16 m) { return lds16(s + 
 template <typename ST>
 inline __m512 offsets16(const ST* o, int64_t g0, __mmask16 m) { return lds16(o + g0, m); }
 // 16 groups' super-block factors: gps 16, one; gps 8, the first 8 lanes' and the last 8's
-inline __m512 super16(const float* d, int64_t g0, int64_t gps, __mmask16 m) {
+inline __m512 super16(const SupD& d, int64_t g0, int64_t gps, __mmask16 m) {
   if (gps == 16) return _mm512_set1_ps(d[g0 / 16]);
   const float hi = (m >> 8) ? d[g0 / 8 + 1] : 0.f;
   return _mm512_insertf32x8(_mm512_set1_ps(d[g0 / 8]), _mm256_set1_ps(hi), 1);
@@ -668,20 +680,20 @@ struct Layout {
   bool half = false;
   int64_t N = 0, K = 0;
   // super-block scales (GGUF's K types): per group an 8-bit scale (s8: uint8, or int8 if s8_signed)
-  // and offset (o8: uint8), times a float32 per gps groups (sd, od): s_g = sd[g / gps] * s8[g] and
+  // and offset (o8: uint8), times a float32 or float16 per gps groups (sd, od): s_g = sd[g / gps] * s8[g] and
   // o_g = od[g / gps] * o8[g], exactly the float32 products of the file's reference dequantization,
   // streamed at ~1 byte per group instead of 4. `expand` writes one row's as floats; s and o unused.
   const void* s8 = nullptr;
   bool s8_signed = false;
-  const float* sd = nullptr;
+  SupD sd;
   const uint8_t* o8 = nullptr;
-  const float* od = nullptr;
+  SupD od;
   int64_t gps = 0;
   bool offsets() const { return o || o8; }
 
   void expand(int64_t n, float* so, float* oo) const {
     const int64_t ng = K / G, ns = ng / gps;
-    const float* d = sd + n * ns;
+    const SupD d = sd + n * ns;
     if (s8_signed) {
       const int8_t* q = static_cast<const int8_t*>(s8) + n * ng;
       for (int64_t j = 0; j < ns; ++j)
@@ -693,7 +705,7 @@ struct Layout {
     }
     if (oo && o8) {
       const uint8_t* m = o8 + n * ng;
-      const float* e = od + n * ns;
+      const SupD e = od + n * ns;
       for (int64_t j = 0; j < ns; ++j)
         for (int64_t i = 0; i < gps; ++i) oo[j * gps + i] = e[j] * (float)m[j * gps + i];
     }
@@ -791,7 +803,7 @@ void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, fl
     if constexpr (std::is_same_v<ST, Sup>) {  // super-block scales: formed as the kernel loads them
       const int64_t ns = ng / L.gps;
       sup = {static_cast<const uint8_t*>(L.s8) + n * ng, L.sd + n * ns, L.o8 ? L.o8 + n * ng : nullptr,
-             L.od ? L.od + n * ns : nullptr, L.gps, L.s8_signed};
+             L.od ? L.od + n * ns : SupD{}, L.gps, L.s8_signed};
       sn = on = &sup;
     } else {
       L.row_scales<ST>(n, nullptr, nullptr, sn, on);
@@ -925,24 +937,25 @@ void check_scales(Layout& L, const at::Tensor& scales, const OptT& offsets, cons
     TORCH_CHECK(scales.scalar_type() == at::kByte || scales.scalar_type() == at::kChar, op,
                 ": scales under super-block scales must be uint8 or int8");
     const at::Tensor& sd = *sscales;
-    TORCH_CHECK(sd.scalar_type() == at::kFloat && sd.dim() == 2 && sd.size(0) == L.N && sd.size(1) > 0 &&
-                ng % sd.size(1) == 0, op, ": super-block scales must be float32 [", L.N, ", groups / n]");
+    TORCH_CHECK((sd.scalar_type() == at::kFloat || sd.scalar_type() == at::kHalf) && sd.dim() == 2 &&
+                sd.size(0) == L.N && sd.size(1) > 0 && ng % sd.size(1) == 0, op,
+                ": super-block scales must be float32 or float16 [", L.N, ", groups / n]");
     keep[2] = scales.contiguous();
     keep[4] = sd.contiguous();
     L.s8 = keep[2].data_ptr();
     L.s8_signed = scales.scalar_type() == at::kChar;
-    L.sd = keep[4].data_ptr<float>();
+    L.sd = {keep[4].data_ptr(), sd.scalar_type() == at::kHalf};
     L.gps = ng / sd.size(1);
     TORCH_CHECK(L.gps == 8 || L.gps == 16, op, ": super-block scales must span 8 or 16 groups, not ", L.gps);
     TORCH_CHECK(has_off == has_soff, op, ": offsets and super-block offsets come together");
     if (has_off) {
       TORCH_CHECK(offsets->scalar_type() == at::kByte && offsets->sizes() == scales.sizes() &&
-                  soffsets->scalar_type() == at::kFloat && soffsets->sizes() == sd.sizes(), op,
-                  ": offsets must be uint8 like scales, super-block offsets float32 like theirs");
+                  soffsets->scalar_type() == sd.scalar_type() && soffsets->sizes() == sd.sizes(), op,
+                  ": offsets must be uint8 like scales, super-block offsets like super-block scales");
       keep[3] = offsets->contiguous();
       keep[5] = soffsets->contiguous();
       L.o8 = keep[3].data_ptr<uint8_t>();
-      L.od = keep[5].data_ptr<float>();
+      L.od = {keep[5].data_ptr(), sd.scalar_type() == at::kHalf};
     }
     return;
   }
