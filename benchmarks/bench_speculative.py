@@ -290,6 +290,8 @@ def main():
     ap.add_argument("--draft-k", default="5", help="draft tokens per step; a comma list runs each (e.g. 2,3,4,5)")
     ap.add_argument("--ngram-k", type=int, default=10)
     ap.add_argument("--p-min", type=float, default=0.75)
+    ap.add_argument("--draft-lookup", choices=("on", "off", "both"), default="on",
+                    help="whether the draft model first checks the prompt-lookup continuation (the product's default: on)")
     ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="ids the draft scores (0: all)")
     ap.add_argument("--dtype", default="auto", help="the target's dtype (auto: the GGUF file's own blocks; "
                     "bfloat16 / float32: dequantized float weights)")
@@ -331,11 +333,14 @@ def main():
     n_edit = args.edit_prompts if args.edit_prompts is not None else args.prompts
     data = tasks(target.tokenizer, args.start + args.prompts, args.start + n_edit)
     data = {t: data[t][args.start:] for t in args.tasks.split(",")}
-    drafter = lambda k, adaptive: Speculator("draft", k, DraftModel(draft.model, draft.tokenizer, args.p_min,
-                                                                    vocab=args.draft_vocab or None), adaptive=adaptive)
+    def drafter(k, adaptive, lookup=True):
+        return Speculator("draft", k, DraftModel(draft.model, draft.tokenizer, args.p_min, vocab=args.draft_vocab or None,
+                                                 lookup=lookup), adaptive=adaptive)
     methods = {"ours plain": lambda ids: ours(target, ids, args.max_new_tokens)}
     for k in [int(x) for x in args.draft_k.split(",")]:
-        methods[f"ours draft k{k}"] = lambda ids, k=k: ours(target, ids, args.max_new_tokens, drafter(k, args.policy))
+        for lookup in {"on": [True], "off": [False], "both": [True, False]}[args.draft_lookup]:
+            methods[f"ours draft k{k}" + ("" if lookup else " no-lookup")] = \
+                lambda ids, k=k, lookup=lookup: ours(target, ids, args.max_new_tokens, drafter(k, args.policy, lookup))
     methods["ours ngram"] = lambda ids: ours(target, ids, args.max_new_tokens,
                                              Speculator("ngram", args.ngram_k, adaptive=args.policy))
     worker = None

@@ -15,8 +15,8 @@ from qwen2.engine.core import Engine
 from qwen2.engine.generate import generate, stream_generate
 from qwen2.engine.paged import KVPool
 from qwen2.engine.sampling import SamplingParams, process_logits
-from qwen2.engine.speculative import (DraftModel, Speculator, check_vocabularies, ngram_propose, speculator_for,
-                                      verify)
+from qwen2.engine.speculative import (STEADY_CATCH_UP, DraftModel, Speculator, check_vocabularies, ngram_propose,
+                                      speculator_for, verify)
 from qwen2.errors import Qwen2Error
 from util import TINY, make_hf_checkpoint
 
@@ -385,6 +385,29 @@ def test_measured_policy_keeps_the_faster_mode():
     assert winning[8:].count("plain") <= 2 * 300 / 16
     later = run(spec, 2000, spec_cost=1.2, spec_tokens=4)   # the workload turned: speculation now pays
     assert later[-200:].count("spec") > 180
+
+
+def test_measured_policy_does_not_time_the_drafts_catch_up():
+    """A drafting step whose draft model first caught up on many tokens (a new prompt, or the
+    tokens decoded while speculation was off) is not timed: with that cost counted, a speculation
+    that wins 1.5x in steady steps lost its warm-up and every probe and stayed off."""
+    class Draft:           # stands in for DraftModel: only what the policy reads
+        last_catch_up = 0
+    spec = Speculator("draft", 5, Draft())
+    modes, caught_up = [], True
+    for _ in range(400):
+        k = spec.begin_step(1, decode_only=True)
+        rates, mode, t0 = spec._step
+        modes.append(mode)
+        if k:   # a drafting step: 2 s (+ 20 s when catching up) for 3 tokens; plain: 1 s a token
+            spec.draft.last_catch_up = 50 if caught_up else STEADY_CATCH_UP
+            cost, tokens, caught_up = (22.0 if caught_up else 2.0), 3, False
+        else:
+            cost, tokens, caught_up = 1.0, 1, True   # the draft falls behind
+        spec._step = (rates, mode, t0 - cost)
+        spec.end_step(tokens)
+    assert modes[-300:].count("spec") > 280
+    assert spec._rates[1].obs["spec"] and all(abs(s - 2.0) < 0.5 for s, _ in spec._rates[1].obs["spec"])
 
 
 def test_serve_builds_a_speculating_engine(ckpt):

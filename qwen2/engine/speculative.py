@@ -67,6 +67,10 @@ VOCAB_SLACK = 128     # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
 # weight bytes: scoring a fifth of it makes each draft token about a quarter cheaper. A token
 # past it is never drafted, which costs acceptance there, never exactness (FR-Spec, 2025).
 DRAFT_VOCAB = 32768
+# Tokens the draft model feeds itself at the start of a steady drafting step: the last draft (never
+# fed, nothing follows it) and the target's own next token. More means it is catching up (a new
+# prompt, or tokens decoded while speculation was off): Speculator.end_step does not time such a step.
+STEADY_CATCH_UP = 2
 
 
 @dataclass
@@ -226,6 +230,7 @@ class DraftModel:
         self.pool: KVPool | None = None
         self.seqs: dict = {}
         self.lookup_tokens = 0   # drafts taken from prompt lookup (the draft agreeing)
+        self.last_catch_up = 0   # the most tokens one request fed the draft to catch up, last propose
 
     def bind(self, num_tokens: int, block_size: int = BLOCK_SIZE):
         """A fresh pool holding num_tokens tokens (a new engine; the old state is dropped)."""
@@ -256,6 +261,7 @@ class DraftModel:
         per token where the answer quotes its input, then drafts on from there as usual."""
         out = [Proposal([]) for _ in items]
         pool, alloc = self.pool, self.pool.allocator
+        self.last_catch_up = 0
         rows, slices = [], []   # item index and slice of each request drafting this forward
         lookups = {}            # item index -> the lookup tokens its first slice feeds
         for i, (key, tokens, k, params, _, _, cap) in enumerate(items):
@@ -274,6 +280,7 @@ class DraftModel:
             seq.blocks += alloc.allocate(max(need, 0))
             seq.fed = list(tokens[:held])
             feed = list(tokens[held:])
+            self.last_catch_up = max(self.last_catch_up, len(feed))
             look = ngram_propose(tokens, cap) if self.lookup and _plain_greedy(params) else []
             if look:
                 lookups[i] = look
@@ -426,11 +433,19 @@ class Speculator:
         return k if mode == "spec" else 0
 
     def end_step(self, tokens: int):
-        """The step begun last is over; it gave `tokens` tokens."""
+        """The step begun last is over; it gave `tokens` tokens. A drafting step in which the draft
+        model first caught up on more than the last step's tokens (a new prompt, or the tokens
+        decoded while speculation was off) is not timed: that cost comes once per switch, and
+        counted as a step's it made speculation lose its warm-up and every probe (it then stayed
+        off where it was 1.4x faster). The mode is measured again on the next step instead."""
         if self._step is not None:
             rates, mode, t0 = self._step
-            rates.add(mode, time.perf_counter() - t0, tokens)
             self._step = None
+            if mode == "spec" and self.draft is not None and self.draft.last_catch_up > STEADY_CATCH_UP:
+                if rates.probing or rates.probe_mode == "spec" and rates.since == 0:
+                    rates.probing += 1   # this probe step did not count: one more
+                return
+            rates.add(mode, time.perf_counter() - t0, tokens)
 
     def speculating(self, num_decoding: int) -> bool:
         """Whether speculation is on at this batch size (as far as measured)."""
