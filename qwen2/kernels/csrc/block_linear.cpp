@@ -256,7 +256,7 @@ constexpr int64_t QMAX = 16;
 #define QWEN2_QPF 4096
 #endif
 constexpr int64_t QPF = QWEN2_QPF;  // prefetch distance, bytes of weight rows
-#if defined(QWEN2_AVX512)
+#if defined(QWEN2_AVX512) || defined(QWEN2_AVX2)
 constexpr bool QDOT_STREAMS = true;  // qdot prefetches the weight rows as it goes (its pf)
 #else
 constexpr bool QDOT_STREAMS = false;
@@ -557,14 +557,20 @@ inline __m256i bytes_from_bits(uint32_t b) {
 }
 
 template <int KIND, bool QH, bool OFF, typename ST, int NR>
-void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t ng, const QRow* xr, float* out, const char*) {
+void qdot(const uint8_t* w, const int32_t* qh, const ST* s, const ST* o, int64_t ng, const QRow* xr, float* out,
+          const char* pf) {
   constexpr int64_t WB = KIND == QB8_32 ? 32 : 16;
   constexpr int GPC = 32 / WB, LPG = 8 / GPC;
   __m256 acc[NR][2], accz[NR];
   for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = accz[r] = _mm256_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0x0F), c16 = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
   const __m256i lane_g = LPG == 4 ? _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0) : _mm256_setzero_si256();
+  constexpr int64_t SPAN = KIND == QB6 ? 96 : 8 * WB;  // weight bytes of 8 groups as stored
   for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+    if (pf) {  // the weight stream prefetched a fixed distance ahead, a line or a few at a time
+      const char* p = pf + g0 / 8 * SPAN;
+      for (int64_t b = 0; b < SPAN; b += 64) __builtin_prefetch(p + b);
+    }
     const int64_t left = std::min<int64_t>(8, ng - g0);
     const __m256 sv = scales8(s, g0, left);
     __m256 F[NR];
@@ -790,10 +796,12 @@ void qrows(const Layout& L, const QAct& a, int64_t M, int64_t n0, int64_t n1, fl
   for (int64_t m = 0; m < M; ++m) xr[m] = a.row(m);
   // software prefetch PF bytes ahead in each stream: a task's rows are one short stream per array,
   // restarted at every task, and the hardware prefetcher alone left decode at ~40% of the
-  // machine's bandwidth (it ramps up too late on rows of a few hundred bytes). The AVX-512 qdot
-  // prefetches the weights itself, a few lines per 16 groups (QDOT_STREAMS): a whole row asked for
-  // at once stalled on rows of kilobytes (the 1.5B's down projections streamed at 30 GB/s from
-  // DRAM against 62 from L3; 1.3x faster so, the whole step's products 1.10x; one A/B run).
+  // machine's bandwidth (it ramps up too late on rows of a few hundred bytes). The SIMD qdots
+  // prefetch the weights themselves, a few lines per 16 (8) groups (QDOT_STREAMS): a whole row
+  // asked for at once stalled on rows of kilobytes (the 1.5B's down projections streamed at 30 GB/s
+  // from DRAM against 62 from L3; 1.3x faster so; A/B runs on Zen 4, one row, the step's products:
+  // AVX-512 1.10-1.13x on the 1.5B, 1.03x on the demo; the AVX2 build 1.09x and 1.05-1.07x;
+  // verification's 6 and 11 rows 1.07x).
   const int64_t pd = std::max<int64_t>(1, (QPF + rb - 1) / rb);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * rb;
