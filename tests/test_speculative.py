@@ -408,6 +408,17 @@ def test_measured_policy_does_not_time_the_drafts_catch_up():
         spec.end_step(tokens)
     assert modes[-300:].count("spec") > 280
     assert spec._rates[1].obs["spec"] and all(abs(s - 2.0) < 0.5 for s, _ in spec._rates[1].obs["spec"])
+    # ... but a draft that catches up at every step (requests joining all the time) is timed as it
+    # is after a few steps, and a speculation that then loses turns off
+    spec, modes = Speculator("draft", 5, Draft()), []
+    spec.draft.last_catch_up = 50
+    for _ in range(400):
+        k = spec.begin_step(1, decode_only=True)
+        rates, mode, t0 = spec._step
+        modes.append(mode)
+        spec._step = (rates, mode, t0 - (22.0 if k else 1.0))
+        spec.end_step(3 if k else 1)
+    assert modes[-300:].count("spec") < 60   # its probes only (with every step untimed: all 300)
 
 
 def test_serve_builds_a_speculating_engine(ckpt):

@@ -437,14 +437,18 @@ class Speculator:
         model first caught up on more than the last step's tokens (a new prompt, or the tokens
         decoded while speculation was off) is not timed: that cost comes once per switch, and
         counted as a step's it made speculation lose its warm-up and every probe (it then stayed
-        off where it was 1.4x faster). The mode is measured again on the next step instead."""
+        off where it was 1.4x faster). The mode is measured again on the next step instead; after
+        MAX_SKIPPED such steps in a row (requests joining at every step) they count as they are."""
         if self._step is not None:
             rates, mode, t0 = self._step
             self._step = None
-            if mode == "spec" and self.draft is not None and self.draft.last_catch_up > STEADY_CATCH_UP:
+            if (mode == "spec" and self.draft is not None and self.draft.last_catch_up > STEADY_CATCH_UP
+                    and rates.skipped < rates.MAX_SKIPPED):
+                rates.skipped += 1
                 if rates.probing or rates.probe_mode == "spec" and rates.since == 0:
                     rates.probing += 1   # this probe step did not count: one more
                 return
+            rates.skipped = 0
             rates.add(mode, time.perf_counter() - t0, tokens)
 
     def speculating(self, num_decoding: int) -> bool:
@@ -496,11 +500,12 @@ class _Rates:
     which mode the next step takes: each mode is first measured for WARMUP steps; then the faster
     one runs, and the slower one is measured again for PROBE steps after `interval` steps, the
     interval doubling (to MAX_INTERVAL) each time the probe confirms the choice."""
-    WARMUP, PROBE, WINDOW, MAX_INTERVAL = 4, 2, 16, 512
+    WARMUP, PROBE, WINDOW, MAX_INTERVAL, MAX_SKIPPED = 4, 2, 16, 512, 4
 
     def __init__(self):
         self.obs = {"spec": deque(maxlen=self.WINDOW), "plain": deque(maxlen=self.WINDOW)}
         self.interval, self.since, self.probing = 16, 0, 0
+        self.skipped = 0   # drafting steps in a row not timed (Speculator.end_step)
         self.probe_mode: str | None = None
 
     def rate(self, mode: str) -> float:
