@@ -13,8 +13,8 @@ Q8_0: the file's own float16). The K types (Q4_K, Q5_K, Q6_K) keep theirs as the
 8-bit integer per group (`scales`, `offsets`: uint8, or int8 for Q6_K's signed scales) times the
 file's float16 per super-block of 256 weights (`sscales`, `soffsets`; float32 is accepted too):
 scales[n, g] = sscales[n, g // S] * scales8[n, g], the exact float32 product of the file's
-reference dequantization, streamed at one byte per group instead of four (`super_scales` says S). No value is ever rounded, so the weights
-are exactly the file's. The kernels
+reference dequantization, streamed at one byte per group instead of four (`super_scales` says S).
+No value is ever rounded, so the weights are exactly the file's. The kernels
 (torch.ops.qwen2.block4_linear / block8_linear, qwen2/kernels/csrc/block_linear.cpp) read these
 layouts as they are. By default up to 16 rows of x (decode, small batches, speculative
 verification) are quantized to int8 per block of 32 and meet the weights in integer dot products
